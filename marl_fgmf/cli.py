@@ -1,0 +1,77 @@
+"""The ``marl-fgmf`` command line: ``train | attack | train-adversary | tournament | explain |
+audit | demo``.
+
+Each subcommand lives in ``marl_fgmf/commands/<name>.py`` with two functions,
+``add_arguments(parser)`` and ``run(args) -> int``, imported only when that subcommand runs
+(so ``marl-fgmf --help`` does not import RLlib).
+
+Errors: bad input raises :class:`marl_fgmf.commands.UsageError` (or ``ValueError`` /
+``FileNotFoundError``); the CLI prints one line ``marl-fgmf <cmd>: error: <message>`` and exits
+with code 2, with no traceback. Ctrl-C exits with 130 after the command's own clean-up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from marl_fgmf.commands import UsageError
+
+COMMANDS = {
+    "train": "train a multi-agent policy with RLlib PPO (optionally FGMF-defended)",
+    "attack": "evaluate a trained policy under an observation attack",
+    "train-adversary": "train learned adversary agents against a frozen victim",
+    "tournament": "every defender against every attacker, with the gradient-masking audit",
+    "explain": "PGCA explanations, per-agent figures and an episode animation",
+    "audit": "gradient-masking audit of one trained policy",
+    "demo": "train, attack, audit and explain on beacon, end to end",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _module(name: str):
+    return importlib.import_module(f"marl_fgmf.commands.{name.replace('-', '_')}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="marl-fgmf", description="Frontier Gradient-Masking Framework for "
+                     "multi-agent RL: train, attack, audit and explain.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only the chosen subcommand's module is imported
+            _module(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        print(f"marl-fgmf: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"marl-fgmf {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"marl-fgmf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

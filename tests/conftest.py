@@ -1,0 +1,23 @@
+"""Shared fixtures: one Ray session per test run (ray.init costs seconds), in a temp dir."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once for the whole session under its own temporary directory."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="marlfgmf-ray-")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=tmp, configure_logging=False)
+    yield ray
+    ray.shutdown()
