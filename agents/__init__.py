@@ -10,8 +10,8 @@ from agents.networks import ARCHS, PolicyNetwork, make_policy_network
 __all__ = ["ARCHS", "PolicyNetwork", "make_policy_network", "load_policy"]
 
 
-def load_policy(checkpoint_dir, policy_id=None):
+def load_policy(checkpoint_dir, policy_id=None, device=None):
     """Load a trained checkpoint as a torch module on the policy protocol (see
     :func:`agents.checkpoint.load_policy`)."""
     from agents.checkpoint import load_policy as _load
-    return _load(checkpoint_dir, policy_id)
+    return _load(checkpoint_dir, policy_id, device)

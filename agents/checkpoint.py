@@ -1,0 +1,136 @@
+"""From an RLlib checkpoint back to plain torch: ``load_policy`` / ``load_policies``.
+
+A run directory written by ``marl-fgmf train`` looks like::
+
+    DIR/run.json                 settings of the run (env, arch, policies, defense)
+    DIR/checkpoints/latest       name of the newest complete checkpoint (atomic pointer)
+    DIR/checkpoints/iter_00012/  Algorithm.save_to_path output
+        learner_group/learner/rl_module/<module_id>/
+
+``load_policy`` accepts the run directory, a checkpoint directory, or a single RLModule
+directory, and needs no Ray cluster (``RLModule.from_checkpoint``, ~0.1 s).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RL_MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module"
+
+
+class CheckpointError(FileNotFoundError):
+    """A missing or unreadable checkpoint (the CLI reports it on one line, exit 2)."""
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None if it has none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = pointer.parent / pointer.read_text().strip()
+    return ckpt if (ckpt / RL_MODULE_SUBDIR).is_dir() else None
+
+
+def resolve_module_root(path: str | Path) -> Path:
+    """The ``rl_module`` directory (holding one folder per module id) behind ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / "checkpoints").is_dir():  # a run directory
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CheckpointError(f"no complete checkpoint in run directory {path}")
+        path = ckpt
+    if (path / RL_MODULE_SUBDIR).is_dir():
+        return path / RL_MODULE_SUBDIR
+    if path.name == "rl_module" and path.is_dir():
+        return path
+    if (path.parent.name == "rl_module") and path.is_dir():
+        return path.parent
+    raise CheckpointError(f"not an RLlib checkpoint (no {RL_MODULE_SUBDIR} inside): {path}")
+
+
+def policy_ids(checkpoint_dir: str | Path) -> list[str]:
+    """Module ids stored in a checkpoint (``shared``, or one per agent)."""
+    root = resolve_module_root(checkpoint_dir)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _load_module(module_dir: Path) -> nn.Module:
+    from ray.rllib.core.rl_module.rl_module import RLModule
+    try:
+        module = RLModule.from_checkpoint(module_dir)
+    except Exception as exc:  # corrupt or partial files
+        raise CheckpointError(f"cannot load checkpoint {module_dir}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    net = getattr(module, "net", None)
+    if not isinstance(net, nn.Module):
+        raise CheckpointError(f"checkpoint {module_dir} holds a {type(module).__name__}, "
+                              "not a marl-fgmf module")
+    return net.eval()
+
+
+def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
+                device: str | torch.device | None = None) -> nn.Module:
+    """Load a trained policy as a torch module on the policy protocol.
+
+    Args:
+        checkpoint_dir: a run directory, an algorithm checkpoint, or an RLModule directory.
+        policy_id: the module id (``shared``, or an agent id for per-agent policies); may be
+            omitted when the checkpoint holds exactly one.
+        device: where to put the module (default: CUDA if available, else CPU).
+    Returns:
+        A :class:`agents.networks.PolicyNetwork` in eval mode: ``policy(obs) -> logits``
+        with ``obs`` float in [0, 1], (B, H, W, C); ``policy.value(obs)``.
+    Raises:
+        CheckpointError: missing/corrupt checkpoint (message names the path).
+        ValueError: unknown ``policy_id`` (message lists the valid ones).
+    """
+    root = resolve_module_root(checkpoint_dir)
+    ids = policy_ids(root)
+    if not ids:
+        raise CheckpointError(f"checkpoint holds no modules: {root}")
+    if policy_id is None:
+        if len(ids) != 1:
+            raise ValueError(f"checkpoint holds {len(ids)} policies; choose policy_id from: "
+                             f"{', '.join(ids)}")
+        policy_id = ids[0]
+    if policy_id not in ids:
+        raise ValueError(f"unknown policy id {policy_id!r}; allowed: {', '.join(ids)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _load_module(root / policy_id).to(device)
+
+
+def load_policies(checkpoint_dir: str | Path, device: str | torch.device | None = None
+                  ) -> dict[str, nn.Module]:
+    """Every policy of a checkpoint, by module id."""
+    return {pid: load_policy(checkpoint_dir, pid, device) for pid in policy_ids(checkpoint_dir)}
+
+
+def read_run_config(path: str | Path) -> dict:
+    """``run.json`` of the run that produced ``path`` (a run dir or one of its checkpoints),
+    or ``{}`` when there is none."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        f = candidate / "run.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError:
+                raise CheckpointError(f"corrupt run settings file: {f}") from None
+    return {}
+
+
+def agent_policy_map(checkpoint_dir: str | Path, agents: list[str]) -> dict[str, str]:
+    """Which module id acts for each agent: ``shared`` for all, or the agent's own id."""
+    ids = policy_ids(checkpoint_dir)
+    if ids == ["shared"]:
+        return {a: "shared" for a in agents}
+    missing = [a for a in agents if a not in ids]
+    if missing:
+        raise ValueError(f"checkpoint has no policy for agents {missing}; it holds {ids}")
+    return {a: a for a in agents}

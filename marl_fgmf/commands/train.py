@@ -1,0 +1,117 @@
+"""``marl-fgmf train``: multi-agent PPO with RLlib, optionally FGMF-defended.
+
+Examples::
+
+    marl-fgmf train --env beacon --arch cnn --iterations 60 --out runs/ppo
+    marl-fgmf train --env beacon --defense fgmf --scorpio lambda_curv=1.0,rho=0.1 --out runs/fgmf
+    marl-fgmf train --out runs/ppo --iterations 100 --resume
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from marl_fgmf.commands import UsageError, positive_int
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` (values parsed as JSON where possible, e.g. numbers, true)
+    or a JSON object."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"invalid JSON settings {text!r}: {exc}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"settings must be a JSON object, got {text!r}")
+        return value
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"settings must look like key=value,key=value; got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            from fractions import Fraction
+            try:
+                out[key.strip()] = float(Fraction(raw))
+            except (ValueError, ZeroDivisionError):
+                out[key.strip()] = raw
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agents.networks import ARCHS
+    from agents.train import DEFENSES, POLICY_MODES, TrainConfig
+    d = TrainConfig()
+    p.add_argument("--env", default=d.env, help="environment (see envs.list_envs()); default beacon")
+    p.add_argument("--env-kwargs", type=parse_settings, default={}, metavar="K=V,...",
+                   help="environment settings, e.g. n_agents=3,grid=9")
+    p.add_argument("--arch", default=d.arch, help=f"policy encoder: {' | '.join(ARCHS)}")
+    p.add_argument("--net", type=parse_settings, default={}, metavar="K=V,...",
+                   help="encoder settings, e.g. hidden=128")
+    p.add_argument("--policies", default=d.policies, help=f"{' | '.join(POLICY_MODES)}")
+    p.add_argument("--defense", default=d.defense, help=f"{' | '.join(DEFENSES)}")
+    p.add_argument("--scorpio", type=parse_settings, default={}, metavar="K=V,...",
+                   help="SCOR-PIO settings (lambda_curv, lambda_grad, rho, rho_salient, "
+                        "ig_steps, power_iters, reg_fraction)")
+    p.add_argument("--sgam", type=parse_settings, default={}, metavar="K=V,...",
+                   help="SGAM settings (keep, temperature, kernel, distill_weight, ...)")
+    p.add_argument("--adv", type=parse_settings, default={}, metavar="K=V,...",
+                   help="adversarial-training settings (eps, steps, kappa, reg_fraction)")
+    p.add_argument("--iterations", type=positive_int, default=d.iterations)
+    p.add_argument("--train-batch-size", type=positive_int, default=d.train_batch_size,
+                   help="agent steps per iteration")
+    p.add_argument("--minibatch-size", type=positive_int, default=d.minibatch_size)
+    p.add_argument("--num-epochs", type=positive_int, default=d.num_epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--entropy-coeff", type=float, default=d.entropy_coeff)
+    p.add_argument("--num-env-runners", type=int, default=d.num_env_runners)
+    p.add_argument("--num-envs-per-env-runner", type=positive_int, default=d.num_envs_per_env_runner)
+    p.add_argument("--num-learners", type=int, default=d.num_learners)
+    p.add_argument("--num-gpus-per-learner", type=float, default=d.num_gpus_per_learner,
+                   help="GPUs per learner (RLlib setting); 1 on a GPU machine")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from agents.train import TrainConfig
+    settings = {k: v for k, v in (("scorpio", args.scorpio), ("sgam", args.sgam),
+                                  ("adv", args.adv)) if v}
+    return TrainConfig(
+        env=args.env, env_kwargs=args.env_kwargs, arch=args.arch, net=args.net,
+        policies=args.policies, defense=args.defense, defense_settings=settings,
+        iterations=args.iterations, train_batch_size=args.train_batch_size,
+        minibatch_size=args.minibatch_size, num_epochs=args.num_epochs, lr=args.lr,
+        entropy_coeff=args.entropy_coeff, num_env_runners=args.num_env_runners,
+        num_envs_per_env_runner=args.num_envs_per_env_runner, num_learners=args.num_learners,
+        num_gpus_per_learner=args.num_gpus_per_learner, seed=args.seed,
+        checkpoint_every=args.checkpoint_every)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agents.train import train
+    cfg = config_from_args(args)
+    if not args.resume:
+        cfg.validate()  # fail before Ray starts
+    result = train(cfg, args.out, resume=args.resume, address=args.address,
+                   progress=not args.quiet)
+    last = result["last"]
+    if not last:
+        raise UsageError(f"nothing to do: {args.out} already reached {cfg.iterations} iterations")
+    ref = result["reference_return"]
+    ref_txt = f" (scripted optimum {ref:.2f}, {100 * last['agent_return_mean'] / ref:.0f}%)" if ref else ""
+    print(f"done: iteration {last['iteration']}, {last['env_steps']} env steps, mean agent "
+          f"return {last['agent_return_mean']:.2f}{ref_txt}, {last['wall_time_s']:.0f}s; "
+          f"checkpoints in {args.out}/checkpoints")
+    return 0
