@@ -1,0 +1,445 @@
+"""SCOR-PIO 2.0: curvature regularization on the exploitable subspace (torch only).
+
+SCOR-PIO penalizes the input curvature (and, optionally, the input gradient) of the attacker
+loss only along the coordinates an attacker would use and the decision does not rest on.
+It is the contract of DESIGN.md section 3; the RLlib Learner adds ``R`` to the PPO loss.
+
+Notation: logits ``z = f(x)``, ``pi = softmax(z)``, greedy action ``a* = argmax pi(x)``
+(detached), attacker loss ``l(x) = -log pi(a* | x)``; ``x`` is (B, H, W, C) in [0, 1].
+
+For a sub-batch (fraction ``reg_fraction`` of the minibatch, at most ``max_reg_samples``):
+
+1. ``g = grad_x l(x)``; ``A = |IG(x)|`` with ``ig_steps`` right-Riemann steps, baseline 0
+   (Integrated Gradients, Sundararajan, Taly and Yan, ICML 2017).
+2. Exploitable mask ``M = top_rho(|g|) AND NOT top_rho_salient(A)`` per sample: high
+   sensitivity, low contribution (:func:`exploitable_mask`).
+3. Direction ``v = M * sign(g) / ||M * sign(g)||_2``, optionally refined by ``power_iters``
+   power-iteration steps ``v <- normalize(M * Hv)`` toward the top curvature direction of the
+   Hessian restricted to the subspace.
+4. ``Hv`` by Pearlmutter's trick (Pearlmutter, "Fast exact multiplication by the Hessian",
+   Neural Computation 1994): the exact Hessian-vector product as the gradient of
+   ``<grad_x l, v>`` (double backward), never forming the Hessian (:func:`hvp`).
+5. ``R = lambda_curv * mean_i ||M_i * (H v)_i||^2 + lambda_grad * mean_i ||M_i * g_i||^2``,
+   differentiable w.r.t. the policy parameters (both terms are built with ``create_graph``).
+
+The curvature term follows CURE (Moosavi-Dezfooli, Fawzi, Uesato and Frossard, "Robustness via
+curvature regularization, and vice versa", CVPR 2019), which penalizes ``||H z||^2`` along
+``z ~ sign(g)`` (by finite differences; here exactly), and the local-linearity regularizer LLR
+(Qin et al., "Adversarial robustness through local linearization", NeurIPS 2019), which pairs
+a curvature term with a gradient term. SCOR-PIO's change is the mask ``M``: the penalty acts on
+the coordinates that are sensitive but not salient by IG, so the features the policy relies on
+are left free while the directions an attacker would write into are flattened.
+
+**Cost** (one "pass" = one forward + backward of the policy over the sub-batch of ``n`` rows):
+
+* :func:`compute_exploitable_subspace`: ``1`` (``g`` and ``a*`` from one forward/backward)
+  ``+ ig_steps`` (IG) ``+ power_iters`` (one HVP each).
+* :func:`scorpio_regularizer` with a precomputed subspace: ``3`` passes, the forward/backward
+  that builds ``g`` with its graph, the double backward for ``Hv``, and the caller's backward
+  of ``R`` through that graph (a double-backward graph costs about two plain backwards).
+* :func:`scorpio_regularizer` without a subspace: ``ig_steps + 3`` passes (``+ power_iters``),
+  since ``g`` is computed once, with its graph, and reused for the mask.
+
+The cost is a constant factor times a backward pass on ``n = reg_fraction * B`` rows, so the
+overhead ratio over PPO does not grow with the batch size. The Learner should compute the
+subspace ONCE per training iteration (:func:`compute_exploitable_subspace`) and reuse it across
+SGD epochs and minibatches: ``R`` is then re-evaluated at the current parameters on the stored
+sub-batch for 3 passes per SGD step. ``scripts/profile_scorpio.py`` measures the ratios.
+
+Networks need smooth activations (SiLU, GELU): a ReLU network's input Hessian is zero except
+through the softmax (NOTES-rllib.md, pitfall 7). Attention layers are evaluated with PyTorch's
+math SDPA kernel wherever a double backward follows, because the fused CPU/GPU attention
+kernels have no second derivative. ``torch.compile`` cannot be used on this loss (pitfall 9).
+
+Example:
+    >>> cfg = ScorpioConfig()
+    >>> subspace = compute_exploitable_subspace(policy, obs, cfg)       # once per iteration
+    >>> reg, info = scorpio_regularizer(policy, None, cfg, subspace)     # every SGD step
+    >>> (ppo_loss + reg).backward()
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from marl_fgmf.attribution import check_finite_obs, integrated_gradients
+
+__all__ = [
+    "ScorpioConfig", "ExploitableSubspace", "hvp", "exploitable_mask", "select_sub_batch",
+    "compute_exploitable_subspace", "scorpio_regularizer", "double_backward_safe",
+]
+
+_EPS = 1e-12
+
+
+@contextlib.contextmanager
+def double_backward_safe() -> Iterator[None]:
+    """Context in which every forward pass is twice differentiable.
+
+    PyTorch's fused scaled-dot-product-attention kernels (flash / memory-efficient, used by
+    ``nn.MultiheadAttention``) have no derivative of their backward; the math kernel does.
+    Only the forward needs the context: the backward replays the ops that were recorded.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+@dataclass(frozen=True)
+class ScorpioConfig:
+    """Settings of SCOR-PIO 2.0, validated at construction (``ValueError`` names the setting).
+
+    Defaults are starting points sized for the ratio target of issue 3 (update time at most
+    2x plain PPO): the penalty runs on a quarter of each minibatch and IG uses 8 steps, which
+    is enough to rank coordinates (the mask needs an ordering of ``|IG|``, not completeness).
+    Tune the lambdas on the task: both terms are in the units of ``l = -log pi``.
+    """
+
+    lambda_curv: float = 1.0
+    """Weight of the curvature term ``mean ||M * Hv||^2`` (>= 0); SCOR-PIO's main term."""
+    lambda_grad: float = 0.1
+    """Weight of the gradient term ``mean ||M * g||^2`` (>= 0); smaller than the curvature
+    weight because an input-gradient penalty alone flattens the policy (LLR pairs both)."""
+    rho: float = 0.2
+    """Fraction in (0, 1] of coordinates, by ``|g|``, that count as sensitive."""
+    rho_salient: float = 0.1
+    """Fraction in (0, 1] of coordinates, by ``|IG|``, that count as salient (never masked)."""
+    ig_steps: int = 8
+    """Right-Riemann steps of IG (>= 1); cost is linear in it, ranking needs few."""
+    power_iters: int = 0
+    """Power-iteration refinements of ``v`` (>= 0); each costs one HVP pass, so the default
+    keeps the cost within ``ig_steps + 3`` passes; the sign direction is CURE's choice."""
+    reg_fraction: float = 0.25
+    """Fraction in (0, 1] of the minibatch rows the penalty is computed on (at least 1 row)."""
+    max_reg_samples: int | None = None
+    """Optional cap (>= 1) on the sub-batch rows, for a fixed absolute cost on large batches."""
+    ig_internal_batch_size: int | None = None
+    """Rows per IG chunk (>= 1), to bound memory; default all ``ig_steps * n`` rows at once."""
+    seed: int | None = None
+    """Seed of the sub-batch selection; ``None`` uses torch's global RNG (seeded by RLlib)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_curv", "lambda_grad"):
+            val = getattr(self, name)
+            if not _is_real(val) or not math.isfinite(val) or val < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        for name in ("rho", "rho_salient", "reg_fraction"):
+            val = getattr(self, name)
+            if not _is_real(val) or not 0 < val <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {val!r}")
+        if not _is_int(self.ig_steps) or self.ig_steps < 1:
+            raise ValueError(f"ig_steps must be an integer >= 1, got {self.ig_steps!r}")
+        if not _is_int(self.power_iters) or self.power_iters < 0:
+            raise ValueError(f"power_iters must be an integer >= 0, got {self.power_iters!r}")
+        for name in ("max_reg_samples", "ig_internal_batch_size"):
+            val = getattr(self, name)
+            if val is not None and (not _is_int(val) or val < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {val!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``learner_config_dict`` and checkpoints); ``ScorpioConfig(**d)``."""
+        return asdict(self)
+
+
+def _is_real(val: Any) -> bool:
+    return isinstance(val, (int, float)) and not isinstance(val, bool)
+
+
+def _is_int(val: Any) -> bool:
+    return isinstance(val, int) and not isinstance(val, bool)
+
+
+@dataclass
+class ExploitableSubspace:
+    """The exploitable subspace of a sub-batch, computed once and reused across SGD steps.
+
+    Attributes:
+        obs: (n, H, W, C) the sub-batch rows (detached) the penalty is evaluated on.
+        actions: (n,) greedy actions ``a*`` at computation time (the attacker's target).
+        mask: (n, H, W, C) bool, ``M``.
+        direction: (n, H, W, C) ``v``, unit L2 norm per sample inside ``M`` (zero where a
+            sample's mask is empty).
+        indices: (n,) rows of the ``obs`` passed to :func:`compute_exploitable_subspace`.
+    """
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    mask: torch.Tensor
+    direction: torch.Tensor
+    indices: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask_fraction(self) -> float:
+        """Mean over samples of ``|M| / D`` (D = H*W*C)."""
+        return float(self.mask.float().mean())
+
+    def to(self, device: torch.device | str) -> "ExploitableSubspace":
+        return ExploitableSubspace(self.obs.to(device), self.actions.to(device),
+                                   self.mask.to(device), self.direction.to(device),
+                                   self.indices.to(device), dict(self.stats))
+
+
+def hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,
+        create_graph: bool = False) -> torch.Tensor:
+    """Exact Hessian-vector product ``H(x) v`` with ``H = d^2 loss_fn / dx^2`` (Pearlmutter 1994).
+
+    ``Hv = grad_x <grad_x loss_fn(x), v>``: one backward with graph and one double backward,
+    about the cost of two gradients, never forming the Hessian. Samples of a batch are
+    independent, so for a summed per-sample loss ``Hv`` is the per-sample products stacked.
+
+    Args:
+        loss_fn: maps ``x`` to a scalar (e.g. ``-log pi(a*|x).sum()``).
+        x: the point; it is detached and becomes a fresh leaf (no gradient flows to ``x``).
+        v: the direction, shaped like ``x``.
+        create_graph: keep the graph of ``Hv`` (to the parameters ``loss_fn`` closes over),
+            so that a penalty on ``Hv`` trains them.
+    Returns:
+        Tensor shaped like ``x``; zeros where the loss is linear in ``x``.
+
+    Example:
+        >>> hv = hvp(lambda x: -torch.log_softmax(policy(x), -1)[:, 0].sum(), obs, v)
+    """
+    if v.shape != x.shape:
+        raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), double_backward_safe():
+        loss = loss_fn(leaf)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        return _hvp_from_grad(g, leaf, v, create_graph=create_graph, retain_graph=create_graph)
+
+
+def _hvp_from_grad(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor, create_graph: bool,
+                   retain_graph: bool) -> torch.Tensor:
+    """Double backward ``grad_x <g, v>`` for ``g = grad_x l`` built with ``create_graph``."""
+    if not g.requires_grad:  # loss linear in x: the Hessian is zero
+        return torch.zeros_like(x)
+    (hv,) = torch.autograd.grad(g, x, grad_outputs=v.detach().to(g.dtype),
+                                create_graph=create_graph, retain_graph=retain_graph,
+                                allow_unused=True)
+    return torch.zeros_like(x) if hv is None else hv
+
+
+def _top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask of the ``ceil(fraction * D)`` largest entries of each row of (n, D) ``scores``
+    (ties broken by ``torch.topk``)."""
+    d = scores.shape[1]
+    k = min(d, max(1, math.ceil(round(fraction * d, 6))))
+    top = torch.zeros_like(scores, dtype=torch.bool)
+    if k == d:
+        return ~top
+    return top.scatter_(1, scores.topk(k, dim=1, sorted=False).indices, True)
+
+
+def exploitable_mask(grad: torch.Tensor, attribution: torch.Tensor, rho: float,
+                     rho_salient: float) -> torch.Tensor:
+    """Exploitable mask ``M = top_rho(|g|) AND NOT top_rho_salient(|A|)``, per sample.
+
+    Per sample (dimension 0) over its ``D`` coordinates: the ``ceil(rho * D)`` coordinates of
+    largest ``|grad|`` that are not among the ``ceil(rho_salient * D)`` of largest
+    ``|attribution|``. ``rho = 1`` makes every coordinate sensitive (``M`` = the non-salient
+    ones); ``rho_salient = 1`` makes every coordinate salient (``M`` empty).
+
+    Args:
+        grad: (n, ...) input gradient ``g`` of the attacker loss.
+        attribution: (n, ...) attribution ``A`` (IG), same shape; absolute values are taken.
+        rho, rho_salient: fractions in (0, 1].
+    Returns:
+        Bool tensor shaped like ``grad``.
+    """
+    for name, val in (("rho", rho), ("rho_salient", rho_salient)):
+        if not _is_real(val) or not 0 < val <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {val!r}")
+    if grad.shape != attribution.shape or grad.dim() < 2:
+        raise ValueError(f"grad and attribution must share a (n, ...) shape, got "
+                         f"{tuple(grad.shape)} and {tuple(attribution.shape)}")
+    n = grad.shape[0]
+    sensitive = _top_fraction(grad.detach().abs().reshape(n, -1), rho)
+    salient = _top_fraction(attribution.detach().abs().reshape(n, -1), rho_salient)
+    return (sensitive & ~salient).reshape(grad.shape)
+
+
+def _normalize_per_sample(t: torch.Tensor) -> torch.Tensor:
+    norm = t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    return torch.where(norm > _EPS, t / norm.clamp_min(_EPS), torch.zeros_like(t))
+
+
+def select_sub_batch(batch_size: int, config: ScorpioConfig,
+                     generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows on which the penalty is computed: ``n = min(max(1, ceil(reg_fraction * B)),
+    max_reg_samples)`` rows drawn without replacement (sorted); all rows when ``n == B``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = max(1, math.ceil(round(config.reg_fraction * batch_size, 6)))
+    if config.max_reg_samples is not None:
+        n = min(n, config.max_reg_samples)
+    if n >= batch_size:
+        return torch.arange(batch_size, device=device)
+    if generator is None and config.seed is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+    idx = torch.randperm(batch_size, generator=generator)[:n].sort().values
+    return idx.to(device)
+
+
+def _attacker_grad(policy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   actions: torch.Tensor | None, create_graph: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward/backward on a fresh leaf: ``(leaf, a*, g = grad_x l)`` with ``l`` summed.
+
+    ``a*`` is the greedy action of this very forward when ``actions`` is None."""
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), (double_backward_safe() if create_graph else contextlib.nullcontext()):
+        logits = policy(leaf)
+        if actions is None:
+            actions = logits.detach().argmax(dim=-1)
+        loss = -torch.log_softmax(logits, dim=-1).gather(1, actions[:, None]).sum()
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
+    return leaf, actions, g
+
+
+def _subspace_from_grad(policy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        actions: torch.Tensor, g: torch.Tensor, indices: torch.Tensor,
+                        config: ScorpioConfig,
+                        hvp_fn: Callable[[torch.Tensor], torch.Tensor]) -> ExploitableSubspace:
+    """Steps 1-3 given ``g`` (detached): IG, mask, direction, power iterations."""
+    attribution = integrated_gradients(policy, x, actions=actions, steps=config.ig_steps,
+                                       internal_batch_size=config.ig_internal_batch_size)
+    mask = exploitable_mask(g, attribution, config.rho, config.rho_salient)
+    maskf = mask.to(x.dtype)
+    v = _normalize_per_sample(maskf * torch.sign(g))
+    for _ in range(config.power_iters):
+        v = _normalize_per_sample(maskf * hvp_fn(v))
+    return ExploitableSubspace(obs=x.detach(), actions=actions.detach(), mask=mask,
+                               direction=v.detach(), indices=indices,
+                               stats={"mask_fraction": float(maskf.mean())})
+
+
+def compute_exploitable_subspace(policy: Callable[[torch.Tensor], torch.Tensor],
+                                 obs: torch.Tensor, config: ScorpioConfig,
+                                 actions: torch.Tensor | None = None,
+                                 generator: torch.Generator | None = None
+                                 ) -> ExploitableSubspace:
+    """Select the sub-batch and compute its exploitable mask ``M`` and direction ``v``.
+
+    Steps 1-3 of SCOR-PIO: ``g = grad_x l``, ``A = |IG|``, ``M = exploitable_mask(g, A)``,
+    ``v = normalize(M * sign(g))`` refined by ``power_iters`` steps ``v <- normalize(M * Hv)``.
+    Nothing here is differentiated w.r.t. the parameters. Cost: ``1 + ig_steps + power_iters``
+    passes over the sub-batch. Meant to run once per training iteration; pass the result to
+    :func:`scorpio_regularizer` on every SGD step.
+
+    Args:
+        policy: ``policy(obs) -> logits`` (the policy protocol).
+        obs: (B, H, W, C) float in [0, 1], finite.
+        config: :class:`ScorpioConfig` (``reg_fraction``, ``max_reg_samples``, ``seed``).
+        actions: (B,) actions to use as ``a*``; default the greedy actions.
+        generator: RNG of the sub-batch selection (overrides ``config.seed``).
+    Returns:
+        :class:`ExploitableSubspace` of the selected rows.
+    Raises:
+        ValueError: non-finite or malformed ``obs``.
+    """
+    check_finite_obs(obs)
+    idx = select_sub_batch(obs.shape[0], config, generator, device=obs.device)
+    x = obs.detach()[idx]
+    if actions is not None:
+        actions = torch.as_tensor(actions, device=obs.device).long().reshape(-1)
+        if actions.shape[0] != obs.shape[0]:
+            raise ValueError(f"actions has {actions.shape[0]} entries for a batch of {obs.shape[0]}")
+        actions = actions[idx]
+    # Power iterations reuse the graph of g (one double backward each, no new forward).
+    leaf, actions, g = _attacker_grad(policy, x, actions, create_graph=config.power_iters > 0)
+
+    def reuse_hvp(v: torch.Tensor) -> torch.Tensor:
+        return _hvp_from_grad(g, leaf, v, create_graph=False, retain_graph=True)
+
+    return _subspace_from_grad(policy, x, actions, g.detach(), idx, config, reuse_hvp)
+
+
+def scorpio_regularizer(policy: Callable[[torch.Tensor], torch.Tensor],
+                        obs: torch.Tensor | None, config: ScorpioConfig,
+                        subspace: ExploitableSubspace | None = None,
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The SCOR-PIO 2.0 penalty ``R`` (DESIGN.md section 3), differentiable w.r.t. parameters.
+
+    ``R = lambda_curv * mean_i ||M_i * (H v)_i||^2 + lambda_grad * mean_i ||M_i * g_i||^2``
+    with ``g = grad_x l``, ``l(x) = -log pi(a*|x)``, ``Hv`` by Pearlmutter's trick at the
+    current parameters; the mean is over the ``n`` sub-batch rows.
+
+    Args:
+        policy: ``policy(obs) -> logits`` with smooth activations.
+        obs: (B, H, W, C) minibatch in [0, 1]. Without ``subspace``, a sub-batch is selected
+            (``reg_fraction``) and its subspace computed here (``ig_steps + 3`` passes). With
+            ``subspace``, ``obs`` may be None (R is evaluated on ``subspace.obs``) or the
+            observations whose rows align with ``subspace.obs`` (same shape).
+        config: :class:`ScorpioConfig`.
+        subspace: from :func:`compute_exploitable_subspace` (reuse across SGD steps: 3 passes).
+    Returns:
+        ``(R, info)``: ``R`` a scalar tensor with a graph to the parameters; ``info`` floats:
+        ``R``, ``curvature_term`` and ``gradient_term`` (weighted), ``curvature``
+        (``mean ||M Hv||^2``), ``grad_sq`` (``mean ||M g||^2``), ``curvature_along_v``
+        (``mean v.Hv``), ``mask_fraction``, ``reg_samples``.
+    Raises:
+        ValueError: non-finite or malformed observations, or ``obs`` not aligned with
+            ``subspace``.
+    """
+    if subspace is None:
+        if obs is None:
+            raise ValueError("obs is required when no subspace is given")
+        check_finite_obs(obs)
+        idx = select_sub_batch(obs.shape[0], config, device=obs.device)
+        x, actions = obs.detach()[idx], None
+    else:
+        if obs is None:
+            x = subspace.obs
+        else:
+            check_finite_obs(obs)
+            if obs.shape != subspace.obs.shape:
+                raise ValueError(f"obs {tuple(obs.shape)} does not align with the subspace "
+                                 f"rows {tuple(subspace.obs.shape)}; pass obs=None to use them")
+            x = obs.detach()
+        actions = subspace.actions
+    # One forward/backward with graph: g for the gradient term, the graph for Hv.
+    leaf, actions, g = _attacker_grad(policy, x, actions, create_graph=True)
+    if subspace is None:
+        def reuse_hvp(v: torch.Tensor) -> torch.Tensor:
+            return _hvp_from_grad(g, leaf, v, create_graph=False, retain_graph=True)
+        subspace = _subspace_from_grad(policy, x, actions, g.detach(), idx, config, reuse_hvp)
+    maskf = subspace.mask.to(g.dtype)
+    v = subspace.direction.to(g.dtype)
+    n = x.shape[0]
+    grad_sq = (maskf * g).pow(2).flatten(1).sum(1)  # (n,)
+    if config.lambda_curv > 0:
+        hv = _hvp_from_grad(g, leaf, v, create_graph=True, retain_graph=True)
+        curv = (maskf * hv).pow(2).flatten(1).sum(1)  # (n,)
+        along_v = float((v * hv.detach()).flatten(1).sum(1).mean())
+    else:  # skip the double backward
+        curv = torch.zeros(n, dtype=g.dtype, device=g.device)
+        along_v = float("nan")
+    curvature_term = config.lambda_curv * curv.mean()
+    gradient_term = config.lambda_grad * grad_sq.mean()
+    reg = curvature_term + gradient_term
+    info = {
+        "R": float(reg.detach()),
+        "curvature_term": float(curvature_term.detach()),
+        "gradient_term": float(gradient_term.detach()),
+        "curvature": float(curv.detach().mean()),
+        "grad_sq": float(grad_sq.detach().mean()),
+        "curvature_along_v": along_v,
+        "mask_fraction": float(maskf.mean()),
+        "reg_samples": float(n),
+    }
+    return reg, info
