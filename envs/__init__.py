@@ -2,11 +2,16 @@
 
 ``make_env(name, **kwargs)`` builds one; ``list_envs()`` names them. ``beacon`` is this
 project's measurement environment (ground-truth relevance in ``info[agent]["relevance"]``);
-the others are real PettingZoo environments preprocessed with SuperSuit.
+the others are real PettingZoo environments preprocessed with SuperSuit: ``pistonball``,
+``pursuit``, ``cooperative_pong`` (each module's docstring documents agents, spaces, rewards,
+preprocessing and speed). Unknown settings raise ``ValueError`` naming the env and the
+setting. :func:`envs.rllib.register_rllib_env` registers any of them with RLlib.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import inspect
+from typing import Any, Callable
 
 from pettingzoo import ParallelEnv
 
@@ -31,15 +36,43 @@ def make_env(name: str, **kwargs) -> ParallelEnv:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown env {name!r}; allowed: {', '.join(list_envs())}")
-    try:
-        return _REGISTRY[name](**kwargs)
-    except TypeError as exc:  # unknown keyword
-        raise ValueError(f"bad settings for env {name!r}: {exc}") from None
+    factory = _REGISTRY[name]
+    check_settings(name, factory, kwargs)
+    return factory(**kwargs)
 
 
-def _beacon(**kwargs) -> ParallelEnv:
-    from envs.beacon import BeaconEnv
-    return BeaconEnv(**kwargs)
+def check_settings(name: str, constructor: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming env ``name`` and the setting when ``kwargs`` do not fit
+    ``constructor``'s keyword parameters (unknown or positional-only names). A constructor
+    taking ``**kwargs`` accepts anything here and checks its settings itself."""
+    params = inspect.signature(constructor).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [k for k, p in params.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+             and k != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"env {name!r} has no setting {', '.join(map(repr, unknown))}; "
+                         f"its settings: {', '.join(valid)}")
 
 
-register_env("beacon", _beacon)
+def _lazy(name: str, module: str, attr: str) -> Callable[..., ParallelEnv]:
+    """A factory importing ``module.attr`` on first use (keeps ``import envs`` light) and
+    checking the settings against its signature."""
+
+    def factory(**kwargs: Any) -> ParallelEnv:
+        constructor = getattr(importlib.import_module(module), attr)
+        check_settings(name, constructor, kwargs)
+        return constructor(**kwargs)
+
+    factory.__name__ = f"make_{name}"
+    factory.__doc__ = f"Build env {name!r} with ``{module}.{attr}(**kwargs)``."
+    return factory
+
+
+register_env("beacon", _lazy("beacon", "envs.beacon", "BeaconEnv"))
+register_env("pistonball", _lazy("pistonball", "envs.pistonball", "make_pistonball"))
+register_env("pursuit", _lazy("pursuit", "envs.pursuit", "make_pursuit"))
+register_env("cooperative_pong",
+             _lazy("cooperative_pong", "envs.cooperative_pong", "make_cooperative_pong"))
