@@ -1,0 +1,73 @@
+"""Registering ``envs`` environments with RLlib (Ray Tune's env registry).
+
+RLlib builds environments from a registered name inside its env runners, so an environment
+must be registered (in every process that builds it, which Ray does by pickling the creator)
+before ``config.environment(env=...)`` can name it::
+
+    from envs.rllib import register_rllib_env
+    env_name = register_rllib_env("pistonball", n_pistons=5, size=32)
+    config = PPOConfig().environment(env=env_name)
+
+Each registered env is a ``ray.rllib.env.wrappers.pettingzoo_env.ParallelPettingZooEnv``
+around :func:`envs.make_env`. Ray is imported only inside the functions here, so importing
+``envs`` never pulls Ray in.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+PREFIX = "fgmf"
+
+
+def rllib_env_name(name: str, **kwargs: Any) -> str:
+    """The deterministic registry name for env ``name`` with settings ``kwargs``.
+
+    ``fgmf-<name>`` without settings, else ``fgmf-<name>-<10 hex digits>`` where the digits
+    are a SHA-1 of the sorted settings' reprs: the same settings always give the same name (in
+    any process, in any order), different settings a different one, and the name is safe in
+    file names (RLlib puts it in its log directories).
+    """
+    if not kwargs:
+        return f"{PREFIX}-{name}"
+    canonical = repr(sorted(kwargs.items()))
+    digest = hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:10]
+    return f"{PREFIX}-{name}-{digest}"
+
+
+def register_rllib_env(name: str, **kwargs: Any) -> str:
+    """Register ``envs.make_env(name, **kwargs)`` with Ray Tune and return its registry name.
+
+    The env is built once here (and closed) so that a bad name or setting fails now, with
+    :func:`envs.make_env`'s ``ValueError``, instead of later inside a Ray worker. Keys of the
+    ``env_config`` that RLlib passes to the creator override ``kwargs``. Registering the same
+    name and settings twice is harmless. No ``ray.init`` is needed.
+
+    Args:
+        name: an env from :func:`envs.list_envs`.
+        **kwargs: its settings, as for :func:`envs.make_env`.
+
+    Returns:
+        The registry name (see :func:`rllib_env_name`), for ``config.environment(env=...)``.
+
+    Raises:
+        ValueError: unknown env name or bad setting.
+
+    Example:
+        >>> register_rllib_env("beacon")
+        'fgmf-beacon'
+    """
+    from envs import make_env
+
+    make_env(name, **kwargs).close()  # fail early on a bad name or setting
+
+    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
+    from ray.tune.registry import register_env
+
+    def creator(env_config: Any = None) -> ParallelPettingZooEnv:
+        settings = {**kwargs, **dict(env_config or {})}
+        return ParallelPettingZooEnv(make_env(name, **settings))
+
+    registry_name = rllib_env_name(name, **kwargs)
+    register_env(registry_name, creator)
+    return registry_name
