@@ -1,0 +1,305 @@
+"""Environment registry tests: PettingZoo conformance and determinism for every env in
+``list_envs()``, beacon's ground-truth relevance, the preprocessing contract (uint8, square,
+declared space), clean errors, and the RLlib wrapper and registration."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+with warnings.catch_warnings():  # pettingzoo.test imports classic envs through the old API
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from pettingzoo.test import parallel_api_test
+
+import envs
+from envs import list_envs, make_env
+from envs.beacon import BEACON_COLOUR, SELF_COLOUR, BeaconEnv, scripted_return
+
+ENV_NAMES = list_envs()
+REAL_ENVS = [name for name in ENV_NAMES if name != "beacon"]
+API_CYCLES = {"beacon": 200}  # the pixel envs run 30 cycles (a few tenths of a second each)
+
+
+def _rollout(env, seed: int, steps: int = 15, action_seed: int = 123):
+    """Reset with ``seed``, then step a fixed (seeded) random action sequence; return the
+    trajectory as lists of observation and reward dicts and the done flags."""
+    action_rng = np.random.default_rng(action_seed)
+    obs, _ = env.reset(seed=seed)
+    observations, rewards, dones = [obs], [], []
+    for _ in range(steps):
+        if not env.agents:
+            break
+        actions = {agent: int(action_rng.integers(env.action_space(agent).n))
+                   for agent in env.agents}
+        obs, rew, term, trunc, _ = env.step(actions)
+        observations.append(obs)
+        rewards.append({agent: float(r) for agent, r in rew.items()})
+        dones.append((dict(term), dict(trunc)))
+    return observations, rewards, dones
+
+
+def _same_observations(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------ every env in the registry
+def test_registry_names_the_four_envs():
+    assert set(ENV_NAMES) >= {"beacon", "pistonball", "pursuit", "cooperative_pong"}
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_parallel_api(name):
+    parallel_api_test(make_env(name), num_cycles=API_CYCLES.get(name, 30))
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_observations_are_uint8_images_in_the_declared_space(name):
+    env = make_env(name)
+    obs, _ = env.reset(seed=0)
+    for step in range(5):
+        for agent, o in obs.items():
+            space = env.observation_space(agent)
+            assert isinstance(space, spaces.Box) and space.dtype == np.uint8, space
+            assert len(space.shape) == 3 and space.shape[0] == space.shape[1], space.shape
+            assert o.dtype == np.uint8 and o.shape == space.shape, (o.dtype, o.shape)
+            assert space.contains(o), f"{name}: {agent}'s observation at step {step} not in {space}"
+            assert isinstance(env.action_space(agent), spaces.Discrete)
+            if hasattr(env, "observation_spaces"):
+                assert env.observation_spaces[agent] == space
+        obs, *_ = env.step({agent: env.action_space(agent).sample() for agent in env.agents})
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_same_seed_same_trajectory(name):
+    env = make_env(name)
+    first = _rollout(env, seed=7)
+    again = _rollout(env, seed=7)  # same instance, re-seeded (RLlib reuses instances)
+    other = _rollout(make_env(name), seed=7)  # a fresh instance
+    for run in (again, other):
+        assert _same_observations(first[0], run[0]), f"{name}: observations differ for one seed"
+        assert first[1] == run[1], f"{name}: rewards differ for one seed"
+        assert first[2] == run[2], f"{name}: terminations/truncations differ for one seed"
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_different_seeds_differ(name):
+    # every env here is stochastic: beacon (positions, distractors), pistonball (ball drop,
+    # piston heights), pursuit (positions, evader walk), pong (ball direction)
+    env = make_env(name)
+    assert not _same_observations(_rollout(env, seed=1)[0], _rollout(env, seed=2)[0]), \
+        f"{name}: seeds 1 and 2 gave the same observations"
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_unknown_setting_is_a_clean_value_error(name):
+    with pytest.raises(ValueError, match=rf"'{name}'.*'no_such_setting'"):
+        make_env(name, no_such_setting=1)
+
+
+def test_unknown_env_name_lists_the_valid_names():
+    with pytest.raises(ValueError) as excinfo:
+        make_env("no_such_env")
+    message = str(excinfo.value)
+    assert "no_such_env" in message
+    for name in ENV_NAMES:
+        assert name in message, f"{name!r} missing from {message!r}"
+
+
+def test_import_envs_stays_light():
+    code = ("import sys, envs; heavy = [m for m in ('supersuit', 'ray', 'torch', "
+            "'pettingzoo.butterfly', 'pettingzoo.sisl', 'pygame') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------- the SuperSuit-preprocessed envs
+@pytest.mark.parametrize("name", REAL_ENVS)
+def test_size_and_frame_stack(name):
+    plain_obs, _ = make_env(name, size=24).reset(seed=3)
+    stacked = make_env(name, size=24, frame_stack=2)
+    stacked_obs, _ = stacked.reset(seed=3)
+    agent = stacked.possible_agents[0]
+    assert stacked.observation_space(agent).shape == (24, 24, 6)
+    assert stacked.observation_spaces[agent].shape == (24, 24, 6)
+    # the newest frame is last along the channel axis; after reset the older one is blank
+    np.testing.assert_array_equal(stacked_obs[agent][..., 3:], plain_obs[agent])
+    np.testing.assert_array_equal(stacked_obs[agent][..., :3], 0)
+
+
+@pytest.mark.parametrize("name", ["pistonball", "cooperative_pong"])
+def test_grayscale_has_one_channel_per_frame(name):
+    env = make_env(name, grayscale=True, frame_stack=3, size=16)
+    obs, _ = env.reset(seed=0)
+    agent = env.possible_agents[0]
+    assert env.observation_space(agent).shape == (16, 16, 3)
+    assert obs[agent].shape == (16, 16, 3) and obs[agent].dtype == np.uint8
+
+
+@pytest.mark.parametrize("name, setting, value", [
+    ("pistonball", "size", 0), ("pistonball", "n_pistons", 1), ("pistonball", "frame_stack", 0),
+    ("pistonball", "grayscale", "yes"), ("cooperative_pong", "size", 2.5),
+    ("cooperative_pong", "render_mode", "human"), ("pursuit", "size", 5),
+    ("pursuit", "obs_range", 4), ("pursuit", "n_pursuers", 0),
+])
+def test_bad_settings_name_the_env_and_setting(name, setting, value):
+    with pytest.raises(ValueError, match=rf"'{name}'.*{setting}"):
+        make_env(name, **{setting: value})
+
+
+def test_pistonball_has_discrete_actions_and_n_pistons_agents():
+    env = make_env("pistonball", n_pistons=4)
+    assert env.possible_agents == [f"piston_{i}" for i in range(4)]
+    assert env.action_space("piston_0") == spaces.Discrete(3)
+
+
+def test_cooperative_pong_observations_are_not_black():
+    # PettingZoo's v6 env never draws its screen with render_mode=None (see the module)
+    env = make_env("cooperative_pong")
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step({agent: 0 for agent in env.agents})
+    for agent in env.possible_agents:
+        assert obs[agent].max() == 255, "the paddles should be drawn in white"
+
+
+def test_pursuit_grid_to_image_scaling_and_layout():
+    from envs.pursuit import grid_to_image
+
+    grid = np.zeros((7, 7, 3), np.float32)
+    grid[0, 0, 0] = 1.0  # wall
+    grid[3, 3, 1] = 1.0  # the agent itself
+    grid[6, 5, 2] = 2.0  # two evaders
+    grid[6, 6, 2] = 9.0  # many evaders: saturates
+    image = grid_to_image(grid, 28)  # 28 = 4 * 7: every cell a 4 x 4 block
+    assert image.dtype == np.uint8 and image.shape == (28, 28, 3)
+    np.testing.assert_array_equal(image[0:4, 0:4], [[[255, 0, 0]] * 4] * 4)
+    np.testing.assert_array_equal(image[12:16, 12:16, 1], 85)
+    np.testing.assert_array_equal(image[24:28, 20:24, 2], 170)
+    np.testing.assert_array_equal(image[24:28, 24:28, 2], 255)
+    assert int((image > 0).any(-1).sum()) == 4 * 16
+    assert grid_to_image(grid, 32).shape == (32, 32, 3)  # uneven blocks: 4 or 5 pixels
+
+
+def test_pursuit_agent_sees_itself_at_the_centre():
+    env = make_env("pursuit", size=28)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        for agent, o in obs.items():
+            assert (o[12:16, 12:16, 1] >= 85).all(), f"{agent} not at its own view's centre"
+        obs, *_ = env.step({agent: env.action_space(agent).sample() for agent in env.agents})
+
+
+# ------------------------------------------------------------------------------------- beacon
+@pytest.mark.parametrize("cell", [1, 3])
+def test_beacon_relevance_marks_exactly_the_agent_and_its_beacon(cell):
+    env = make_env("beacon", n_agents=3, grid=6, cell=cell, n_distractors=3, max_steps=40)
+    obs, infos = env.reset(seed=11)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for step in range(25):
+        for i, agent in enumerate(env.possible_agents):
+            relevance = infos[agent]["relevance"]
+            assert relevance.dtype == bool and relevance.shape == obs[agent].shape[:2]
+            from_colours = ((obs[agent] == SELF_COLOUR).all(-1)
+                            | (obs[agent] == BEACON_COLOUR).all(-1))
+            np.testing.assert_array_equal(
+                relevance, from_colours,
+                err_msg=f"step {step}, {agent}: mask differs from the rendered self/beacon pixels")
+            if not np.array_equal(env.pos[i], env.beacon[i]):
+                assert relevance.sum() == 2 * cell * cell
+                checked += 1
+        obs, _, _, _, infos = env.step({a: int(rng.integers(5)) for a in env.agents})
+    assert checked >= 50
+
+
+def test_beacon_scripted_policy_beats_random():
+    scripted = scripted_return(episodes=10, seed=0)
+    env = BeaconEnv()
+    rng = np.random.default_rng(0)
+    returns = []
+    for episode in range(10):
+        env.reset(seed=episode)
+        total = 0.0
+        while env.agents:
+            _, rew, *_ = env.step({a: int(rng.integers(5)) for a in env.agents})
+            total += sum(rew.values()) / env.n_agents
+        returns.append(total)
+    random_return = float(np.mean(returns))
+    assert scripted > 5 * max(random_return, 0.0) + 5.0, (scripted, random_return)
+
+
+def test_beacon_shared_reward_is_identical_across_agents():
+    env = make_env("beacon", n_agents=3, shared_reward=True)
+    env.reset(seed=0)
+    rng = np.random.default_rng(1)
+    nonzero = 0
+    while env.agents:
+        _, rew, *_ = env.step({a: int(rng.integers(5)) for a in env.agents})
+        assert len(set(rew.values())) == 1, rew
+        nonzero += any(rew.values())
+    assert nonzero > 0
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("n_agents", 0), ("grid", 2), ("cell", 0), ("n_distractors", -1), ("max_steps", 0),
+    ("render_mode", "human"),
+])
+def test_beacon_bad_constructor_args(setting, value):
+    with pytest.raises(ValueError, match=rf"{setting}.*{value}"):
+        make_env("beacon", **{setting: value})
+
+
+# -------------------------------------------------------------------------------------- RLlib
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_rllib_parallel_pettingzoo_env_wraps_it(name):
+    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
+
+    env = ParallelPettingZooEnv(make_env(name))
+    obs, infos = env.reset(seed=0)
+    assert set(obs) == set(env.par_env.possible_agents)
+    obs, rew, term, trunc, infos = env.step(
+        {agent: env.action_space[agent].sample() for agent in obs})
+    assert "__all__" in term and "__all__" in trunc
+    for agent, o in obs.items():
+        assert env.observation_space[agent].contains(o)
+    env.close()
+
+
+def test_register_rllib_env_names_and_creators():
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    from envs.rllib import register_rllib_env, rllib_env_name
+
+    name = register_rllib_env("beacon", n_agents=3, grid=5)
+    assert name == register_rllib_env("beacon", grid=5, n_agents=3)  # order-free, repeatable
+    assert name == rllib_env_name("beacon", n_agents=3, grid=5)
+    assert name != rllib_env_name("beacon", n_agents=2, grid=5)
+    assert register_rllib_env("beacon") == "fgmf-beacon"
+    assert name.replace("-", "").replace("_", "").isalnum()  # safe in file names
+
+    creator = _global_registry.get(ENV_CREATOR, name)
+    env = creator({})
+    obs, _ = env.reset(seed=0)
+    assert len(obs) == 3 and next(iter(obs.values())).shape == (15, 15, 3)
+    env = creator({"n_agents": 2})  # env_config overrides the registered settings
+    assert len(env.reset(seed=0)[0]) == 2
+
+    with pytest.raises(ValueError, match="unknown env"):
+        register_rllib_env("no_such_env")
+    with pytest.raises(ValueError, match="no_such_setting"):
+        register_rllib_env("beacon", no_such_setting=1)
+
+
+def test_registry_is_extensible():
+    envs.register_env("beacon_tiny", lambda grid=3: BeaconEnv(grid=grid, n_agents=1))
+    try:
+        assert "beacon_tiny" in list_envs()
+        assert make_env("beacon_tiny").reset(seed=0)[0]["agent_0"].shape == (9, 9, 3)
+        with pytest.raises(ValueError, match="'beacon_tiny'.*'cell'"):
+            make_env("beacon_tiny", cell=2)
+    finally:
+        envs._REGISTRY.pop("beacon_tiny")
