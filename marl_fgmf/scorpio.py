@@ -32,8 +32,8 @@ are left free while the directions an attacker would write into are flattened.
 
 **Cost** (one "pass" = one forward + backward of the policy over the sub-batch of ``n`` rows):
 
-* :func:`compute_exploitable_subspace`: ``1`` (``g`` and ``a*`` from one forward/backward)
-  ``+ ig_steps`` (IG) ``+ power_iters`` (one HVP each).
+* :func:`compute_exploitable_subspace` (on the rows it is given): ``1`` (``g`` and ``a*``
+  from one forward/backward) ``+ ig_steps`` (IG) ``+ power_iters`` (one HVP each).
 * :func:`scorpio_regularizer` with a precomputed subspace: ``3`` passes, the forward/backward
   that builds ``g`` with its graph, the double backward for ``Hv``, and the caller's backward
   of ``R`` through that graph (a double-backward graph costs about two plain backwards).
@@ -41,10 +41,11 @@ are left free while the directions an attacker would write into are flattened.
   since ``g`` is computed once, with its graph, and reused for the mask.
 
 The cost is a constant factor times a backward pass on ``n = reg_fraction * B`` rows, so the
-overhead ratio over PPO does not grow with the batch size. The Learner should compute the
-subspace ONCE per training iteration (:func:`compute_exploitable_subspace`) and reuse it across
-SGD epochs and minibatches: ``R`` is then re-evaluated at the current parameters on the stored
-sub-batch for 3 passes per SGD step. ``scripts/profile_scorpio.py`` measures the ratios.
+overhead ratio over PPO does not grow with the batch size. The Learner should select the rows
+(:func:`select_sub_batch`), compute their subspace ONCE per training iteration
+(:func:`compute_exploitable_subspace`) and reuse it across SGD epochs and minibatches: ``R`` is
+then re-evaluated at the current parameters on those rows for 3 passes per SGD step.
+``scripts/profile_scorpio.py`` measures the ratios.
 
 Networks need smooth activations (SiLU, GELU): a ReLU network's input Hessian is zero except
 through the softmax (NOTES-rllib.md, pitfall 7). Attention layers are evaluated with PyTorch's
@@ -53,15 +54,17 @@ kernels have no second derivative. ``torch.compile`` cannot be used on this loss
 
 Example:
     >>> cfg = ScorpioConfig()
-    >>> subspace = compute_exploitable_subspace(policy, obs, cfg)       # once per iteration
+    >>> rows = obs[select_sub_batch(len(obs), cfg)]                      # once per iteration
+    >>> subspace = compute_exploitable_subspace(policy, rows, cfg)
     >>> reg, info = scorpio_regularizer(policy, None, cfg, subspace)     # every SGD step
     >>> (ppo_loss + reg).backward()
+    >>> reg, info = scorpio_regularizer(policy, obs, cfg)  # all in one: select, mask, R
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -165,30 +168,29 @@ class ExploitableSubspace:
     """The exploitable subspace of a sub-batch, computed once and reused across SGD steps.
 
     Attributes:
-        obs: (n, H, W, C) the sub-batch rows (detached) the penalty is evaluated on.
+        obs: (n, H, W, C) the rows (detached) the penalty is evaluated on.
         actions: (n,) greedy actions ``a*`` at computation time (the attacker's target).
         mask: (n, H, W, C) bool, ``M``.
         direction: (n, H, W, C) ``v``, unit L2 norm per sample inside ``M`` (zero where a
             sample's mask is empty).
-        indices: (n,) rows of the ``obs`` passed to :func:`compute_exploitable_subspace`.
     """
 
     obs: torch.Tensor
     actions: torch.Tensor
     mask: torch.Tensor
     direction: torch.Tensor
-    indices: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def mask_fraction(self) -> float:
         """Mean over samples of ``|M| / D`` (D = H*W*C)."""
         return float(self.mask.float().mean())
 
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
     def to(self, device: torch.device | str) -> "ExploitableSubspace":
         return ExploitableSubspace(self.obs.to(device), self.actions.to(device),
-                                   self.mask.to(device), self.direction.to(device),
-                                   self.indices.to(device), dict(self.stats))
+                                   self.mask.to(device), self.direction.to(device))
 
 
 def hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,
@@ -312,8 +314,7 @@ def _attacker_grad(policy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 
 
 def _subspace_from_grad(policy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        actions: torch.Tensor, g: torch.Tensor, indices: torch.Tensor,
-                        config: ScorpioConfig,
+                        actions: torch.Tensor, g: torch.Tensor, config: ScorpioConfig,
                         hvp_fn: Callable[[torch.Tensor], torch.Tensor]) -> ExploitableSubspace:
     """Steps 1-3 given ``g`` (detached): IG, mask, direction, power iterations."""
     attribution = integrated_gradients(policy, x, actions=actions, steps=config.ig_steps,
@@ -324,49 +325,46 @@ def _subspace_from_grad(policy: Callable[[torch.Tensor], torch.Tensor], x: torch
     for _ in range(config.power_iters):
         v = _normalize_per_sample(maskf * hvp_fn(v))
     return ExploitableSubspace(obs=x.detach(), actions=actions.detach(), mask=mask,
-                               direction=v.detach(), indices=indices,
-                               stats={"mask_fraction": float(maskf.mean())})
+                               direction=v.detach())
 
 
 def compute_exploitable_subspace(policy: Callable[[torch.Tensor], torch.Tensor],
                                  obs: torch.Tensor, config: ScorpioConfig,
-                                 actions: torch.Tensor | None = None,
-                                 generator: torch.Generator | None = None
+                                 actions: torch.Tensor | None = None
                                  ) -> ExploitableSubspace:
-    """Select the sub-batch and compute its exploitable mask ``M`` and direction ``v``.
+    """The exploitable mask ``M`` and direction ``v`` of every row of ``obs``.
 
     Steps 1-3 of SCOR-PIO: ``g = grad_x l``, ``A = |IG|``, ``M = exploitable_mask(g, A)``,
     ``v = normalize(M * sign(g))`` refined by ``power_iters`` steps ``v <- normalize(M * Hv)``.
     Nothing here is differentiated w.r.t. the parameters. Cost: ``1 + ig_steps + power_iters``
-    passes over the sub-batch. Meant to run once per training iteration; pass the result to
-    :func:`scorpio_regularizer` on every SGD step.
+    passes over ``obs``. No rows are dropped here: pass the sub-batch you want regularized
+    (``obs[select_sub_batch(len(obs), config)]``). Meant to run once per training iteration;
+    pass the result to :func:`scorpio_regularizer` on every SGD step.
 
     Args:
         policy: ``policy(obs) -> logits`` (the policy protocol).
-        obs: (B, H, W, C) float in [0, 1], finite.
-        config: :class:`ScorpioConfig` (``reg_fraction``, ``max_reg_samples``, ``seed``).
-        actions: (B,) actions to use as ``a*``; default the greedy actions.
-        generator: RNG of the sub-batch selection (overrides ``config.seed``).
+        obs: (n, H, W, C) float in [0, 1], finite: the rows to regularize.
+        config: :class:`ScorpioConfig` (``rho``, ``rho_salient``, ``ig_steps``,
+            ``power_iters``, ``ig_internal_batch_size``).
+        actions: (n,) actions to use as ``a*``; default the greedy actions.
     Returns:
-        :class:`ExploitableSubspace` of the selected rows.
+        :class:`ExploitableSubspace` of the rows of ``obs``.
     Raises:
         ValueError: non-finite or malformed ``obs``.
     """
     check_finite_obs(obs)
-    idx = select_sub_batch(obs.shape[0], config, generator, device=obs.device)
-    x = obs.detach()[idx]
+    x = obs.detach()
     if actions is not None:
         actions = torch.as_tensor(actions, device=obs.device).long().reshape(-1)
         if actions.shape[0] != obs.shape[0]:
             raise ValueError(f"actions has {actions.shape[0]} entries for a batch of {obs.shape[0]}")
-        actions = actions[idx]
     # Power iterations reuse the graph of g (one double backward each, no new forward).
     leaf, actions, g = _attacker_grad(policy, x, actions, create_graph=config.power_iters > 0)
 
     def reuse_hvp(v: torch.Tensor) -> torch.Tensor:
         return _hvp_from_grad(g, leaf, v, create_graph=False, retain_graph=True)
 
-    return _subspace_from_grad(policy, x, actions, g.detach(), idx, config, reuse_hvp)
+    return _subspace_from_grad(policy, x, actions, g.detach(), config, reuse_hvp)
 
 
 def scorpio_regularizer(policy: Callable[[torch.Tensor], torch.Tensor],
@@ -382,9 +380,10 @@ def scorpio_regularizer(policy: Callable[[torch.Tensor], torch.Tensor],
     Args:
         policy: ``policy(obs) -> logits`` with smooth activations.
         obs: (B, H, W, C) minibatch in [0, 1]. Without ``subspace``, a sub-batch is selected
-            (``reg_fraction``) and its subspace computed here (``ig_steps + 3`` passes). With
-            ``subspace``, ``obs`` may be None (R is evaluated on ``subspace.obs``) or the
-            observations whose rows align with ``subspace.obs`` (same shape).
+            (:func:`select_sub_batch`: ``reg_fraction``, ``max_reg_samples``, ``seed``) and
+            its subspace computed here (``ig_steps + 3`` passes). With ``subspace``, ``obs``
+            is None (R is evaluated on ``subspace.obs``) or the rows the subspace was
+            computed on (same shape); no further selection happens.
         config: :class:`ScorpioConfig`.
         subspace: from :func:`compute_exploitable_subspace` (reuse across SGD steps: 3 passes).
     Returns:
@@ -417,7 +416,7 @@ def scorpio_regularizer(policy: Callable[[torch.Tensor], torch.Tensor],
     if subspace is None:
         def reuse_hvp(v: torch.Tensor) -> torch.Tensor:
             return _hvp_from_grad(g, leaf, v, create_graph=False, retain_graph=True)
-        subspace = _subspace_from_grad(policy, x, actions, g.detach(), idx, config, reuse_hvp)
+        subspace = _subspace_from_grad(policy, x, actions, g.detach(), config, reuse_hvp)
     maskf = subspace.mask.to(g.dtype)
     v = subspace.direction.to(g.dtype)
     n = x.shape[0]

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import torch
@@ -55,9 +56,53 @@ from torch.nn import functional as F
 
 from marl_fgmf.attribution import check_finite_obs, find_cam_layer, grad_cam_plus_plus
 
-__all__ = ["SGAM", "SaliencyHead", "attach_sgam", "sgam_distillation_loss"]
+__all__ = ["SGAM", "SGAMConfig", "SaliencyHead", "attach_sgam", "sgam_distillation_loss"]
 
 SMOOTHINGS = ("mean", "gaussian")
+
+
+@dataclass(frozen=True)
+class SGAMConfig:
+    """Settings of an :class:`SGAM` layer (all but ``in_channels``, which the policy gives),
+    validated at construction: ``ValueError`` names the setting and its range.
+    ``attach_sgam(policy, **asdict(SGAMConfig(...)))`` builds the layer."""
+
+    keep: float = 0.5
+    """Fraction in (0, 1] of pixels kept (1 = identity). Conservative: the head is untrained
+    early in training."""
+    temperature: float = 0.1
+    """``T > 0`` in units of the per-sample std of ``c``: 0.3 std above ``tau`` gives
+    ``m = 0.95``, a near-binary yet differentiable mask."""
+    kernel: int = 3
+    """Odd smoothing window >= 1 (1 = no smoothing); 3 removes single-pixel detail on small
+    (21 x 21) frames without erasing objects."""
+    smoothing: str = "mean"
+    """``mean`` (local mean) or ``gaussian``."""
+    sigma: float | None = None
+    """Gaussian std (> 0); default the OpenCV rule from ``kernel``."""
+    head_channels: int = 16
+    """Feature maps (>= 1) of the saliency head."""
+    head_stride: int = 2
+    """Stride (>= 1) of the head's second convolution (a Grad-CAM++ map is coarse too)."""
+
+    def __post_init__(self) -> None:
+        keep, temperature, kernel, sigma = self.keep, self.temperature, self.kernel, self.sigma
+        if not _is_real(keep) or not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel!r}")
+        if self.smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be one of {', '.join(SMOOTHINGS)}, "
+                             f"got {self.smoothing!r}")
+        if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma <= 0):
+            raise ValueError(f"sigma must be None or a finite number > 0, got {sigma!r}")
+        _check_int("head_channels", self.head_channels, 1)
+        _check_int("head_stride", self.head_stride, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class SaliencyHead(nn.Module):
@@ -105,18 +150,8 @@ class SGAM(nn.Module):
 
     Args:
         in_channels: ``C`` of the observations.
-        keep: fraction in (0, 1] of pixels kept (top of ``c``); 1 is the identity. Default 0.5:
-            a conservative start, since the head is untrained early in training.
-        temperature: ``T > 0`` in units of the per-sample std of ``c``. Default 0.1: a pixel
-            0.3 std above the threshold has ``m = 0.95``, so the mask is close to binary
-            yet smooth (and differentiable).
-        kernel: odd size >= 1 of the smoothing window (1 = no smoothing). Default 3: removes
-            single-pixel detail on small (21 x 21) frames without erasing objects.
-        smoothing: ``mean`` (local mean) or ``gaussian``.
-        sigma: Gaussian standard deviation (> 0), default from ``kernel``.
-        head_channels: feature maps of the saliency head (>= 1). Default 16.
-        head_stride: stride (>= 1) of the head's second convolution. Default 2, the
-            resolution of a Grad-CAM++ map on these encoders.
+        keep, temperature, kernel, smoothing, sigma, head_channels, head_stride: see
+            :class:`SGAMConfig` (ranges, defaults and why); validated the same way.
 
     Attributes:
         last_mask: (B, H, W) in [0, 1], the mask of the last forward (detached), or None.
@@ -127,18 +162,7 @@ class SGAM(nn.Module):
                  head_channels: int = 16, head_stride: int = 2):
         super().__init__()
         _check_int("in_channels", in_channels, 1)
-        if not _is_real(keep) or not 0 < keep <= 1:
-            raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-        if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel!r}")
-        if smoothing not in SMOOTHINGS:
-            raise ValueError(f"smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
-        if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma <= 0):
-            raise ValueError(f"sigma must be None or a finite number > 0, got {sigma!r}")
-        _check_int("head_channels", head_channels, 1)
-        _check_int("head_stride", head_stride, 1)
+        SGAMConfig(keep, temperature, kernel, smoothing, sigma, head_channels, head_stride)
         self.in_channels = in_channels
         self.keep = float(keep)
         self.temperature = float(temperature)
@@ -271,8 +295,8 @@ def attach_sgam(policy: nn.Module, require_cam_layer: bool = True, **settings: A
 
 
 def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
-                           actions: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, dict[str, float]]:
+                           actions: torch.Tensor | None = None, return_info: bool = False
+                           ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """Distill the policy's Grad-CAM++ map into the SGAM saliency head.
 
     ``L = mean_{b,i,j} (c(x)_bij - G_bij)^2`` with ``G`` the Grad-CAM++ map of the greedy (or
@@ -290,9 +314,13 @@ def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
         policy: the policy (with ``cam_layer``), usually the one ``sgam`` is attached to.
         obs: (B, H, W, C) in [0, 1], finite.
         actions: (B,) actions to explain; default greedy on the raw observation.
+        return_info: also return a dict of floats: ``distill_loss``, ``keep_ratio`` (mean of
+            ``m``) and ``top_overlap`` (fraction of the target's top-``keep`` pixels among the
+            head's top-``keep`` pixels: how well the head ranks).
     Returns:
-        ``(loss, info)``; info floats: ``distill_loss``, ``keep_ratio`` (mean of ``m``) and
-        ``top_overlap`` (fraction of the target's top-``keep`` pixels in the head's top-``keep``).
+        The scalar loss, or ``(loss, info)`` with ``return_info``.
+    Cost: one forward of the policy and a backward to its cam layer (Grad-CAM++), plus one
+    forward/backward of the small head; use a sub-batch of the minibatch to bound it.
     Raises:
         ValueError: non-finite obs; a policy without a ``cam_layer``.
     """
@@ -304,6 +332,8 @@ def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
                                     normalize=True, upsample=True).detach()  # (B, H, W)
     pred = sgam.saliency(obs)
     loss = F.mse_loss(pred, target.to(pred.dtype))
+    if not return_info:
+        return loss
     with torch.no_grad():
         mask = sgam.mask_from_saliency(pred)
         d = pred[0].numel()

@@ -263,9 +263,10 @@ def test_regularizer_matches_finite_differences():
 def test_subspace_definition_on_a_network():
     net = make_net("cnn", torch.float64)
     x = obs_batch(6)
-    cfg = ScorpioConfig(reg_fraction=0.5, ig_steps=6, rho=0.3, rho_salient=0.1, seed=0)
-    sub = compute_exploitable_subspace(net, x, cfg)
-    assert torch.equal(sub.obs, x[sub.indices]) and len(sub.indices) == 3
+    cfg = ScorpioConfig(reg_fraction=0.5, ig_steps=6, rho=0.3, rho_salient=0.1)
+    rows = x[select_sub_batch(len(x), cfg)]
+    sub = compute_exploitable_subspace(net, rows, cfg)  # on exactly the rows it is given
+    assert torch.equal(sub.obs, rows) and len(sub) == 3
     xs = sub.obs.clone().requires_grad_(True)
     assert torch.equal(sub.actions, net(xs).argmax(-1))
     g = torch.autograd.grad(attacker_loss(net, sub.actions)(xs), xs)[0]
@@ -273,6 +274,7 @@ def test_subspace_definition_on_a_network():
     assert torch.equal(sub.mask, exploitable_mask(g, ig, 0.3, 0.1))
     v = sub.direction
     assert torch.allclose(v.flatten(1).norm(dim=1), torch.ones(3, dtype=v.dtype))
+    assert sub.mask_fraction == pytest.approx(float(sub.mask.double().mean()))
     assert not v[~sub.mask].any(), "direction leaves the exploitable subspace"
     assert torch.equal(torch.sign(v)[sub.mask], torch.sign(g)[sub.mask])
 
@@ -335,8 +337,10 @@ def test_regularizer_argument_errors():
     x = obs_batch(4, torch.float32)
     with pytest.raises(ValueError, match="obs is required"):
         scorpio_regularizer(net, None, ScorpioConfig())
-    sub = compute_exploitable_subspace(net, x, ScorpioConfig(ig_steps=2))
+    sub = compute_exploitable_subspace(net, x[:2], ScorpioConfig(ig_steps=2))
     with pytest.raises(ValueError, match="align"):
         scorpio_regularizer(net, x, ScorpioConfig(), sub)
+    with pytest.raises(ValueError, match="actions"):
+        compute_exploitable_subspace(net, x, ScorpioConfig(), actions=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         scorpio_regularizer(net, x[0], ScorpioConfig())

@@ -7,7 +7,7 @@ from torch import nn
 
 from agents import make_policy_network
 from marl_fgmf.attribution import grad_cam_plus_plus
-from marl_fgmf.sgam import SGAM, attach_sgam, sgam_distillation_loss
+from marl_fgmf.sgam import SGAM, SGAMConfig, attach_sgam, sgam_distillation_loss
 
 OBS = (12, 12, 3)
 SMALL = {
@@ -101,7 +101,7 @@ def test_distillation_loss_decreases_and_trains_only_the_head(arch):
     opt = torch.optim.Adam(sgam.parameters(), lr=1e-2)
     losses = []
     for _ in range(12):
-        loss, info = sgam_distillation_loss(sgam, net, x)
+        loss, info = sgam_distillation_loss(sgam, net, x, return_info=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -121,7 +121,8 @@ def test_distillation_target_is_the_unfiltered_grad_cam():
     with sgam.bypassed():
         assert torch.equal(net(x), make_net("cnn")(x))
         assert torch.allclose(grad_cam_plus_plus(net, x, normalize=True), target)
-    loss, _ = sgam_distillation_loss(sgam, net, x)
+    loss = sgam_distillation_loss(sgam, net, x)
+    assert loss.dim() == 0 and loss.requires_grad
     expected = nn.functional.mse_loss(sgam.saliency(x), target)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
@@ -162,6 +163,8 @@ def test_settings_validation(kwargs, expected):
     with pytest.raises(ValueError, match=expected):
         SGAM(3, **kwargs)
     with pytest.raises(ValueError, match=expected):
+        SGAMConfig(**kwargs)
+    with pytest.raises(ValueError, match=expected):
         attach_sgam(make_net("cnn"), **kwargs)
 
 
@@ -174,6 +177,14 @@ def test_bad_observations():
         sgam_distillation_loss(sgam, net, x)
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         sgam(torch.rand(2, 12, 12, 4))
+
+
+def test_config_defaults_match_the_layer():
+    sgam = SGAM(3)
+    assert {k: v for k, v in sgam.config.items() if k != "in_channels"} == SGAMConfig().to_dict()
+    net = make_net("vit")
+    attached = attach_sgam(net, **SGAMConfig(keep=0.25).to_dict())
+    assert attached.keep == 0.25 and net.input_filter is attached
 
 
 def test_config_round_trip():
