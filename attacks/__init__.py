@@ -1,0 +1,150 @@
+"""Observation attacks on the policy protocol (DESIGN.md section 1) and their evaluation.
+
+Every attack is built on a policy ``policy(obs) -> logits`` (obs float (B, H, W, C) in [0, 1])
+and called as ``adv_obs = attack(obs, actions=None)``; the result stays inside the eps-ball
+of ``obs`` and inside [0, 1]. ``B`` is any batch (all agents of a frame, several frames).
+
+==============  ===============================================  ==============================
+name            class                                            distance
+==============  ===============================================  ==============================
+random          :class:`RandomNoise`                              Linf, L2
+fgsm            :class:`FGSM` (Goodfellow et al. 2015)            Linf, L2
+pgd             :class:`PGD` (Madry et al. 2018)                  Linf, L2
+apgd            :class:`APGD` (Croce & Hein 2020), CE / DLR       Linf, L2
+square          :class:`Square` (Andriushchenko et al. 2020)      Linf, gradient-free
+bpda            :class:`BPDA` wrapper (Athalye et al. 2018)       the wrapped attack's
+eot             :class:`EOT` wrapper (Athalye et al. 2018)        the wrapped attack's
+ensemble        :class:`Ensemble`, per-sample strongest           the members'
+==============  ===============================================  ==============================
+
+Objectives, targets and the success criterion are defined once in :mod:`attacks.base`.
+``make_attack(name, policy, **settings)`` builds any of them by name;
+``evaluate(policy, env, attack, episodes, seed)`` rolls a PettingZoo env out under attack.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from attacks.apgd import APGD, apgd_checkpoints
+from attacks.base import NORMS, OBJECTIVES, Attack, AttackContext, parse_budget
+from attacks.bpda import BPDA, StraightThrough
+from attacks.ensemble import Ensemble
+from attacks.eot import EOT
+from attacks.evaluate import evaluate, mean_ci95
+from attacks.fgsm import FGSM
+from attacks.pgd import PGD
+from attacks.random_noise import RandomNoise
+from attacks.square import Square
+
+ATTACKS: dict[str, type[Attack]] = {
+    "random": RandomNoise,
+    "fgsm": FGSM,
+    "pgd": PGD,
+    "apgd": APGD,
+    "square": Square,
+    "bpda": BPDA,
+    "eot": EOT,
+    "ensemble": Ensemble,
+}
+ALIASES = {"noise": "random", "random_noise": "random", "randomnoise": "random",
+           "auto_pgd": "apgd", "autopgd": "apgd"}
+WRAPPERS = ("bpda", "eot")
+DEFAULT_ENSEMBLE = ("fgsm", "pgd", "apgd", "square")
+
+
+def list_attacks() -> list[str]:
+    """Names accepted by :func:`make_attack`."""
+    return list(ATTACKS)
+
+
+def _parameters(cls: type) -> list[str]:
+    sig = inspect.signature(cls.__init__)
+    return [n for n, p in sig.parameters.items()
+            if n not in ("self", "policy", "attack", "attacks")
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _resolve_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"attack name must be a string; allowed: {', '.join(ATTACKS)}")
+    key = name.strip().lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; allowed: {', '.join(ATTACKS)}")
+    return key
+
+
+def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
+    """Build the attack ``name`` (see :func:`list_attacks`) on ``policy``.
+
+    Plain attacks take their constructor's keyword settings (``eps``, ``steps``, ...).
+    ``bpda`` and ``eot`` take ``attack=`` (an inner name, default ``"pgd"``, or an
+    :class:`Attack`), their own settings (``preprocess``, ``backward`` / ``samples``,
+    ``eval_mode``), and pass every other setting to the inner attack. ``ensemble`` takes
+    ``attacks=`` (names or Attack instances, default fgsm, pgd, apgd, square) and passes each
+    other setting to every member that accepts it (``seed`` becomes ``seed + i`` for member i;
+    ``objective``/``target`` also set the ensemble's yardstick).
+
+    Raises:
+        ValueError: unknown name (listing the valid ones) or a setting the attack does not take
+            (listing the allowed settings), or any invalid value.
+
+    Example:
+        >>> attack = make_attack("pgd", policy, eps="4/255", steps=20)
+        >>> attack = make_attack("bpda", policy, attack="apgd", eps=8/255, steps=50)
+    """
+    key = _resolve_name(name)
+    cls = ATTACKS[key]
+    if key in WRAPPERS:
+        own = {k: settings.pop(k) for k in _parameters(cls) if k in settings}
+        inner = settings.pop("attack", "pgd")
+        if isinstance(inner, Attack):
+            if settings:
+                raise ValueError(f"settings {sorted(settings)} cannot apply to an already built "
+                                 f"inner attack; allowed for {key}: {', '.join(_parameters(cls))}")
+        else:
+            inner = make_attack(_resolve_name(inner), policy, **settings)
+        return cls(inner, **own)
+    if key == "ensemble":
+        members = settings.pop("attacks", DEFAULT_ENSEMBLE)
+        own = {k: settings.pop(k) for k in ("skip_successful",) if k in settings}
+        for k in ("objective", "target"):
+            if k in settings:
+                own[k] = settings[k]
+        built: list[Attack] = []
+        used: set[str] = set()
+        seed = settings.get("seed")
+        for i, member in enumerate(members):
+            if isinstance(member, Attack):
+                built.append(member)
+                continue
+            member_key = _resolve_name(member)
+            allowed = set(_parameters(ATTACKS[member_key]))
+            if member_key in WRAPPERS:
+                allowed |= {k for k in settings}  # wrappers forward the rest to their inner attack
+            mine = {k: v for k, v in settings.items() if k in allowed}
+            if "seed" in mine and seed is not None:
+                mine["seed"] = seed + i
+            used |= set(mine)
+            built.append(make_attack(member_key, policy, **mine))
+        unused = set(settings) - used - {"objective", "target"}
+        if unused:
+            raise ValueError(f"unknown setting(s) {', '.join(sorted(unused))} for attack "
+                             f"'ensemble': no member takes them")
+        return Ensemble(built, **own)
+    allowed = _parameters(cls)
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} for attack {key!r}; "
+                         f"allowed: {', '.join(allowed)}")
+    return cls(policy, **settings)
+
+
+__all__ = [
+    "APGD", "ATTACKS", "Attack", "AttackContext", "BPDA", "EOT", "Ensemble", "FGSM", "NORMS",
+    "OBJECTIVES", "PGD", "RandomNoise", "Square", "StraightThrough", "apgd_checkpoints",
+    "evaluate", "list_attacks", "make_attack", "mean_ci95", "parse_budget",
+]

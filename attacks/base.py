@@ -1,0 +1,574 @@
+"""The :class:`Attack` base class: everything an observation attack needs except its maths.
+
+Every attack works on the policy protocol (DESIGN.md section 1): ``policy(obs) -> logits`` with
+``obs`` float in [0, 1] shaped ``(B, H, W, C)``, and optionally ``policy.value(obs) -> (B,)``.
+``B`` is any batch: every agent of a frame, several frames, or both.
+
+The base class owns (in the spirit of torchattacks' ``Attack``, written for policies):
+
+* the device (taken from the policy's parameters, never hard-coded) and the dtype;
+* eval mode during the attack and the exact restoration of every submodule's previous
+  train/eval flag afterwards;
+* input validation with one-line ``ValueError`` s that name the value and what is allowed;
+* the objectives (below), the success criterion and the per-sample "is this better" rule;
+* seeding: ``seed=`` makes a :class:`torch.Generator`; a fresh attack built with the same seed
+  produces the same sequence of perturbations (``set_seed`` rewinds it); the policy's own
+  randomness (dropout, a randomized defence) is drawn inside a forked global RNG seeded from
+  that generator, so it is reproducible too and the caller's RNG stream is left untouched;
+* the final projection onto the eps-ball (Linf or L2) intersected with [0, 1].
+
+Subclasses set their paper's defaults in ``__init__`` and write only ``_perturb(ctx)``.
+
+Objectives (``objective=``), each a per-sample loss that the attack MAXIMIZES, with
+``z = policy(x + delta)``, ``pi = softmax(z)``, ``a`` the reference actions (the ``actions``
+argument, by default the clean greedy actions ``argmax pi(x)``):
+
+==========  ==================================================  =====================================
+name        loss (maximized)                                    needs
+==========  ==================================================  =====================================
+ce          ``-log pi(a | x + delta)``                          >= 2 actions
+kl          ``KL(pi(x) || pi(x + delta))`` (MAD, Zhang 2020)    >= 2 actions; ignores ``actions``
+value       ``-V(x + delta)`` (minimize the critic)             ``policy.value``; ignores ``actions``
+targeted    ``log pi(t | x + delta)``, ``t`` the target below   >= 2 actions
+margin      ``max_{i != a} z_i - z_a`` (Carlini-Wagner margin)  >= 2 actions
+dlr         ``-(z_a - max_{i != a} z_i) / (z_1 - z_3)``         >= 3 actions (refused otherwise)
+==========  ==================================================  =====================================
+
+(``z_1 >= z_2 >= z_3`` are the sorted logits; DLR is Croce & Hein 2020's "difference of logits
+ratio". With fewer than 3 actions its denominator does not exist, and with ``z_2`` instead it is
+the constant -1 whenever ``a`` is the top action, so it has no gradient; we REFUSE with a
+ValueError telling the user to pick ``ce`` or ``margin`` instead of silently falling back.)
+
+**Targeted objective.** The target ``t`` is, per sample:
+
+* ``target=None`` (default): the WORST action by value. If the policy exposes action values
+  ``policy.action_values(obs) -> (B, n_actions)`` (a Q-head), ``t = argmin_a Q(x, a)``;
+  otherwise ``t = argmin_a pi(a | x)``, the action the clean policy ranks worst. (A
+  state-value critic ``V(s)`` cannot rank actions without a model; for a policy-gradient
+  policy the logits are ordered like its advantage estimates, so the least likely action is
+  its own estimate of the worst action.)
+* ``target=int``: that action for every sample;
+* ``target=`` a length-``B`` sequence/tensor: one action per sample;
+* ``target=callable``: ``target(obs) -> (B,)`` integer actions (for example an oracle from the
+  environment, such as the action that moves an agent away from its beacon).
+
+**Success** (DESIGN.md section 3): per sample, the perturbed greedy action differs from the
+reference action; for ``targeted`` it equals the target. Attacks that keep the best iterate
+prefer a successful sample, then a larger loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
+NORMS = ("linf", "l2")
+
+TargetSpec = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def parse_budget(eps: Any, name: str = "eps") -> float:
+    """Return ``eps`` as a float in (0, 1]; accepts numbers and strings such as ``"8/255"``.
+
+    Raises:
+        ValueError: ``eps must be in (0, 1], got ...``.
+    """
+    if isinstance(eps, str):
+        try:
+            value = float(Fraction(eps.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{name} must be a number or a fraction such as 8/255, got {eps!r}") from None
+    elif isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        if torch.is_tensor(eps) and eps.numel() == 1:
+            value = float(eps)
+        else:
+            raise ValueError(f"{name} must be a number in (0, 1], got {eps!r}")
+    else:
+        value = float(eps)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1] (observations are in [0, 1] units, "
+                         f"e.g. 8/255), got {eps!r}")
+    return value
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` as an int >= 1, else raise ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_fraction(value: Any, name: str, low: float = 0.0, high: float = 1.0,
+                   low_open: bool = True) -> float:
+    """Return ``value`` as a float in ``(low, high]`` (``[low, high]`` if not ``low_open``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    ok = (v > low if low_open else v >= low) and v <= high and math.isfinite(v)
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
+    return v
+
+
+def check_obs(obs: Any) -> None:
+    """Validate a batch against the policy protocol: a float (B, H, W, C) tensor, finite, in [0, 1].
+
+    Raises:
+        ValueError: one line naming the offending type, shape, dtype or values.
+    """
+    if not torch.is_tensor(obs):
+        raise ValueError(f"obs must be a torch.Tensor of shape (B, H, W, C), got {type(obs).__name__}")
+    if obs.dim() != 4:
+        raise ValueError(f"obs must have shape (B, H, W, C), got {tuple(obs.shape)}")
+    if obs.shape[0] == 0:
+        raise ValueError("obs must hold at least one observation, got batch size 0")
+    if not obs.is_floating_point():
+        raise ValueError(f"obs must be floating point in [0, 1] (divide uint8 frames by 255), "
+                         f"got dtype {obs.dtype}")
+    if not bool(torch.isfinite(obs).all()):
+        n_bad = int((~torch.isfinite(obs)).sum())
+        raise ValueError(f"obs must be finite, got {n_bad} NaN/inf value(s)")
+    lo, hi = float(obs.min()), float(obs.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"obs must lie in [0, 1] (divide uint8 frames by 255), "
+                         f"got values in [{lo:g}, {hi:g}]")
+
+
+def policy_device(policy: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the policy's first parameter (CPU float32 if it has none)."""
+    for p in policy.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    for b in policy.buffers():
+        if b.is_floating_point():
+            return b.device, b.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def loss_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of attack losses: float64 (float32 on Apple MPS, which has no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+@contextlib.contextmanager
+def policy_mode(policy: nn.Module, train: bool = False) -> Iterator[None]:
+    """Put ``policy`` in eval (or train) mode and restore every submodule's own flag on exit."""
+    saved = [(m, m.training) for m in policy.modules()]
+    policy.train(train)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@dataclass
+class AttackContext:
+    """What ``_perturb`` receives: the clean batch and everything derived from it once.
+
+    Attributes:
+        obs: clean observations (B, H, W, C) on the policy's device, detached.
+        actions: (B,) long, the reference actions (success = the greedy action leaves them).
+        clean_logits: (B, n_actions) detached logits of the clean batch.
+        target: (B,) long target actions for the ``targeted`` objective, else ``None``.
+        generator: the attack's :class:`torch.Generator` on the policy's device.
+    """
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    clean_logits: torch.Tensor
+    target: torch.Tensor | None
+    generator: torch.Generator
+
+    @property
+    def batch(self) -> int:
+        return self.obs.shape[0]
+
+    @property
+    def n_actions(self) -> int:
+        return self.clean_logits.shape[1]
+
+
+class Attack:
+    """Base class of every observation attack on the policy protocol.
+
+    Call: ``adv_obs = attack(obs, actions=None)`` with ``obs`` float (B, H, W, C) in [0, 1]
+    (any device; the result comes back on the same device and dtype) and ``actions`` an
+    optional (B,) integer tensor of reference actions (default: the clean greedy actions).
+    The result lies inside the eps-ball of ``obs`` (``norm``) and inside [0, 1].
+
+    Args:
+        policy: ``nn.Module`` with ``policy(obs) -> (B, n_actions)`` logits.
+        eps: budget in [0, 1] observation units, in (0, 1]; a number or a string like "8/255".
+        norm: ``"linf"`` or ``"l2"`` (attacks that support only one fix it).
+        objective: one of :data:`OBJECTIVES` allowed by the attack (see the module docstring).
+        target: the target for ``objective="targeted"`` (see the module docstring).
+        seed: ``None`` (draw from torch's global RNG) or an int for reproducible perturbations.
+
+    Attributes:
+        name: short registry name of the attack.
+        objectives: the objectives the attack accepts.
+        norms: the norms the attack accepts.
+        uses_gradients: False for gradient-free attacks.
+        last_success: (B,) bool of the most recent call (perturbed greedy != reference), or None.
+    """
+
+    name: str = "attack"
+    objectives: tuple[str, ...] = OBJECTIVES
+    norms: tuple[str, ...] = NORMS
+    uses_gradients: bool = True
+
+    def __init__(self, policy: nn.Module, eps: float | str = 8 / 255, *, norm: str = "linf",
+                 objective: str = "ce", target: TargetSpec = None, seed: int | None = None):
+        if not isinstance(policy, nn.Module):
+            raise ValueError(f"policy must be a torch.nn.Module following the policy protocol, "
+                             f"got {type(policy).__name__}")
+        self.policy = policy
+        self.eps = parse_budget(eps)
+        if norm not in self.norms:
+            raise ValueError(f"unknown norm {norm!r} for {type(self).__name__}; "
+                             f"allowed: {', '.join(self.norms)}")
+        self.norm = norm
+        if objective not in self.objectives:
+            raise ValueError(f"unknown objective {objective!r} for {type(self).__name__}; "
+                             f"allowed: {', '.join(self.objectives)}")
+        if objective == "value" and not callable(getattr(policy, "value", None)):
+            raise ValueError(f"objective 'value' needs a critic policy.value(obs) -> (B,); "
+                             f"{type(policy).__name__} has none (use 'ce', 'kl' or 'margin')")
+        self.objective = objective
+        if target is not None and objective != "targeted":
+            raise ValueError(f"target is only used with objective='targeted', "
+                             f"got objective={objective!r}")
+        self.target = target
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._eot_samples = 1          # set by EOT: average losses/gradients over this many passes
+        self._eval_mode = True         # EOT(..., eval_mode=False) keeps dropout active
+        self.last_success: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, obs: torch.Tensor, actions: Any = None) -> torch.Tensor:
+        """Perturb ``obs`` (B, H, W, C) in [0, 1]; return adversarial observations like ``obs``.
+
+        Args:
+            obs: float tensor (B, H, W, C) in [0, 1], finite.
+            actions: optional (B,) integer reference actions; default the clean greedy actions.
+
+        Raises:
+            ValueError: bad obs, bad actions, or a policy output that is not (B, n_actions).
+        """
+        check_obs(obs)
+        device, dtype = policy_device(self.policy)
+        x = obs.detach().to(device=device, dtype=dtype)
+        gen = self._get_generator(device)
+        with policy_mode(self.policy, train=not self._eval_mode), self._forked_rng(device, gen):
+            ctx = self._context(x, actions, gen)
+            adv = self._perturb(ctx)
+            adv = self._final_projection(x, adv.detach())
+            with torch.no_grad():
+                self.last_success = self.success(self._logits(adv), ctx).cpu()
+        return adv.to(device=obs.device, dtype=obs.dtype)
+
+    def set_seed(self, seed: int | None) -> "Attack":
+        """Rewind the attack's generator to ``seed`` (``None``: draw from torch's global RNG)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self._generator = None
+        return self
+
+    def with_policy(self, policy: nn.Module) -> "Attack":
+        """A copy of this attack, with the same settings, bound to another ``policy``."""
+        new = copy.copy(self)
+        new.policy = policy
+        new._generator = None
+        new.last_success = None
+        if new.objective == "value" and not callable(getattr(policy, "value", None)):
+            raise ValueError(f"objective 'value' needs a critic policy.value(obs); "
+                             f"{type(policy).__name__} has none")
+        return new
+
+    def settings(self) -> dict[str, Any]:
+        """The attack's settings as a plain dict (for result tables and JSON)."""
+        out: dict[str, Any] = {"attack": self.name, "eps": self.eps, "norm": self.norm,
+                               "objective": self.objective}
+        for key in getattr(self, "_extra_settings", ()):
+            out[key] = getattr(self, key)
+        return out
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "attack")
+        return f"{type(self).__name__}({inner})"
+
+    # ------------------------------------------------------------------ subclass hook
+    def _perturb(self, ctx: AttackContext) -> torch.Tensor:
+        """Return adversarial observations (B, H, W, C); the base projects them afterwards."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.policy(x)
+        if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise ValueError(f"policy output must be logits of shape (B, n_actions) = "
+                             f"({x.shape[0]}, n), got {shape}")
+        return logits
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and values when the objective needs them (one pass via ``forward_both``)."""
+        if self.objective != "value":
+            return self._logits(x), None
+        both = getattr(self.policy, "forward_both", None)
+        if callable(both):
+            logits, values = both(x)
+        else:
+            logits, values = self._logits(x), self.policy.value(x)
+        values = values.reshape(x.shape[0], -1)
+        if values.shape[1] != 1:
+            raise ValueError(f"policy.value must return (B,) values, got {tuple(values.shape)}")
+        return logits, values[:, 0]
+
+    def objective_loss(self, logits: torch.Tensor, values: torch.Tensor | None,
+                       ctx: AttackContext, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample float64 loss (B,) to maximize; ``index`` selects a sub-batch of ``ctx``."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or index is None else t[index]
+
+        # float64 on the (B, n_actions) logits: costs nothing, and keeps the CE gradient alive
+        # when the clean action is so confident that 1 - pi(a) rounds to 0 in float32.
+        dt = loss_dtype(logits.device)
+        logits = logits.to(dt)
+        values = None if values is None else values.to(dt)
+
+        actions = pick(ctx.actions)
+        if self.objective == "ce":
+            return F.cross_entropy(logits, actions, reduction="none")
+        if self.objective == "kl":
+            clean_logp = F.log_softmax(pick(ctx.clean_logits), dim=1)
+            logp = F.log_softmax(logits, dim=1)
+            return (clean_logp.exp() * (clean_logp - logp)).sum(dim=1)
+        if self.objective == "value":
+            assert values is not None
+            return -values
+        if self.objective == "targeted":
+            return -F.cross_entropy(logits, pick(ctx.target), reduction="none")
+        onehot = F.one_hot(actions, logits.shape[1]).bool()
+        z_a = logits.gather(1, actions[:, None])[:, 0]
+        z_other = logits.masked_fill(onehot, float("-inf")).amax(dim=1)
+        if self.objective == "margin":
+            return z_other - z_a
+        if self.objective == "dlr":
+            top = logits.sort(dim=1, descending=True).values
+            return -(z_a - z_other) / (top[:, 0] - top[:, 2] + 1e-12)
+        raise AssertionError(self.objective)
+
+    def success(self, logits: torch.Tensor, ctx: AttackContext,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) bool: the greedy action left the reference action (reached the target)."""
+        greedy = logits.argmax(dim=1)
+        if self.objective == "targeted":
+            target = ctx.target if index is None else ctx.target[index]
+            return greedy == target
+        actions = ctx.actions if index is None else ctx.actions[index]
+        return greedy != actions
+
+    def loss_and_grad(self, x: torch.Tensor, ctx: AttackContext
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss (B,), its gradient w.r.t. ``x`` (B, H, W, C) and the success flags (B,).
+
+        Under :class:`EOT` the loss, gradient and logits are averages over ``samples``
+        stochastic forward passes (success from the averaged logits).
+        """
+        n = self._eot_samples
+        loss_sum = torch.zeros(x.shape[0], device=x.device, dtype=loss_dtype(x.device))
+        grad_sum = torch.zeros_like(x)
+        logit_sum = None
+        for _ in range(n):
+            xr = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits, values = self._forward(xr)
+                loss = self.objective_loss(logits, values, ctx)
+                grad = None
+                if loss.requires_grad:
+                    (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
+            if grad is None:  # the input's gradient is cut (detach, no_grad): it is zero
+                grad = torch.zeros_like(xr)
+            loss_sum += loss.detach()
+            grad_sum += grad
+            logit_sum = logits.detach() if logit_sum is None else logit_sum + logits.detach()
+        return loss_sum / n, grad_sum / n, self.success(logit_sum / n, ctx)
+
+    @torch.no_grad()
+    def evaluate_loss(self, x: torch.Tensor, ctx: AttackContext,
+                      index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss (b,) and success (b,) of ``x`` without gradients (``index``: sub-batch of ctx)."""
+        n = self._eot_samples
+        loss_sum, logit_sum = None, None
+        for _ in range(n):
+            logits, values = self._forward(x)
+            loss = self.objective_loss(logits, values, ctx, index)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            logit_sum = logits if logit_sum is None else logit_sum + logits
+        return loss_sum / n, self.success(logit_sum / n, ctx, index)
+
+    def project(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        """Project ``adv`` onto the ``norm`` eps-ball around ``obs``, then into [0, 1].
+
+        Clamping into [0, 1] after the ball projection never leaves the ball: each coordinate
+        of ``adv - obs`` only shrinks in magnitude because ``obs`` itself lies in [0, 1].
+        """
+        delta = adv - obs
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            delta = delta * (self.eps / norms).clamp(max=1.0).view(-1, 1, 1, 1)
+        return (obs + delta).clamp(0.0, 1.0)
+
+    def random_delta(self, like: torch.Tensor, gen: torch.Generator,
+                     distribution: str = "uniform") -> torch.Tensor:
+        """A random perturbation in the eps-ball of ``norm``, shaped like ``like``.
+
+        ``uniform``: uniform in the ball (Linf: each coordinate in [-eps, eps]; L2: uniform in
+        volume, Gaussian direction times ``eps * u ** (1 / d)``). ``sign``: on the boundary
+        (Linf: each coordinate ``+-eps``, a corner; L2: random signs scaled to norm eps).
+        """
+        shape, b = like.shape, like.shape[0]
+        d = like[0].numel()
+        if distribution == "sign":
+            signs = torch.randint(0, 2, shape, generator=gen, device=like.device).to(like.dtype) * 2 - 1
+            if self.norm == "linf":
+                return signs * self.eps
+            return signs * (self.eps / math.sqrt(d))
+        if self.norm == "linf":
+            return (torch.rand(shape, generator=gen, device=like.device, dtype=like.dtype) * 2 - 1) * self.eps
+        direction = torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        radius = torch.rand(b, generator=gen, device=like.device, dtype=like.dtype) ** (1.0 / d)
+        return direction * (self.eps * radius).view(-1, 1, 1, 1)
+
+    def steepest_step(self, grad: torch.Tensor, size: torch.Tensor | float) -> torch.Tensor:
+        """The steepest-ascent step of ``size`` for ``norm``: ``sign(g)`` (Linf) or ``g/||g||`` (L2).
+
+        ``size`` is a float or a (B,) tensor of per-sample step sizes.
+        """
+        if torch.is_tensor(size):
+            size = size.view(-1, 1, 1, 1)
+        if self.norm == "linf":
+            return size * grad.sign()
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return size * grad / norms
+
+    @staticmethod
+    def better(loss_new: torch.Tensor, success_new: torch.Tensor,
+               loss_best: torch.Tensor, success_best: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the new candidate beats the best so far (success first, then loss)."""
+        return (success_new & ~success_best) | ((success_new == success_best) & (loss_new > loss_best))
+
+    # ------------------------------------------------------------------ internals
+    def _children(self) -> list["Attack"]:
+        """Attacks wrapped by this one (BPDA, EOT, Ensemble); none for a plain attack."""
+        return []
+
+    def _descendants(self) -> list["Attack"]:
+        """Every attack wrapped by this one, at any depth (not including itself)."""
+        out: list[Attack] = []
+        stack = list(self._children())
+        while stack:
+            a = stack.pop()
+            out.append(a)
+            stack.extend(a._children())
+        return out
+
+    def _final_projection(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        return self.project(obs, adv)
+
+    def _get_generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            gen = torch.Generator(device=device)
+            if self.seed is None:
+                gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+            else:
+                gen.manual_seed(self.seed)
+            self._generator = gen
+        return self._generator
+
+    @contextlib.contextmanager
+    def _forked_rng(self, device: torch.device, gen: torch.Generator) -> Iterator[None]:
+        """Run the policy's own randomness from a global RNG seeded by ``gen``, then restore."""
+        devices = [device] if device.type == "cuda" else []
+        child_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=device))
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(child_seed)
+            yield
+
+    def _context(self, x: torch.Tensor, actions: Any, gen: torch.Generator) -> AttackContext:
+        with torch.no_grad():
+            clean_logits = self._logits(x).detach()
+        b, n_actions = clean_logits.shape
+        if self.objective in ("ce", "kl", "targeted", "margin") and n_actions < 2:
+            raise ValueError(f"objective {self.objective!r} needs a policy with >= 2 actions, "
+                             f"got {n_actions}")
+        if self.objective == "dlr" and n_actions < 3:
+            raise ValueError(f"objective 'dlr' needs >= 3 actions (it divides by z_1 - z_3, "
+                             f"Croce & Hein 2020); this policy has {n_actions}: "
+                             f"use objective='ce' or 'margin'")
+        ref = self._check_actions(actions, b, n_actions, x.device, "actions")
+        if ref is None:
+            ref = clean_logits.argmax(dim=1)
+        target = self._resolve_target(x, clean_logits) if self.objective == "targeted" else None
+        return AttackContext(obs=x, actions=ref, clean_logits=clean_logits, target=target,
+                             generator=gen)
+
+    @staticmethod
+    def _check_actions(actions: Any, batch: int, n_actions: int, device: torch.device,
+                       name: str) -> torch.Tensor | None:
+        if actions is None:
+            return None
+        if not torch.is_tensor(actions):
+            try:
+                actions = torch.as_tensor(actions)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{name} must be a (B,) integer tensor, "
+                                 f"got {type(actions).__name__}") from None
+        if actions.is_floating_point() or actions.is_complex() or actions.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer action indices, got dtype {actions.dtype}")
+        if actions.dim() == 0:
+            actions = actions.expand(batch)
+        if tuple(actions.shape) != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},) to match obs, "
+                             f"got {tuple(actions.shape)}")
+        lo, hi = int(actions.min()), int(actions.max())
+        if lo < 0 or hi >= n_actions:
+            raise ValueError(f"{name} must be in 0..{n_actions - 1} (the policy has {n_actions} "
+                             f"actions), got values in [{lo}, {hi}]")
+        return actions.to(device=device, dtype=torch.long)
+
+    def _resolve_target(self, x: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+        b, n_actions = clean_logits.shape
+        spec = self.target
+        if spec is None:
+            q_fn = getattr(self.policy, "action_values", None)
+            with torch.no_grad():
+                scores = q_fn(x) if callable(q_fn) else clean_logits
+            if tuple(scores.shape) != (b, n_actions):
+                raise ValueError(f"policy.action_values must return ({b}, {n_actions}), "
+                                 f"got {tuple(scores.shape)}")
+            return scores.argmin(dim=1)
+        if callable(spec) and not torch.is_tensor(spec):
+            spec = spec(x)
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            spec = torch.full((b,), spec, dtype=torch.long)
+        return self._check_actions(spec, b, n_actions, x.device, "target")

@@ -1,0 +1,250 @@
+"""Roll a PettingZoo ParallelEnv out with every agent's observation under attack.
+
+``evaluate(policy, env, attack, episodes, seed)`` plays greedy actions of the (perturbed)
+observations, batching all agents that share a policy into ONE attack call per step, and
+reports per-agent and team returns (mean and 95% confidence interval), the attack success
+rate (per agent-step: the perturbed greedy action differs from the clean one, DESIGN.md
+section 3) and the mean Linf / L2 perturbation norms, next to a clean run on the same seeds.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks.base import Attack, policy_device
+
+PolicySpec = Union[nn.Module, Mapping, Callable[[str], nn.Module]]
+AttackSpec = Union[None, Attack, Callable[[nn.Module], Attack]]
+
+# two-sided 95% Student-t quantiles for 1..30 degrees of freedom (1.96 beyond)
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_ci95(values: Any) -> dict[str, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value).
+
+    Returns:
+        ``{"mean", "ci95", "low", "high", "n"}``.
+    """
+    v = np.asarray(list(values), dtype=float)
+    n = len(v)
+    if n == 0:
+        return {"mean": float("nan"), "ci95": float("nan"), "low": float("nan"),
+                "high": float("nan"), "n": 0}
+    mean = float(v.mean())
+    if n == 1:
+        half = 0.0
+    else:
+        t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+        half = float(t * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci95": half, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _policy_lookup(policy: PolicySpec) -> Callable[[str], nn.Module]:
+    if isinstance(policy, nn.Module):
+        return lambda agent: policy
+    if isinstance(policy, Mapping):
+        def lookup(agent: str) -> nn.Module:
+            if agent not in policy:
+                raise ValueError(f"no policy for agent {agent!r}; policies given for "
+                                 f"{', '.join(map(str, policy))}")
+            return policy[agent]
+        return lookup
+    if callable(policy):
+        return policy
+    raise ValueError(f"policy must be an nn.Module, a mapping agent -> nn.Module or a callable "
+                     f"agent -> nn.Module, got {type(policy).__name__}")
+
+
+def _to_unit(frames: list[np.ndarray]) -> torch.Tensor:
+    """Stack env observations into a float (B, H, W, C) batch in [0, 1]."""
+    arr = np.stack(frames)
+    if arr.dtype == np.uint8:
+        return torch.from_numpy(arr).float().div_(255.0)
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+class _Run:
+    """Accumulates one rollout's statistics."""
+
+    def __init__(self, agents: list[str]):
+        self.agent_returns: dict[str, list[float]] = {a: [] for a in agents}
+        self.team_returns: list[float] = []
+        self.steps = 0
+        self.successes = 0
+        self.linf_sum = 0.0
+        self.l2_sum = 0.0
+        self.seconds = 0.0
+
+    def summary(self, attacked: bool) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        return {
+            "team_return": mean_ci95(self.team_returns),
+            "agent_return": {a: mean_ci95(r) for a, r in self.agent_returns.items()},
+            "team_returns": list(self.team_returns),
+            "success_rate": self.successes / n if attacked else 0.0,
+            "mean_linf": self.linf_sum / n if attacked else 0.0,
+            "mean_l2": self.l2_sum / n if attacked else 0.0,
+            "agent_steps": self.steps,
+            "time_s": self.seconds,
+        }
+
+
+def _rollout(lookup: Callable[[str], nn.Module], env: Any, attack: AttackSpec, episodes: int,
+             seed: int, bar: Any) -> _Run:
+    run = _Run(list(env.possible_agents))
+    attacks: dict[int, Attack] = {}  # one attack copy per distinct policy, seeded reproducibly
+    checked: set[tuple[int, str]] = set()
+    start = time.perf_counter()
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        totals = {a: 0.0 for a in env.possible_agents}
+        while env.agents:
+            live = [a for a in env.agents if a in obs]
+            groups: dict[int, list[str]] = {}
+            policies: dict[int, nn.Module] = {}
+            for agent in live:
+                p = lookup(agent)
+                if not isinstance(p, nn.Module):
+                    raise ValueError(f"the policy for {agent!r} must be an nn.Module, "
+                                     f"got {type(p).__name__}")
+                groups.setdefault(id(p), []).append(agent)
+                policies[id(p)] = p
+            actions: dict[str, int] = {}
+            for key, members in groups.items():
+                p = policies[key]
+                device, dtype = policy_device(p)
+                x = _to_unit([obs[a] for a in members]).to(device=device, dtype=dtype)
+                with torch.no_grad():
+                    logits = p(x)
+                for agent in members:
+                    if (key, agent) not in checked:
+                        _check_action_space(env, agent, logits)
+                        checked.add((key, agent))
+                clean = logits.argmax(dim=1)
+                chosen = clean
+                if attack is not None:
+                    atk = attacks.get(key)
+                    if atk is None:
+                        atk = _bind(attack, p, seed + len(attacks))
+                        attacks[key] = atk
+                    adv = atk(x, clean)
+                    with torch.no_grad():
+                        chosen = p(adv).argmax(dim=1)
+                    delta = (adv - x).flatten(1)
+                    run.successes += int((chosen != clean).sum())
+                    run.linf_sum += float(delta.abs().amax(dim=1).sum())
+                    run.l2_sum += float(delta.norm(dim=1).sum())
+                run.steps += len(members)
+                actions.update({a: int(c) for a, c in zip(members, chosen.tolist())})
+            obs, rewards, _, _, _ = env.step(actions)
+            for agent, r in rewards.items():
+                totals[agent] = totals.get(agent, 0.0) + float(r)
+        for agent in run.agent_returns:
+            run.agent_returns[agent].append(totals.get(agent, 0.0))
+        run.team_returns.append(float(sum(totals.values())))
+        if bar is not None:
+            bar.update(1)
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def _check_action_space(env: Any, agent: str, logits: torch.Tensor) -> None:
+    space = env.action_space(agent)
+    n = getattr(space, "n", None)
+    if n is None:
+        raise ValueError(f"evaluate needs a discrete action space, {agent!r} has {space}")
+    if logits.dim() != 2 or logits.shape[1] != int(n):
+        raise ValueError(f"the policy outputs logits of shape {tuple(logits.shape)} but the "
+                         f"action space of {agent!r} is Discrete({int(n)}): they must match")
+
+
+def _bind(attack: AttackSpec, policy: nn.Module, seed: int) -> Attack:
+    if isinstance(attack, Attack):
+        bound = attack.with_policy(policy)
+    elif callable(attack):
+        bound = attack(policy)
+        if not isinstance(bound, Attack):
+            raise ValueError(f"an attack factory must return an Attack, got {type(bound).__name__}")
+    else:
+        raise ValueError(f"attack must be None, an Attack or a factory policy -> Attack, "
+                         f"got {type(attack).__name__}")
+    return bound.set_seed(seed)
+
+
+def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: int = 10,
+             seed: int = 0, progress: bool = True, *, compare_clean: bool = True) -> dict[str, Any]:
+    """Roll out ``env`` with every agent's observation perturbed by ``attack`` at every step.
+
+    Each step, the agents that share a policy are attacked in ONE batched call (B = number of
+    agents); each agent plays the greedy action of its perturbed observation. Episode ``i``
+    resets the env with ``seed + i``; the attack is copied per policy (``with_policy``) and
+    reseeded from ``seed``, so a run is reproducible and the caller's attack is not mutated.
+
+    Args:
+        policy: one ``nn.Module`` for all agents, a mapping agent id -> module, or a callable
+            agent id -> module (per-agent policies; agents sharing a module are batched).
+        env: a PettingZoo ``ParallelEnv`` with image observations (uint8 frames are divided by
+            255) and ``Discrete`` actions matching the policy's logits.
+        attack: ``None`` (clean), an :class:`~attacks.base.Attack` (rebound to each policy), or
+            a factory ``policy -> Attack``.
+        episodes: number of episodes, >= 1.
+        seed: base seed for the env resets and the attack's randomness.
+        progress: show a tqdm progress bar.
+        compare_clean: with an attack, also run the same episodes clean (under ``"clean"``).
+
+    Returns:
+        A dict with ``attack`` (its settings, or None), ``episodes``, ``seed`` and the attacked
+        run's statistics: ``team_return`` (``{"mean", "ci95", "low", "high", "n"}``; the team
+        return of an episode is the SUM of all agents' returns), ``agent_return`` (agent ->
+        the same), ``team_returns`` (per episode), ``success_rate`` (fraction of agent-steps
+        whose perturbed greedy action differs from the clean one), ``mean_linf`` and
+        ``mean_l2`` (mean per-agent-step norm of ``adv - obs``), ``agent_steps``, ``time_s``;
+        and ``clean``: the same statistics of the clean run (when ``compare_clean`` or no
+        attack).
+
+    Raises:
+        ValueError: bad episodes, policy, attack, or a policy/action-space mismatch.
+
+    Example:
+        >>> result = evaluate(net, make_env("beacon"), PGD(net, eps=4/255), episodes=5, seed=0)
+        >>> result["team_return"]["mean"], result["clean"]["team_return"]["mean"]
+    """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if attack is not None and not (isinstance(attack, Attack) or callable(attack)):
+        raise ValueError(f"attack must be None, an Attack or a factory policy -> Attack, "
+                         f"got {type(attack).__name__}")
+    lookup = _policy_lookup(policy)
+    runs = 2 if attack is not None and compare_clean else 1
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        name = "clean" if attack is None else getattr(attack, "name", "attack")
+        bar = tqdm(total=episodes * runs, desc=f"evaluate {name}", unit="ep")
+    try:
+        result: dict[str, Any] = {"attack": attack.settings() if isinstance(attack, Attack)
+                                  else (None if attack is None else repr(attack)),
+                                  "episodes": episodes, "seed": seed}
+        if attack is None:
+            stats = _rollout(lookup, env, None, episodes, seed, bar).summary(False)
+            result.update(stats)
+            result["clean"] = stats
+            return result
+        result.update(_rollout(lookup, env, attack, episodes, seed, bar).summary(True))
+        if compare_clean:
+            result["clean"] = _rollout(lookup, env, None, episodes, seed, bar).summary(False)
+        return result
+    finally:
+        if bar is not None:
+            bar.close()
