@@ -43,7 +43,7 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             self._adv_cfg = AdvTrainingConfig(**cfg["adv"])
         if cfg.get("sgam"):
             self._sgam_weight = float(cfg["sgam"].get("distill_weight", 1.0))
-        self._fgmf_cache: dict[str, tuple[torch.Tensor, Any]] = {}
+        self._fgmf_cache: dict[str, Any] = {}  # module id -> ExploitableSubspace
 
     @property
     def _any_term(self) -> bool:
@@ -67,25 +67,23 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             return loss
         extra = torch.zeros((), device=loss.device)
         if self._scorpio_cfg is not None:
-            from marl_fgmf.scorpio import compute_exploitable_subspace, scorpio_regularizer
-            cached = self._fgmf_cache.get(module_id)
-            if cached is None:
-                sub = _sub_batch(obs, self._scorpio_cfg.reg_fraction,
-                                 getattr(self._scorpio_cfg, "max_reg_samples", None))
-                cached = (sub, compute_exploitable_subspace(policy, sub, self._scorpio_cfg))
-                self._fgmf_cache[module_id] = cached
-            sub, subspace = cached
-            reg, info = scorpio_regularizer(policy, sub, self._scorpio_cfg, subspace=subspace)
+            from marl_fgmf.scorpio import (compute_exploitable_subspace, scorpio_regularizer,
+                                           select_sub_batch)
+            subspace = self._fgmf_cache.get(module_id)
+            if subspace is None:
+                idx = select_sub_batch(obs.shape[0], self._scorpio_cfg, device=obs.device)
+                subspace = compute_exploitable_subspace(policy, obs[idx], self._scorpio_cfg)
+                self._fgmf_cache[module_id] = subspace
+            reg, info = scorpio_regularizer(policy, None, self._scorpio_cfg, subspace=subspace)
             extra = extra + reg
             self._log(module_id, info, prefix="fgmf_scorpio_")
         if self._sgam_weight > 0:
             from marl_fgmf.sgam import sgam_distillation_loss
-            distill = sgam_distillation_loss(policy.input_filter, policy, obs)
+            # Grad-CAM++ needs one forward+backward: distill on a quarter of the minibatch.
+            rows = obs[: max(1, obs.shape[0] // 4)]
+            distill, info = sgam_distillation_loss(policy.input_filter, policy, rows,
+                                                   return_info=True)
             extra = extra + self._sgam_weight * distill
-            keep = getattr(policy.input_filter, "last_mask", None)
-            info = {"distill": float(distill.detach())}
-            if keep is not None:
-                info["mask_mean"] = float(keep.detach().mean())
             self._log(module_id, info, prefix="fgmf_sgam_")
         if self._adv_cfg is not None:
             from marl_fgmf.adv_training import sa_kl_regularizer
@@ -99,9 +97,3 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         for key, value in info.items():
             self.metrics.log_value((module_id, f"{prefix}{key}"), float(value), window=1)
 
-
-def _sub_batch(obs: torch.Tensor, fraction: float, cap: int | None) -> torch.Tensor:
-    n = max(1, int(round(obs.shape[0] * fraction)))
-    if cap:
-        n = min(n, int(cap))
-    return obs[:n].detach()

@@ -187,3 +187,44 @@ def test_ctrl_c_leaves_last_checkpoint_loadable(tmp_path):
                 timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert latest_checkpoint(out).name == f"iter_{done + 1:05d}"
+
+
+@pytest.mark.parametrize("defense", ["adv", "scorpio", "sgam", "fgmf", "fgmf+adv"])
+def test_each_defense_trains_and_loads_back(ray_session, tmp_path, defense):
+    """One RLlib iteration per --defense; the FGMF terms are logged; logits identical after
+    load_policy (SGAM rebuilt from the checkpoint's model config)."""
+    out = tmp_path / defense.replace("+", "_")
+    result = train(_tiny(iterations=1, defense=defense), out, progress=False)
+    row = result["last"]
+    logged = {k.split("/", 1)[1] for k in row if k.startswith("shared/fgmf_")}
+    if "scorpio" in defense or defense.startswith("fgmf"):
+        assert {"fgmf_scorpio_R", "fgmf_scorpio_curvature_term", "fgmf_scorpio_gradient_term",
+                "fgmf_scorpio_mask_fraction"} <= logged, logged
+        assert 0 < row["shared/fgmf_scorpio_mask_fraction"] < 1
+    if "sgam" in defense or defense.startswith("fgmf"):
+        assert {"fgmf_sgam_distill_loss", "fgmf_sgam_keep_ratio"} <= logged, logged
+    if "adv" in defense:
+        assert "fgmf_adv_kl" in logged, logged
+    obs = _beacon_obs()
+    policy = load_policy(out, device="cpu")
+    has_sgam = defense in ("sgam", "fgmf", "fgmf+adv")
+    assert (type(policy.input_filter).__name__ == "SGAM") == has_sgam
+    torch.testing.assert_close(policy(obs.float() / 255),
+                               _rllib_logits(latest_checkpoint(out), "shared", obs),
+                               rtol=1e-5, atol=1e-6)
+    if has_sgam:
+        mask = policy.input_filter.last_mask
+        assert mask is not None and mask.shape == (obs.shape[0], 21, 21)
+        assert float(mask.min()) >= 0 and float(mask.max()) <= 1
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"scorpio": {"rho": 1.5}}, "rho"),
+    ({"scorpio": {"lambda_curv": -1}}, "lambda_curv"),
+    ({"scorpio": {"ig_steps": 0}}, "ig_steps"),
+    ({"sgam": {"keep": 0}}, "keep"),
+    ({"scorpio": {"bogus": 1}}, "unknown scorpio setting"),
+])
+def test_defense_settings_fail_at_config_time(settings, expected):
+    with pytest.raises(ValueError, match=expected):
+        _tiny(defense="fgmf", defense_settings=settings).validate()
