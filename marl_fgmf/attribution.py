@@ -349,6 +349,9 @@ def _stable_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tenso
 def _score(logits: torch.Tensor, actions: torch.Tensor, score: str) -> torch.Tensor:
     """(B,) float64 score of the explained action: ``log_prob`` (log pi, computed stably),
     ``prob`` (pi) or ``logit``."""
+    if actions.numel() and (int(actions.max()) >= logits.shape[-1] or int(actions.min()) < 0):
+        raise ValueError(f"actions must be in [0, {logits.shape[-1] - 1}] for a policy with "
+                         f"{logits.shape[-1]} actions, got {actions.tolist()[:8]}")
     if score == "log_prob":
         return _stable_log_prob(logits, actions)
     if score == "prob":

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from marl_fgmf.attribution import (DEFAULT_CHUNK, _EvalMode, _check_chunk, _resolve_actions,
-                                   check_finite_obs, make_substrate)
+                                   _score, check_finite_obs, make_substrate)
 
 __all__ = ["HIGHER_IS_BETTER", "deletion_auc", "insertion_auc", "removal_curve", "ghr",
            "pointing_game", "asr_m", "pgd_perturbation", "attack_success", "top_k_intersection",
@@ -147,8 +147,7 @@ def removal_curve(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
                 x = obs[bi] * (1 - changed) + fill[bi] * changed
             else:
                 x = fill[bi] * (1 - changed) + obs[bi] * changed
-            probs = torch.softmax(policy(x), dim=-1)
-            out[start:start + len(idx)] = probs.gather(1, actions[bi][:, None]).squeeze(1)
+            out[start:start + len(idx)] = _score(policy(x), actions[bi], "prob").to(obs.dtype)
     return out.view(b, k_steps + 1)
 
 

@@ -210,9 +210,6 @@ def explain(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
             logits = policy(obs)
             sgam = _sgam_mask(policy)
             actions = logits.argmax(-1) if actions is None else _resolve_actions(policy, obs, actions)
-            if actions.max() >= logits.shape[-1] or actions.min() < 0:
-                raise ValueError(f"actions must be in [0, {logits.shape[-1] - 1}] for a policy "
-                                 f"with {logits.shape[-1]} actions")
             probs = torch.softmax(logits.double(), -1).to(obs.dtype)
             clean = _score(logits, actions, "log_prob")
             deltas = occlusion_patch_deltas(policy, obs, actions, clean, fill, masks, "log_prob",

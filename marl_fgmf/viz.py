@@ -28,7 +28,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -179,9 +179,21 @@ def _panels(result: Any, index: int) -> list[str]:
     return names
 
 
+PANEL_TITLES = {
+    "sgam_mask": "SGAM mask m(x)",
+    "gradient": "gradient map G = sum_c |IG|",
+    "perturbation": "perturbation map P\n(blur occlusion, |drop|)",
+    "consensus": "PGCA consensus over obs",
+}
+"""Default panel titles; ``labels={"consensus": "IG over obs"}`` overrides one (e.g. when the
+consensus slot shows another method's map)."""
+
+
 def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, agent: str,
-                    action_names: Sequence[str] | None, relevance) -> None:
+                    action_names: Sequence[str] | None, relevance,
+                    labels: Mapping[str, str] | None = None) -> None:
     """Draw one agent's panels into ``axes`` (as many as :func:`_panels` names)."""
+    titles = {**PANEL_TITLES, **(labels or {})}
     img = _image(obs)
     rel = None if relevance is None else _np(relevance).astype(bool)
     action = _field(result, "actions", index)
@@ -209,7 +221,7 @@ def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, a
             im = ax.imshow(_field(result, "sgam_mask", index), cmap="gray", vmin=0, vmax=1,
                            interpolation="nearest")
             _colorbar(fig, ax, im, "kept (1) / smoothed (0)")
-            _clean_axis(ax, "SGAM mask m(x)")
+            _clean_axis(ax, titles["sgam_mask"])
         elif name in ("gradient", "perturbation"):
             data = _field(result, name, index).astype(np.float64)
             peak = float(data.max())
@@ -217,8 +229,7 @@ def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, a
                            interpolation="nearest")
             _outline(ax, rel)
             _colorbar(fig, ax, im, "|d log pi| (nats)")
-            _clean_axis(ax, "gradient map G = sum_c |IG|" if name == "gradient"
-                        else "perturbation map P\n(blur occlusion, |drop|)")
+            _clean_axis(ax, titles[name])
         elif name == "consensus":
             data = _field(result, "consensus", index).astype(np.float64)
             ax.imshow(_grey(img), interpolation="nearest", cmap="gray", vmin=0, vmax=1)
@@ -227,7 +238,7 @@ def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, a
                            interpolation="nearest")
             _outline(ax, rel)
             _colorbar(fig, ax, im, "consensus C")
-            title = "PGCA consensus over obs"
+            title = titles["consensus"]
             if agreement is not None and np.isfinite(agreement):
                 title += f"\nagreement rho={float(agreement):.2f}"
             _clean_axis(ax, title)
@@ -249,8 +260,8 @@ def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, a
 
 def plot_agent_frame(obs, result: Any, index: int = 0, *, agent: str | None = None,
                      action_names: Sequence[str] | None = None, relevance=None,
-                     title: str | None = None, path: str | os.PathLike | None = None
-                     ) -> Figure | Path:
+                     title: str | None = None, labels: Mapping[str, str] | None = None,
+                     path: str | os.PathLike | None = None) -> Figure | Path:
     """One agent's explanation of one frame.
 
     Panels: the observation (ground-truth relevance outlined when given; explained action and
@@ -267,13 +278,14 @@ def plot_agent_frame(obs, result: Any, index: int = 0, *, agent: str | None = No
         agent: label (default ``agent_<index>``).
         action_names: e.g. :data:`BEACON_ACTIONS`.
         relevance: (H, W) bool ground-truth mask to outline.
+        labels: panel-title overrides by key (see :data:`PANEL_TITLES`).
         path: write a PNG there (atomically) and return the path; else return the Figure.
     """
     panels = _panels(result, index)
     fig = _new_figure(2.7 * len(panels), 3.1)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     _draw_agent_row(fig, axes, obs, result, index, agent or f"agent_{index}", action_names,
-                    relevance)
+                    relevance, labels)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -282,7 +294,8 @@ def plot_agent_frame(obs, result: Any, index: int = 0, *, agent: str | None = No
 
 def plot_frame(obs, result: Any, *, agents: Sequence[str] | None = None,
                action_names: Sequence[str] | None = None, relevance=None,
-               title: str | None = None, path: str | os.PathLike | None = None) -> Figure | Path:
+               title: str | None = None, labels: Mapping[str, str] | None = None,
+               path: str | os.PathLike | None = None) -> Figure | Path:
     """All agents of one frame, one row per agent (panels as :func:`plot_agent_frame`).
 
     Args:
@@ -302,7 +315,7 @@ def plot_frame(obs, result: Any, *, agents: Sequence[str] | None = None,
     rel = None if relevance is None else _np(relevance)
     for i in range(n):
         _draw_agent_row(fig, axes[i], obs_np[i], result, i, names[i], action_names,
-                        None if rel is None else rel[i])
+                        None if rel is None else rel[i], labels)
         for ax in axes[i][len(_panels(result, i)):]:
             ax.set_visible(False)
     if title:

@@ -196,6 +196,8 @@ def test_bad_inputs_raise_one_line_errors():
     bad[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         metrics.insertion_auc(SumPolicy(), bad, ATTR)
+    with pytest.raises(ValueError, match=r"actions must be in \[0, 1\]"):
+        metrics.deletion_auc(SumPolicy(), OBS, ATTR, actions=torch.tensor([2]))
     with pytest.raises(ValueError, match=r"perturbed obs shape \(1, 4\)"):
         metrics.asr_m(SumPolicy(), OBS, lambda x, a: x.sum(-1), 0.1,
                       perturbation=lambda x, a: x.view(1, 4))

@@ -247,3 +247,5 @@ def test_bad_inputs(policy, obs):
         explain(policy, obs[0])
     with pytest.raises(ValueError, match="actions has 2 entries for a batch of 4"):
         explain(policy, obs, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"actions must be in \[0, 4\] for a policy with 5"):
+        explain(policy, obs, torch.tensor([0, 1, 2, 7]))

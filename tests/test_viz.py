@@ -60,8 +60,9 @@ def test_plot_agent_frame_with_sgam_mask_and_mapping(tmp_path, frame):
     titles = " ".join(ax.get_title() for ax in fig.axes)
     assert "SGAM mask" in titles and "consensus" in titles
     only_map = viz.plot_agent_frame(obs[0], {"consensus": result.consensus}, 0,
-                                    path=tmp_path / "only.png")
-    assert_png(only_map)
+                                    labels={"consensus": "IG over obs"})
+    assert [ax.get_title() for ax in only_map.axes][1] == "IG over obs"
+    assert_png(viz.save_figure(only_map, tmp_path / "only.png"))
 
 
 def test_plot_frame(tmp_path, frame):
