@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-from attacks.base import (Attack, AttackContext, TargetSpec, check_fraction, check_positive_int,
-                          loss_dtype)
+from attacks.base import (Attack, AttackContext, BestIterate, TargetSpec, check_fraction,
+                          check_positive_int)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -98,17 +98,7 @@ class APGD(Attack):
     def _perturb(self, ctx: AttackContext) -> torch.Tensor:
         x0 = ctx.obs
         b = ctx.batch
-        best = x0.clone()
-        best_loss = torch.full((b,), float("-inf"), device=x0.device,
-                               dtype=loss_dtype(x0.device))
-        best_success = torch.zeros(b, dtype=torch.bool, device=x0.device)
-
-        def keep(x: torch.Tensor, loss: torch.Tensor, success: torch.Tensor) -> None:
-            nonlocal best_loss, best_success
-            improved = self.better(loss, success, best_loss, best_success)
-            best[improved] = x[improved]
-            best_loss = torch.where(improved, loss, best_loss)
-            best_success = best_success | success
+        best = BestIterate(ctx)
 
         def bcast(mask: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, 1, 1, 1)
             return mask.view(-1, 1, 1, 1)
@@ -121,7 +111,7 @@ class APGD(Attack):
             eta = torch.full((b,), 2.0 * self.eps, device=x0.device, dtype=x0.dtype)
 
             loss, grad, success = self.loss_and_grad(start, ctx)
-            keep(start, loss, success)
+            best.update(start, loss, success)
             x_max, f_max, grad_max = start.clone(), loss.clone(), grad.clone()
             # state at the previous checkpoint (w_0 = 0)
             last_w, eta_at_last, f_max_at_last = 0, eta.clone(), f_max.clone()
@@ -131,7 +121,7 @@ class APGD(Attack):
             x_prev, x = start, self.project(x0, start + self.steepest_step(grad, eta))
             for k in range(1, self.steps):
                 loss, grad, success = self.loss_and_grad(x, ctx)
-                keep(x, loss, success)
+                best.update(x, loss, success)
                 increases += (loss > f_prev).to(x0.dtype)
                 f_prev = loss
                 up = loss > f_max
@@ -152,5 +142,6 @@ class APGD(Attack):
                 x_next = self.project(x0, x + self.momentum * (z - x) + (1 - self.momentum) * (x - x_prev))
                 x_prev, x = x, x_next
             loss, success = self.evaluate_loss(x, ctx)
-            keep(x, loss, success)
-        return best
+            best.update(x, loss, success)
+        ctx.success = best.success
+        return best.x

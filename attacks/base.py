@@ -135,10 +135,10 @@ def check_obs(obs: Any) -> None:
     if not obs.is_floating_point():
         raise ValueError(f"obs must be floating point in [0, 1] (divide uint8 frames by 255), "
                          f"got dtype {obs.dtype}")
-    if not bool(torch.isfinite(obs).all()):
+    lo, hi = (float(v) for v in torch.aminmax(obs.detach()))  # NaN and inf propagate: one pass
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         n_bad = int((~torch.isfinite(obs)).sum())
         raise ValueError(f"obs must be finite, got {n_bad} NaN/inf value(s)")
-    lo, hi = float(obs.min()), float(obs.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"obs must lie in [0, 1] (divide uint8 frames by 255), "
                          f"got values in [{lo:g}, {hi:g}]")
@@ -182,6 +182,8 @@ class AttackContext:
         clean_logits: (B, n_actions) detached logits of the clean batch.
         target: (B,) long target actions for the ``targeted`` objective, else ``None``.
         generator: the attack's :class:`torch.Generator` on the policy's device.
+        success: ``_perturb`` may store here the (B,) success flags of the observations it
+            returns (already projected), sparing the base class one forward pass.
     """
 
     obs: torch.Tensor
@@ -189,14 +191,42 @@ class AttackContext:
     clean_logits: torch.Tensor
     target: torch.Tensor | None
     generator: torch.Generator
+    success: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
+        """Number of observations B."""
         return self.obs.shape[0]
 
     @property
     def n_actions(self) -> int:
+        """Number of actions of the policy."""
         return self.clean_logits.shape[1]
+
+
+class BestIterate:
+    """Per-sample best point of an attack so far: a successful one first, then the largest loss.
+
+    Example (inside ``_perturb``)::
+
+        best = BestIterate(ctx)
+        best.update(x, loss, success)    # as often as needed, all (B,) / (B, H, W, C)
+        ctx.success = best.success
+        return best.x
+    """
+
+    def __init__(self, ctx: AttackContext):
+        self.x = ctx.obs.clone()
+        self.loss = torch.full((ctx.batch,), float("-inf"), device=ctx.obs.device,
+                               dtype=loss_dtype(ctx.obs.device))
+        self.success = torch.zeros(ctx.batch, dtype=torch.bool, device=ctx.obs.device)
+
+    def update(self, x: torch.Tensor, loss: torch.Tensor, success: torch.Tensor) -> None:
+        """Keep ``x`` for the samples where it beats the best so far (see :meth:`Attack.better`)."""
+        improved = Attack.better(loss, success, self.loss, self.success)
+        self.x = torch.where(improved.view(-1, 1, 1, 1), x, self.x)
+        self.loss = torch.where(improved, loss.to(self.loss.dtype), self.loss)
+        self.success = self.success | success
 
 
 class Attack:
@@ -277,8 +307,11 @@ class Attack:
             ctx = self._context(x, actions, gen)
             adv = self._perturb(ctx)
             adv = self._final_projection(x, adv.detach())
-            with torch.no_grad():
-                self.last_success = self.success(self._logits(adv), ctx).cpu()
+            success = ctx.success
+            if success is None:
+                with torch.no_grad():
+                    success = self.success(self._logits(adv), ctx)
+            self.last_success = success.cpu()
         return adv.to(device=obs.device, dtype=obs.dtype)
 
     def set_seed(self, seed: int | None) -> "Attack":

@@ -140,7 +140,9 @@ class BPDA(Attack):
 
     def _perturb(self, ctx: AttackContext) -> torch.Tensor:
         with self._swapped():
-            return self.attack(ctx.obs, ctx.actions)
+            adv = self.attack(ctx.obs, ctx.actions)
+            ctx.success = self.attack.last_success.to(ctx.obs.device)
+            return adv
 
     def set_seed(self, seed: int | None) -> "BPDA":
         super().set_seed(seed)
@@ -160,3 +162,6 @@ class BPDA(Attack):
 
     def _children(self) -> list[Attack]:
         return [self.attack]
+
+    def _final_projection(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        return self.attack._final_projection(obs, adv)  # the wrapped attack's ball(s)

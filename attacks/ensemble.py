@@ -82,6 +82,7 @@ class Ensemble(Attack):
             best_success[upd] = success[improved]
             choice[upd] = i
         self.last_choice = choice.cpu()
+        ctx.success = best_success
         return best
 
     def _final_projection(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,9 @@ class EOT(Attack):
 
     def _perturb(self, ctx: AttackContext) -> torch.Tensor:
         with self._expectation():
-            return self.attack(ctx.obs, ctx.actions)
+            adv = self.attack(ctx.obs, ctx.actions)
+            ctx.success = self.attack.last_success.to(ctx.obs.device)
+            return adv
 
     def set_seed(self, seed: int | None) -> "EOT":
         super().set_seed(seed)
@@ -90,3 +92,6 @@ class EOT(Attack):
 
     def _children(self) -> list[Attack]:
         return [self.attack]
+
+    def _final_projection(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        return self.attack._final_projection(obs, adv)  # the wrapped attack's ball(s)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.base import (Attack, AttackContext, TargetSpec, check_fraction, check_positive_int,
-                          loss_dtype)
+from attacks.base import (Attack, AttackContext, BestIterate, TargetSpec, check_fraction,
+                          check_positive_int)
 
 
 class PGD(Attack):
@@ -64,26 +64,16 @@ class PGD(Attack):
 
     def _perturb(self, ctx: AttackContext) -> torch.Tensor:
         x0 = ctx.obs
-        best = x0.clone()
-        best_loss = torch.full((ctx.batch,), float("-inf"), device=x0.device,
-                               dtype=loss_dtype(x0.device))
-        best_success = torch.zeros(ctx.batch, dtype=torch.bool, device=x0.device)
-
-        def keep(x: torch.Tensor, loss: torch.Tensor, success: torch.Tensor) -> None:
-            nonlocal best_loss, best_success
-            improved = self.better(loss, success, best_loss, best_success)
-            best[improved] = x[improved]
-            best_loss = torch.where(improved, loss, best_loss)
-            best_success = best_success | success
-
+        best = BestIterate(ctx)
         for _ in range(self.restarts):
             x = x0
             if self.random_start:
                 x = self.project(x0, x0 + self.random_delta(x0, ctx.generator))
             for _ in range(self.steps):
                 loss, grad, success = self.loss_and_grad(x, ctx)
-                keep(x, loss, success)
+                best.update(x, loss, success)
                 x = self.project(x0, x + self.steepest_step(grad, self.alpha))
             loss, success = self.evaluate_loss(x, ctx)
-            keep(x, loss, success)
-        return best
+            best.update(x, loss, success)
+        ctx.success = best.success
+        return best.x

@@ -124,4 +124,5 @@ class Square(Attack):
             loss_best[upd] = loss[improved]
             success[upd] = succ[improved]
         self.last_queries = queries.cpu()
+        ctx.success = success
         return x_best

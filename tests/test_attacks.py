@@ -20,7 +20,16 @@ from agents import make_policy_network
 from attacks import (APGD, ATTACKS, BPDA, EOT, FGSM, PGD, Attack, Ensemble, RandomNoise, Square,
                      StraightThrough, apgd_checkpoints, make_attack)
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run this module's small tensors on one thread (two threads on a shared 2-core machine
+    are an order of magnitude slower); restore the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 TINY = {
     "cnn": dict(channels=(4, 8, 8), hidden=16),
@@ -609,3 +618,26 @@ def test_make_attack_builds_every_attack_and_routes_wrapper_settings():
     ens = make_attack("ensemble", policy, attacks=["fgsm", "pgd"], steps=4, seed=5)
     assert ens.attacks[1].steps == 4 and ens.attacks[1].seed == 6
     assert make_attack("Random-Noise", policy).name == "random"
+
+
+def test_wrappers_rebind_and_keep_mixed_norm_balls():
+    p1, p2 = tiny_policy(seed=1), tiny_policy(seed=2)
+    p1.input_filter = ZeroGradQuantizer()
+    p2.input_filter = ZeroGradQuantizer()
+    bpda = BPDA(EOT(PGD(p1, steps=2, seed=0), samples=2))
+    moved = bpda.with_policy(p2)
+    assert moved.policy is p2 and moved.attack.attack.policy is p2 and bpda.attack.attack.policy is p1
+    assert moved.attack.samples == 2 and moved.preprocess_path == "input_filter"
+    obs = random_obs(6, seed=16, saturate=0.0)
+    assert_in_ball(moved(obs), obs, 8 / 255, "linf")
+    # an ensemble of an L2 and a Linf attack, wrapped: each sample stays in its member's ball
+    mixed = BPDA(Ensemble([PGD(p1, eps=0.5, norm="l2", steps=2, seed=0),
+                           PGD(p1, eps=4 / 255, steps=2, seed=0)], skip_successful=False))
+    adv = mixed(obs)
+    choice = mixed.attack.last_choice
+    delta = (adv - obs).flatten(1)
+    for i in range(len(obs)):
+        if choice[i] == 0:
+            assert delta[i].norm() <= 0.5 + 1e-5
+        elif choice[i] == 1:
+            assert delta[i].abs().max() <= 4 / 255 + 1e-6
