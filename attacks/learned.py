@@ -179,20 +179,23 @@ def realize_target(policy: nn.Module, obs: torch.Tensor, target: torch.Tensor, e
     """
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x0 = obs.detach()
-    x = x0.clone()
+    x = x0
     best = x0.clone()
     best_score = torch.full((x0.shape[0],), float("-inf"), device=x0.device, dtype=x0.dtype)
-    for _ in range(steps):
-        xr = x.detach().requires_grad_(True)
-        with torch.enable_grad():
+    for k in range(steps + 1):  # the forward pass of step k also scores iterate k
+        last = k == steps
+        xr = x.detach().requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
             score = F.log_softmax(policy(xr), dim=1).gather(1, target[:, None])[:, 0]
+        if k > 0:
+            better = score.detach() > best_score
+            best[better] = x[better]
+            best_score = torch.where(better, score.detach(), best_score)
+        if last:
+            break
+        with torch.enable_grad():
             (grad,) = torch.autograd.grad(score.sum(), xr)
-        x = (x0 + (xr.detach() + alpha * grad.sign() - x0).clamp(-eps, eps)).clamp(0.0, 1.0)
-        with torch.no_grad():
-            new_score = F.log_softmax(policy(x), dim=1).gather(1, target[:, None])[:, 0]
-        better = new_score > best_score
-        best[better] = x[better]
-        best_score = torch.where(better, new_score, best_score)
+        x = (x0 + (x + alpha * grad.sign() - x0).clamp(-eps, eps)).clamp(0.0, 1.0).detach()
     return best.detach()
 
 

@@ -226,3 +226,57 @@ def test_cli_errors_exit_2(adversary_run, tmp_path, capsys):
         assert code == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_resume_continues_the_adversary_run(adversary_run, tmp_path):
+    import shutil
+
+    from agents.adversary import train_adversary
+
+    _, out, _ = adversary_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    result = train_adversary(None, copy, iterations=2, resume=True, progress=False)
+    assert [r["iteration"] for r in result["records"]] == [1, 2]
+    assert (copy / "checkpoints" / "latest").read_text() == "iter_00002"
+    assert result["config"]["mode"] == "perturb"
+
+
+def test_pa_ad_team_trains_and_attacks(adversary_run, tmp_path):
+    """The MultiDiscrete (team PA-AD) head through RLlib, replayed as an attack."""
+    from agents import load_policy
+    from agents.adversary import load_adversary, train_adversary
+    from attacks.evaluate import evaluate
+
+    victim, _, _ = adversary_run
+    out = tmp_path / "paad"
+    train_adversary(victim, out, mode="pa-ad", team=True, iterations=1, pa_ad_steps=1,
+                    progress=False, net={"hidden": 16, "channels": [4, 8, 8]},
+                    **{**TINY, "train_batch_size": 100, "minibatch_size": 50})
+    attack = load_adversary(out)
+    assert attack.mode == "pa-ad" and attack.team_size == 2 and attack.pa_ad_steps == 1
+    policy = load_policy(victim, device="cpu")
+    obs = torch.rand(4, 21, 21, 3)
+    adv = attack.with_policy(policy)(obs)
+    assert (adv - obs).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with pytest.raises(ValueError, match="whole teams"):
+        attack.with_policy(policy)(obs[:3])
+    res = evaluate(policy, make_env("beacon", max_steps=5), attack, episodes=1, progress=False)
+    assert res["agent_steps"] == 10 and res["mean_linf"] <= EPS + 1e-6
+
+
+def test_realize_target_raises_the_target_probability(victim_net):
+    import torch.nn.functional as F
+
+    from attacks.learned import realize_target
+
+    torch.manual_seed(4)
+    obs = torch.rand(8, 21, 21, 3)
+    with torch.no_grad():
+        logp = F.log_softmax(victim_net(obs), dim=1)
+    target = logp.argmin(dim=1)  # the least likely action
+    adv = realize_target(victim_net, obs, target, EPS, steps=3)
+    assert (adv - obs).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        after = F.log_softmax(victim_net(adv), dim=1).gather(1, target[:, None])[:, 0]
+    assert (after > logp.gather(1, target[:, None])[:, 0]).all()
