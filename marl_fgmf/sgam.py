@@ -17,7 +17,8 @@ DESIGN.md section 3::
   features (a linear layer), and returns ``softplus(sum_k w_k F^k + b)``, upsampled
   (bilinear) to H x W and divided by its per-sample max. It is trained by
   :func:`sgam_distillation_loss` toward the policy's true Grad-CAM++ map.
-* ``tau(x)``: per-sample quantile of ``c`` at ``1 - keep``, so the top ``keep`` fraction of
+* ``tau(x)``: per-sample quantile of ``c`` at ``1 - keep`` (between the ``n``-th and
+  ``n+1``-th largest values, ``n = round(keep * H * W)``), so the top ``keep`` fraction of
   pixels has ``m > 1/2``; ``T`` (``temperature``) sets how sharp the mask is, in units of the
   per-sample standard deviation of ``c`` (the implementation divides ``c - tau`` by
   ``T * std(c)``): scale-free, so a flat map early in training is thresholded as sharply as
@@ -80,8 +81,9 @@ class SGAMConfig:
     """``mean`` (local mean) or ``gaussian``."""
     sigma: float | None = None
     """Gaussian std (> 0); default the OpenCV rule from ``kernel``."""
-    head_channels: int = 16
-    """Feature maps (>= 1) of the saliency head."""
+    head_channels: int = 8
+    """Feature maps (>= 1) of the saliency head; 8 keeps the layer's cost small next to the
+    encoder (the map it imitates is a coarse, low-rank object)."""
     head_stride: int = 2
     """Stride (>= 1) of the head's second convolution (a Grad-CAM++ map is coarse too)."""
 
@@ -113,7 +115,7 @@ class SaliencyHead(nn.Module):
     divided by the per-sample max.
     """
 
-    def __init__(self, in_channels: int, channels: int = 16, stride: int = 2):
+    def __init__(self, in_channels: int, channels: int = 8, stride: int = 2):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, 1, 1), nn.SiLU(),
@@ -159,7 +161,7 @@ class SGAM(nn.Module):
 
     def __init__(self, in_channels: int, keep: float = 0.5, temperature: float = 0.1,
                  kernel: int = 3, smoothing: str = "mean", sigma: float | None = None,
-                 head_channels: int = 16, head_stride: int = 2):
+                 head_channels: int = 8, head_stride: int = 2):
         super().__init__()
         _check_int("in_channels", in_channels, 1)
         SGAMConfig(keep, temperature, kernel, smoothing, sigma, head_channels, head_stride)
@@ -211,12 +213,21 @@ class SGAM(nn.Module):
         return self.head(obs.permute(0, 3, 1, 2))
 
     def mask_from_saliency(self, c: torch.Tensor) -> torch.Tensor:
-        """``m = sigmoid((c - tau) / (T * std(c)))``, ``tau`` the per-sample ``1 - keep``
-        quantile of ``c`` and ``std(c)`` its per-sample standard deviation."""
+        """``m = sigmoid((c - tau) / (T * std(c)))`` per sample, ``std(c)`` the per-sample
+        standard deviation and ``tau`` the midpoint between the ``n``-th and ``(n+1)``-th
+        largest values of ``c``, ``n = round(keep * H * W)`` clamped to ``[1, H*W - 1]``: the
+        ``1 - keep`` quantile, placed so that exactly ``n`` pixels have ``m > 1/2`` (no ties)."""
         if self.keep >= 1:
             return torch.ones_like(c)
         flat = c.flatten(1)
-        tau = torch.quantile(flat, 1.0 - self.keep, dim=1, keepdim=True)
+        d = flat.shape[1]
+        if d < 2:
+            return torch.ones_like(c)
+        n_keep = min(d - 1, max(1, round(self.keep * d)))
+        # k-th smallest: the n-th largest is the (d - n + 1)-th smallest.
+        upper = flat.kthvalue(d - n_keep + 1, dim=1, keepdim=True).values
+        lower = flat.kthvalue(d - n_keep, dim=1, keepdim=True).values
+        tau = 0.5 * (upper + lower)
         scale = self.temperature * flat.std(dim=1, keepdim=True).clamp_min(1e-6)
         return torch.sigmoid((flat - tau) / scale).view_as(c)
 

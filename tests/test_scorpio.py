@@ -204,7 +204,7 @@ def test_sub_batch_selection():
     assert len(select_sub_batch(1, cfg)) == 1
     assert len(select_sub_batch(100, ScorpioConfig(reg_fraction=0.5, max_reg_samples=7))) == 7
     assert torch.equal(select_sub_batch(5, ScorpioConfig(reg_fraction=1.0)), torch.arange(5))
-    seeded = ScorpioConfig(seed=3)
+    seeded = ScorpioConfig(reg_fraction=0.25, seed=3)
     idx = select_sub_batch(40, seeded)
     assert torch.equal(idx, select_sub_batch(40, seeded)) and len(set(idx.tolist())) == 10
 
