@@ -1,0 +1,86 @@
+"""``marl-fgmf audit``: the gradient-masking audit of one trained policy (DESIGN.md section 4).
+
+Examples::
+
+    marl-fgmf audit --checkpoint runs/fgmf
+    marl-fgmf audit --checkpoint runs/fgmf --env beacon --eps 8/255 --n-obs 64 --out audit.json
+
+Plays a few clean episodes of the policy's environment, audits each policy module on the
+frames it saw (:func:`marl_fgmf.audit.audit`) and prints every check with its numbers. The
+exit code is 0 whether the policy is flagged or not (a finding, not an error); ``FLAGGED`` is
+printed on its own line. Bad input exits 2 with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from marl_fgmf.commands import UsageError, parse_eps, positive_int
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 1,10,50, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from marl_fgmf.commands.train import parse_settings
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint")
+    p.add_argument("--env", default=None, help="environment (default: the run's)")
+    p.add_argument("--env-kwargs", type=parse_settings, default=None, metavar="K=V,...",
+                   help="environment settings (default: the run's)")
+    p.add_argument("--policy-id", default=None, help="audit only this module")
+    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="budget, e.g. 8/255 (default)")
+    p.add_argument("--n-obs", type=positive_int, default=64, help="observations per module (64)")
+    p.add_argument("--episodes", type=positive_int, default=4, help="episodes to collect them (4)")
+    p.add_argument("--steps", type=_int_list, default=[1, 10, 50], help="PGD steps (1,10,50)")
+    p.add_argument("--restarts", type=_int_list, default=[1, 5], help="PGD restarts (1,5)")
+    p.add_argument("--large-eps", type=parse_eps, default=1.0, help="large budget of check 4 (1)")
+    p.add_argument("--n-queries", type=positive_int, default=300, help="Square queries (300)")
+    p.add_argument("--objective", choices=("margin", "ce"), default="margin",
+                   help="loss of the gradient attacks (margin: Carlini-Wagner, default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="FILE", help="write the reports as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from agents.train import atomic_write_text
+    from envs import list_envs
+    from marl_fgmf.audit import audit_checkpoint
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if args.env is not None and args.env not in list_envs():
+        raise UsageError(f"unknown env {args.env!r}; allowed: {', '.join(list_envs())}")
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    if args.out is not None and Path(args.out).is_dir():
+        raise UsageError(f"--out must be a file path, {args.out} is a directory")
+    reports = audit_checkpoint(args.checkpoint, env=args.env, env_kwargs=args.env_kwargs,
+                               policy_id=args.policy_id, eps=args.eps, n_obs=args.n_obs,
+                               episodes=args.episodes, seed=args.seed, progress=not args.quiet,
+                               steps=tuple(args.steps), restarts=tuple(args.restarts),
+                               large_eps=args.large_eps, n_queries=args.n_queries,
+                               objective=args.objective)
+    for name, report in reports.items():
+        print(f"policy {name}:")
+        print(report.to_text())
+        print()
+    flagged = [name for name, r in reports.items() if r.flagged]
+    if flagged:
+        print(f"FLAGGED: gradient masking suspected in {', '.join(flagged)} of {args.checkpoint}")
+    else:
+        print(f"not flagged: no gradient-masking symptom in {args.checkpoint}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        data = {"checkpoint": str(args.checkpoint), "flagged": bool(flagged),
+                "policies": {name: r.to_dict() for name, r in reports.items()}}
+        atomic_write_text(Path(args.out), json.dumps(data, indent=2))
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,71 @@
+"""``marl-fgmf tournament``: every defender against every attacker, with the audit.
+
+Examples::
+
+    marl-fgmf tournament --config tournament.yaml --out results/t1
+    marl-fgmf tournament --config tournament.yaml --out results/t1 --workers 2   # resume
+    marl-fgmf tournament --config t.json --out results/t1 --address ray://head:10001
+
+The configuration format is documented in :mod:`marl_fgmf.tournament`. Rerunning the same
+command resumes: finished matches (``DIR/matches.jsonl``) are skipped. Exit codes: 0 done,
+1 some matches failed (the others and the leaderboard are written), 2 bad input (every
+problem of the configuration on its own line), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from marl_fgmf.commands import positive_int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="tournament configuration (YAML or JSON)")
+    p.add_argument("--out", required=True, metavar="DIR", help="tournament directory")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: the config's, else a local Ray)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="matches in flight at once (default: the config's max_concurrency, "
+                        "else the cluster's CPUs / num_cpus_per_match)")
+    p.add_argument("--no-audit", action="store_true", help="skip the gradient-masking audit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _errors(lines: list[str]) -> int:
+    for line in lines:
+        print(f"marl-fgmf tournament: error: {line}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from marl_fgmf.tournament import (ConfigError, TournamentConfig, TournamentError,
+                                      format_leaderboard, run_tournament)
+    try:
+        cfg = TournamentConfig.from_file(args.config)
+        cfg.check(args.out)  # every problem, before Ray starts
+    except ConfigError as exc:
+        return _errors(exc.errors)
+    matches = len(cfg.matches())
+    print(f"tournament {cfg.name}: {len(cfg.defenders)} defenders x {len(cfg.attackers)} "
+          f"attackers x {len(cfg.eps)} eps x {len(cfg.seeds)} seed(s) + clean = {matches} "
+          f"matches, {cfg.episodes} episodes each; results in {args.out}", flush=True)
+    try:
+        result = run_tournament(cfg, args.out, address=args.address, workers=args.workers,
+                                progress=not args.quiet, audit=False if args.no_audit else None)
+    except ConfigError as exc:
+        return _errors(exc.errors)
+    except TournamentError as exc:
+        for line in exc.errors:
+            print(f"marl-fgmf tournament: failed: {line}", file=sys.stderr)
+        print(f"marl-fgmf tournament: {len(exc.errors)} job(s) failed; the finished matches "
+              f"and the leaderboard are in {args.out}; rerun to retry them", file=sys.stderr)
+        return 1
+    print()
+    print(format_leaderboard(result.leaderboard))
+    flagged = [r["defender"] for r in result.leaderboard["defenders"] if r["flagged"]]
+    if flagged:
+        print(f"FLAGGED by the gradient-masking audit: {', '.join(flagged)}")
+    print(f"\n{result.played} matches played, {result.skipped} reused, "
+          f"{result.seconds:.0f}s; report: {result.files['report.md']}")
+    return 0

@@ -1,0 +1,1438 @@
+"""Adversarial tournaments: every defender against every attacker, on Ray, resumable.
+
+A tournament plays each **match** ``(defender, attacker, eps, seed)``: the defender's policy
+(a trained checkpoint, loaded with :func:`agents.load_policy`) is rolled out in its environment
+for ``episodes`` episodes with every agent's observation perturbed by the attacker
+(:func:`attacks.evaluate`). A **clean** pseudo-attacker per defender and seed gives the
+unattacked return. Each match is one Ray task (DESIGN.md section 2: local Ray by default,
+``address=`` for a cluster, no home-made scheduler); the driver keeps at most
+``max_concurrency`` of them in flight and, as results arrive (``ray.wait``), appends each
+finished match to ``DIR/matches.jsonl`` as ONE line, written with a single ``os.write`` on an
+``O_APPEND`` descriptor and ``fsync`` ed. Rerunning the same tournament skips every match whose
+key is already in the file, so a killed tournament loses at most the matches in flight. A
+corrupt or truncated line (a crash mid-write on a filesystem without atomic appends) is
+reported with its line number, moved to ``DIR/matches.corrupt.txt`` (never silently dropped)
+and its match is played again.
+
+Then, per defender, the gradient-masking audit (:func:`marl_fgmf.audit.audit`, also a Ray
+task) on observations from the defender's own environment, stored in
+``DIR/audit_<defender>.json``, and the leaderboard: defenders ranked by **robust return**, the
+minimum over the attack ensemble of the mean team return (DESIGN.md section 3), per eps, with
+the clean return beside it and flagged defenders marked. Outputs (all written atomically)::
+
+    DIR/matches.jsonl          one JSON object per finished match
+    DIR/audit_<defender>.json  the audit of each defender
+    DIR/leaderboard.json/.md   the ranking, per-eps robust returns, every cell
+    DIR/heatmap_<eps>.png      defenders x attackers team return, one per eps
+    DIR/robust_vs_eps.png      robust return against eps, one curve per defender
+    DIR/report.md              all of the above tied together with the audit tables
+    DIR/defenders/<name>/      defenders given as training specs, trained first
+
+The configuration (YAML or JSON; relative paths are relative to the config file's folder)::
+
+    env: beacon                 # optional: override every defender's env (else its run.json)
+    env_kwargs: {}              # optional
+    episodes: 5
+    seeds: [0, 1]
+    eps: [4/255, 8/255]
+    defenders:
+      - {name: ppo, checkpoint: runs/ppo}
+      - {name: fgmf, train: {defense: fgmf, iterations: 20}}   # trained into DIR/defenders/fgmf
+    attackers:
+      - fgsm                                                   # name = attack, default settings
+      - {name: pgd20, attack: pgd, settings: {steps: 20}}
+      - {name: square, attack: square, settings: {n_queries: 200}}
+      - {name: rl-adv, adversary: runs/adv}                    # a learned adversary run
+    audit: {eps: 8/255, n_obs: 64}                             # or false
+    num_cpus_per_match: 1
+    max_concurrency: 2          # matches in flight (default: the cluster's CPUs / num_cpus)
+
+Example::
+
+    >>> cfg = TournamentConfig.from_file("tournament.yaml")
+    >>> result = run_tournament(cfg, "results/t1", workers=2)
+    >>> print(format_leaderboard(result.leaderboard))
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "AttackerSpec", "AuditSpec", "ConfigError", "DefenderSpec", "Match", "MatchLog",
+    "TournamentConfig", "TournamentError", "TournamentResult", "build_leaderboard",
+    "format_leaderboard", "run_tournament", "write_outputs", "eps_label", "eps_slug",
+]
+
+CLEAN = "clean"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+RECORD_VERSION = 1
+_TOP_KEYS = {"name", "env", "env_kwargs", "episodes", "seeds", "eps", "defenders", "attackers",
+             "audit", "num_cpus_per_match", "max_concurrency", "address"}
+_AUDIT_KEYS = {"enabled", "eps", "n_obs", "steps", "restarts", "large_eps", "n_queries",
+               "objective", "margin", "alpha", "seed", "episodes"}
+
+
+class ConfigError(ValueError):
+    """An invalid tournament configuration; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class TournamentError(RuntimeError):
+    """Some matches or audits failed; ``errors`` holds one line per failure."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class DefenderSpec:
+    """A defender: a checkpoint (run dir) or a training spec trained into ``DIR/defenders``."""
+
+    name: str
+    checkpoint: Path | None = None
+    """run directory or checkpoint of a trained policy"""
+    train: dict[str, Any] | None = None
+    """``agents.train.TrainConfig`` fields; trained into ``DIR/defenders/<name>`` first"""
+    policy_id: str | None = None
+    """restrict to one module of the checkpoint (default: every module, mapped per agent)"""
+
+    def run_dir(self, out: Path) -> Path:
+        """Where the defender's checkpoint lives (for a training spec, inside ``out``)."""
+        return Path(self.checkpoint) if self.checkpoint is not None else Path(out) / "defenders" / self.name
+
+
+@dataclass
+class AttackerSpec:
+    """An attacker: an analytic attack of :mod:`attacks` or a learned adversary run."""
+
+    name: str
+    attack: str | None = None
+    """registry name (``attacks.list_attacks()``)"""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """constructor settings of the attack (not ``eps`` or ``seed``: the tournament sets them)"""
+    adversary: Path | None = None
+    """run directory of a learned adversary (``agents.adversary.load_adversary``)"""
+
+    @property
+    def kind(self) -> str:
+        return "learned" if self.adversary is not None else "analytic"
+
+
+@dataclass
+class AuditSpec:
+    """Settings of the per-defender gradient-masking audit (see :func:`marl_fgmf.audit.audit`)."""
+
+    enabled: bool = True
+    eps: float | None = None
+    """audited budget (default: the largest eps of the tournament)"""
+    n_obs: int = 64
+    """observations collected from the defender's env"""
+    episodes: int = 4
+    """episodes rolled out (clean, greedy) to collect them"""
+    steps: list[int] = field(default_factory=lambda: [1, 10, 50])
+    restarts: list[int] = field(default_factory=lambda: [1, 5])
+    large_eps: float = 1.0
+    n_queries: int = 300
+    objective: str = "margin"
+    margin: float = 0.05
+    alpha: float = 0.01
+    seed: int = 0
+
+    def audit_kwargs(self) -> dict[str, Any]:
+        return {"steps": tuple(self.steps), "restarts": tuple(self.restarts),
+                "large_eps": self.large_eps, "n_queries": self.n_queries,
+                "objective": self.objective, "margin": self.margin, "alpha": self.alpha,
+                "seed": self.seed}
+
+
+@dataclass
+class TournamentConfig:
+    """A tournament: defenders x attackers x eps x seeds (see the module docstring).
+
+    Build it with :meth:`from_file` / :meth:`from_dict`; :meth:`validate` returns every
+    problem (one line each) and :meth:`check` raises :class:`ConfigError` with all of them.
+    """
+
+    defenders: list[DefenderSpec]
+    attackers: list[AttackerSpec]
+    eps: list[float]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    episodes: int = 5
+    env: str | None = None
+    env_kwargs: dict[str, Any] | None = None
+    audit: AuditSpec = field(default_factory=AuditSpec)
+    num_cpus_per_match: float = 1.0
+    max_concurrency: int | None = None
+    address: str | None = None
+    name: str = "tournament"
+    parse_errors: list[str] = field(default_factory=list, repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TournamentConfig":
+        """Read a YAML (``.yaml``/``.yml``) or JSON file; relative paths resolve against its
+        folder. Raises :class:`ConfigError` if the file cannot be read or parsed."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError([f"cannot parse {path}: {first}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the config must be a mapping, got {type(data).__name__}"])
+        return cls.from_dict(data, base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None
+                  ) -> "TournamentConfig":
+        """Build a config from plain data; structural problems are kept for :meth:`validate`
+        (so that every problem is reported at once)."""
+        errors: list[str] = []
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        unknown = sorted(set(data) - _TOP_KEYS)
+        if unknown:
+            errors.append(f"unknown config key(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(sorted(_TOP_KEYS))}")
+
+        def path_of(value: Any) -> Path:
+            p = Path(os.path.expanduser(str(value)))
+            return p if p.is_absolute() else (base / p)
+
+        defenders: list[DefenderSpec] = []
+        raw_def = data.get("defenders")
+        if not isinstance(raw_def, list) or not raw_def:
+            errors.append("defenders must be a non-empty list")
+            raw_def = []
+        for i, d in enumerate(raw_def):
+            if not isinstance(d, dict):
+                errors.append(f"defender #{i + 1} must be a mapping with name and checkpoint "
+                              f"or train, got {d!r}")
+                continue
+            extra = sorted(set(d) - {"name", "checkpoint", "train", "policy_id"})
+            name = str(d.get("name", f"#{i + 1}"))
+            if extra:
+                errors.append(f"defender {name}: unknown key(s) {', '.join(extra)}; allowed: "
+                              f"name, checkpoint, train, policy_id")
+            if "name" not in d:
+                errors.append(f"defender #{i + 1}: missing name")
+            has_ckpt, has_train = d.get("checkpoint") is not None, d.get("train") is not None
+            if has_ckpt == has_train:
+                errors.append(f"defender {name}: give exactly one of checkpoint or train")
+            train = d.get("train")
+            if has_train and not isinstance(train, dict):
+                errors.append(f"defender {name}: train must be a mapping of training settings")
+                train = None
+            defenders.append(DefenderSpec(
+                name=name, checkpoint=path_of(d["checkpoint"]) if has_ckpt else None,
+                train=dict(train) if isinstance(train, dict) else None,
+                policy_id=None if d.get("policy_id") is None else str(d["policy_id"])))
+
+        attackers: list[AttackerSpec] = []
+        raw_att = data.get("attackers")
+        if not isinstance(raw_att, list) or not raw_att:
+            errors.append("attackers must be a non-empty list")
+            raw_att = []
+        for i, a in enumerate(raw_att):
+            if isinstance(a, str):  # a bare registry name: the attack with default settings
+                attackers.append(AttackerSpec(name=a, attack=a))
+                continue
+            if not isinstance(a, dict):
+                errors.append(f"attacker #{i + 1} must be an attack name or a mapping, got {a!r}")
+                continue
+            extra = sorted(set(a) - {"name", "attack", "settings", "adversary"})
+            name = str(a.get("name", a.get("attack", f"#{i + 1}")))
+            if extra:
+                errors.append(f"attacker {name}: unknown key(s) {', '.join(extra)}; allowed: "
+                              f"name, attack, settings, adversary")
+            has_attack, has_adv = a.get("attack") is not None, a.get("adversary") is not None
+            if has_attack and has_adv:
+                errors.append(f"attacker {name}: give attack or adversary, not both")
+            if not has_attack and not has_adv and "name" not in a:
+                errors.append(f"attacker #{i + 1}: give a name and an attack or an adversary")
+            settings = a.get("settings") or {}
+            if not isinstance(settings, dict):
+                errors.append(f"attacker {name}: settings must be a mapping")
+                settings = {}
+            if has_adv and settings:
+                errors.append(f"attacker {name}: settings apply to analytic attacks only")
+            attack = str(a["attack"]) if has_attack else (None if has_adv else name)
+            attackers.append(AttackerSpec(name=name, attack=attack, settings=dict(settings),
+                                          adversary=path_of(a["adversary"]) if has_adv else None))
+
+        eps: list[float] = []
+        raw_eps = data.get("eps")
+        if not isinstance(raw_eps, list) or not raw_eps:
+            raw_eps = [raw_eps] if isinstance(raw_eps, (int, float, str)) else []
+            if not raw_eps:
+                errors.append("eps must be a non-empty list of budgets in (0, 1] such as 8/255")
+        from attacks.base import parse_budget
+        for e in raw_eps:
+            try:
+                eps.append(parse_budget(e))
+            except ValueError as exc:
+                errors.append(f"invalid eps {e!r}: {exc}")
+
+        seeds_raw = data.get("seeds", [0])
+        if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool):
+            seeds_raw = [seeds_raw]
+        seeds: list[int] = []
+        if not isinstance(seeds_raw, list) or not seeds_raw:
+            errors.append(f"seeds must be a non-empty list of integers, got {seeds_raw!r}")
+        else:
+            for s in seeds_raw:
+                if isinstance(s, bool) or not isinstance(s, int):
+                    errors.append(f"invalid seed {s!r}: seeds must be integers")
+                else:
+                    seeds.append(s)
+
+        episodes = data.get("episodes", 5)
+        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+            errors.append(f"episodes must be an integer >= 1, got {episodes!r}")
+            episodes = 1
+
+        audit = AuditSpec()
+        raw_audit = data.get("audit", True)
+        if raw_audit is False or raw_audit is None:
+            audit.enabled = False
+        elif isinstance(raw_audit, dict):
+            extra = sorted(set(raw_audit) - _AUDIT_KEYS)
+            if extra:
+                errors.append(f"audit: unknown key(s) {', '.join(extra)}; allowed: "
+                              f"{', '.join(sorted(_AUDIT_KEYS))}")
+            for key in _AUDIT_KEYS & set(raw_audit):
+                value = raw_audit[key]
+                if key in ("eps", "large_eps") and value is not None:
+                    try:
+                        value = parse_budget(value, f"audit {key}")
+                    except ValueError as exc:
+                        errors.append(f"invalid audit {key} {raw_audit[key]!r}: {exc}")
+                        continue
+                setattr(audit, key, value)
+            for key in ("n_obs", "episodes", "n_queries"):
+                v = getattr(audit, key)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    errors.append(f"audit {key} must be an integer >= 1, got {v!r}")
+        elif raw_audit is not True:
+            errors.append(f"audit must be true, false or a mapping of settings, got {raw_audit!r}")
+
+        env = data.get("env")
+        env_kwargs = data.get("env_kwargs")
+        if env_kwargs is not None and not isinstance(env_kwargs, dict):
+            errors.append("env_kwargs must be a mapping")
+            env_kwargs = None
+        cpus = data.get("num_cpus_per_match", 1.0)
+        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0:
+            errors.append(f"num_cpus_per_match must be a number > 0, got {cpus!r}")
+            cpus = 1.0
+        conc = data.get("max_concurrency")
+        if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
+            errors.append(f"max_concurrency must be an integer >= 1, got {conc!r}")
+            conc = None
+        return cls(defenders=defenders, attackers=attackers, eps=eps, seeds=seeds,
+                   episodes=episodes, env=None if env is None else str(env),
+                   env_kwargs=env_kwargs, audit=audit, num_cpus_per_match=float(cpus),
+                   max_concurrency=conc, address=data.get("address"),
+                   name=str(data.get("name", "tournament")), parse_errors=errors)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, out: str | os.PathLike | None = None) -> list[str]:
+        """Every problem of the configuration, one line each (empty when it is valid).
+
+        Checks: unknown attack or attack setting, missing or unreadable defender checkpoint,
+        bad training spec, unknown env or env setting, duplicate defender/attacker/match
+        names, invalid or duplicate eps and seeds, learned adversaries that cannot be read.
+        Nothing is trained or loaded beyond reading run settings.
+        """
+        errors = list(self.parse_errors)
+        duplicates = (_duplicates("defender name", [d.name for d in self.defenders])
+                      + _duplicates("attacker name", [a.name for a in self.attackers])
+                      + _duplicates("eps", [eps_label(e) for e in self.eps])
+                      + _duplicates("seed", [str(s) for s in self.seeds]))
+        errors += duplicates
+        for kind, names in (("defender", [d.name for d in self.defenders]),
+                            ("attacker", [a.name for a in self.attackers])):
+            for n in names:
+                if not NAME_RE.match(n):
+                    errors.append(f"{kind} name {n!r} must start with a letter or digit and use "
+                                  f"only letters, digits and _ . + -")
+        if any(a.name == CLEAN for a in self.attackers):
+            errors.append(f"attacker name {CLEAN!r} is reserved for the clean (unattacked) run")
+        seen_keys: dict[str, int] = {}
+        for m in self.matches():
+            seen_keys[m.key] = seen_keys.get(m.key, 0) + 1
+        for key, count in seen_keys.items():
+            if count > 1 and not duplicates:  # otherwise already explained by the names
+                errors.append(f"duplicate match {key!r} ({count} times)")
+        errors += self._validate_env()
+        errors += self._validate_defenders(out)
+        errors += self._validate_attackers()
+        return errors
+
+    def check(self, out: str | os.PathLike | None = None) -> None:
+        """Raise :class:`ConfigError` listing every problem, if there is any."""
+        errors = self.validate(out)
+        if errors:
+            raise ConfigError(errors)
+
+    def _validate_env(self) -> list[str]:
+        from envs import list_envs
+        if self.env is None:
+            return []
+        if self.env not in list_envs():
+            return [f"unknown env {self.env!r}; allowed: {', '.join(list_envs())}"]
+        return _try_env(self.env, self.env_kwargs or {}, "env")
+
+    def _validate_defenders(self, out: str | os.PathLike | None) -> list[str]:
+        from envs import list_envs
+        errors: list[str] = []
+        for d in self.defenders:
+            if d.checkpoint is not None:
+                errors += _check_checkpoint(d)
+                if self.env is None:
+                    try:
+                        from agents.checkpoint import read_run_config
+                        run_env = read_run_config(d.checkpoint).get("env")
+                    except Exception as exc:
+                        errors.append(f"defender {d.name}: {_first_line(exc)}")
+                        continue
+                    if run_env is not None and run_env not in list_envs():
+                        errors.append(f"defender {d.name}: unknown env {run_env!r} in its "
+                                      f"run.json; allowed: {', '.join(list_envs())}")
+            elif d.train is not None:
+                errors += _check_train_spec(d)
+        return errors
+
+    def _validate_attackers(self) -> list[str]:
+        from attacks import list_attacks, make_attack
+        errors: list[str] = []
+        dummy = _dummy_policy()
+        for a in self.attackers:
+            if a.adversary is not None:
+                if not Path(a.adversary).exists():
+                    errors.append(f"attacker {a.name}: adversary run not found: {a.adversary}")
+                    continue
+                try:
+                    from agents.adversary import read_adversary_config
+                except ImportError:
+                    errors.append(f"attacker {a.name}: learned adversaries need agents.adversary, "
+                                  f"which is not available in this installation")
+                    continue
+                try:
+                    read_adversary_config(a.adversary)
+                except Exception as exc:
+                    errors.append(f"attacker {a.name}: {_first_line(exc)}")
+                continue
+            reserved = sorted({"eps", "seed"} & set(a.settings))
+            if reserved:
+                errors.append(f"attacker {a.name}: setting(s) {', '.join(reserved)} are set by the "
+                              f"tournament (eps list and seeds), remove them")
+                continue
+            try:
+                make_attack(a.attack, dummy, eps=self.eps[0] if self.eps else 8 / 255, seed=0,
+                            **a.settings)
+            except ValueError as exc:
+                msg = _first_line(exc)
+                if "unknown attack" in msg:
+                    msg = f"unknown attack {a.attack!r}; allowed: {', '.join(list_attacks())}"
+                errors.append(f"attacker {a.name}: {msg}")
+            except TypeError as exc:
+                errors.append(f"attacker {a.name}: bad settings: {_first_line(exc)}")
+        return errors
+
+    # ------------------------------------------------------------------ matches
+    def matches(self) -> list["Match"]:
+        """Every match, clean ones first: per defender and seed one clean match, then
+        defender x attacker x eps x seed."""
+        out: list[Match] = []
+        for d in self.defenders:
+            for s in self.seeds:
+                out.append(Match(d.name, CLEAN, None, s))
+        for d in self.defenders:
+            for a in self.attackers:
+                for e in self.eps:
+                    for s in self.seeds:
+                        out.append(Match(d.name, a.name, e, s))
+        return out
+
+    def audit_eps(self) -> float:
+        return self.audit.eps if self.audit.eps is not None else max(self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (paths as strings), e.g. for ``DIR/tournament.json``."""
+        data = dataclasses.asdict(self)
+        data.pop("parse_errors", None)
+        return _jsonable(data)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One match; ``eps`` is None for the clean pseudo-attacker."""
+
+    defender: str
+    attacker: str
+    eps: float | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the match in ``matches.jsonl``."""
+        e = "-" if self.eps is None else format(self.eps, ".10g")
+        return f"{self.defender}|{self.attacker}|{e}|{self.seed}"
+
+
+def eps_label(e: float | None) -> str:
+    """``8/255`` for multiples of 1/255, else ``0.05``; ``-`` for None (clean)."""
+    if e is None:
+        return "-"
+    k = e * 255
+    if abs(k - round(k)) < 1e-6 and round(k) >= 1 and e < 1:
+        return f"{int(round(k))}/255"
+    return f"{e:g}"
+
+
+def eps_slug(e: float) -> str:
+    """File-name form of a budget: ``eps8_255``, ``eps0.05``."""
+    return "eps" + eps_label(e).replace("/", "_")
+
+
+# --------------------------------------------------------------------------- validation helpers
+def _dummy_policy() -> Any:
+    """A placeholder policy on the protocol (with ``value`` and ``input_filter``), so that
+    attack names and settings are validated without loading any checkpoint."""
+    import torch
+    from torch import nn
+
+    class Placeholder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_filter = nn.Identity()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.input_filter(obs).mean(dim=(1, 2)))
+
+        def value(self, obs: torch.Tensor) -> torch.Tensor:
+            return obs.mean(dim=(1, 2, 3))
+
+    return Placeholder()
+
+
+def _duplicates(what: str, values: Iterable[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    for v in values:
+        seen[v] = seen.get(v, 0) + 1
+    return [f"duplicate {what} {v!r} ({n} times)" for v, n in seen.items() if n > 1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _try_env(name: str, kwargs: dict[str, Any], where: str) -> list[str]:
+    from envs import make_env
+    try:
+        make_env(name, **kwargs).close()
+    except Exception as exc:
+        return [f"{where}: cannot build env {name!r}: {_first_line(exc)}"]
+    return []
+
+
+def _check_checkpoint(d: DefenderSpec) -> list[str]:
+    from agents.checkpoint import CheckpointError, policy_ids, resolve_module_root
+    path = Path(d.checkpoint)
+    if not path.exists():
+        return [f"defender {d.name}: checkpoint not found: {path}"]
+    try:
+        ids = policy_ids(resolve_module_root(path))
+    except (CheckpointError, OSError) as exc:
+        return [f"defender {d.name}: {_first_line(exc)}"]
+    if not ids:
+        return [f"defender {d.name}: checkpoint holds no policies: {path}"]
+    if d.policy_id is not None and d.policy_id not in ids:
+        return [f"defender {d.name}: unknown policy_id {d.policy_id!r}; allowed: {', '.join(ids)}"]
+    return []
+
+
+def _check_train_spec(d: DefenderSpec) -> list[str]:
+    from agents.train import TrainConfig
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d.train) - names)
+    if unknown:
+        return [f"defender {d.name}: unknown training setting(s) {', '.join(unknown)}"]
+    try:
+        TrainConfig.from_json(d.train).validate()
+    except (ValueError, TypeError) as exc:
+        return [f"defender {d.name}: bad training spec: {_first_line(exc)}"]
+    return []
+
+
+# --------------------------------------------------------------------------- the match log
+class MatchLog:
+    """``matches.jsonl``: one JSON object per finished match, appended atomically.
+
+    Each record is written as one line by ONE ``os.write`` call on an ``O_APPEND`` file
+    descriptor, then ``fsync`` ed, from the driver only: on a local POSIX filesystem an append
+    of one buffer is never interleaved with another and a crash leaves at most one incomplete
+    LAST line, which :meth:`load` detects.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def load(self, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+        """Read the finished matches by key.
+
+        A line that is not a complete JSON record (truncated, garbled, missing fields) is
+        reported through ``warn`` with its line number and moved to ``matches.corrupt.txt``
+        (the log is rewritten atomically without it), so its match is played again. A repeated
+        key keeps its first record (also reported).
+        """
+        warn = warn or (lambda msg: None)
+        if not self.path.exists():
+            return {}
+        raw = self.path.read_bytes()
+        records: dict[str, dict[str, Any]] = {}
+        keep: list[bytes] = []
+        bad: list[bytes] = []
+        lines = raw.split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line.decode("utf-8"))
+                problem = _record_problem(rec)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                rec, problem = None, f"invalid JSON ({type(exc).__name__}: {_first_line(exc)})"
+            truncated = number == len(lines) and not raw.endswith(b"\n")
+            if problem is not None:
+                what = "truncated" if truncated else "corrupt"
+                warn(f"{self.path.name} line {number} is {what}: {problem}; skipped (moved to "
+                     f"{self.path.stem}.corrupt.txt), its match will be played again")
+                bad.append(line)
+                continue
+            if rec["key"] in records:
+                warn(f"{self.path.name} line {number} repeats match {rec['key']!r}; the first "
+                     f"record is kept")
+                continue
+            records[rec["key"]] = rec
+            keep.append(line)
+        clean_text = b"".join(line + b"\n" for line in keep)
+        if bad or clean_text != raw:
+            if bad:
+                corrupt = self.path.with_name(f"{self.path.stem}.corrupt.txt")
+                with open(corrupt, "ab") as fh:
+                    fh.write(b"".join(b + b"\n" for b in bad))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            _atomic_write_bytes(self.path, clean_text)
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line: a single ``os.write`` of the whole line + ``fsync``."""
+        data = (json.dumps(_jsonable(record), sort_keys=True, allow_nan=False) + "\n").encode()
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        written = os.write(self._fd, data)
+        if written != len(data):  # never seen for small buffers on local disks; be loud
+            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+_REQUIRED = ("key", "defender", "attacker", "seed", "team_return", "team_returns", "episodes")
+
+
+def _record_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return f"not a JSON object ({type(rec).__name__})"
+    missing = [k for k in _REQUIRED if k not in rec]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    if rec.get("status", "ok") != "ok":
+        return f"status {rec.get('status')!r}"
+    return None
+
+
+# --------------------------------------------------------------------------- work on Ray workers
+_POLICY_CACHE: dict[tuple[str, str | None, str], Any] = {}
+
+
+def _load_defender(path: str, policy_id: str | None, agents: list[str]) -> Any:
+    """The defender's policy for :func:`attacks.evaluate`: one module, or agent -> module.
+    Cached per worker process (keyed by the checkpoint it points to)."""
+    from agents.checkpoint import agent_policy_map, latest_checkpoint, load_policies, load_policy
+    ckpt = latest_checkpoint(path)
+    stamp = str(ckpt) if ckpt is not None else str(Path(path).resolve())
+    key = (str(path), policy_id, stamp)
+    if key not in _POLICY_CACHE:
+        if policy_id is not None:
+            _POLICY_CACHE[key] = load_policy(path, policy_id, device="cpu")
+        else:
+            policies = load_policies(path, device="cpu")
+            if len(policies) == 1:
+                _POLICY_CACHE[key] = next(iter(policies.values()))
+            else:
+                mapping = agent_policy_map(path, agents)
+                _POLICY_CACHE[key] = {a: policies[mapping[a]] for a in agents}
+    return _POLICY_CACHE[key]
+
+
+def _defender_env(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from agents.checkpoint import read_run_config
+    run = read_run_config(spec["path"])
+    name = spec.get("env") or run.get("env") or "beacon"
+    if spec.get("env_kwargs") is not None:
+        kwargs = dict(spec["env_kwargs"])
+    else:
+        kwargs = dict(run.get("env_kwargs") or {}) if name == run.get("env") else {}
+    return name, kwargs
+
+
+def _set_threads(num_cpus: float) -> None:
+    import torch
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def play_match(spec: dict[str, Any]) -> dict[str, Any]:
+    """Play one match (runs inside a Ray task; also callable directly).
+
+    ``spec``: ``key, defender, attacker, kind (clean|analytic|learned), attack, settings,
+    adversary, eps, seed, episodes, path, policy_id, env, env_kwargs, num_cpus``.
+    Returns the match record (``status`` "ok"), or ``status`` "error" with ``error``.
+    """
+    t0 = time.perf_counter()
+    try:
+        _set_threads(spec.get("num_cpus", 1))
+        from attacks import evaluate, make_attack
+        from envs import make_env
+        env_name, env_kwargs = _defender_env(spec)
+        env = make_env(env_name, **env_kwargs)
+        policy = _load_defender(spec["path"], spec.get("policy_id"), list(env.possible_agents))
+        first = policy if not isinstance(policy, dict) else next(iter(policy.values()))
+        attack = None
+        if spec["kind"] == "analytic":
+            attack = make_attack(spec["attack"], first, eps=spec["eps"], seed=spec["seed"],
+                                 **spec.get("settings", {}))
+        elif spec["kind"] == "learned":
+            attack = _learned_attack(spec["adversary"], first, spec["eps"], spec["seed"])
+        t_eval = time.perf_counter()
+        result = evaluate(policy, env, attack, episodes=spec["episodes"], seed=spec["seed"],
+                          progress=False, compare_clean=False)
+        env.close()
+        record = {
+            "version": RECORD_VERSION, "status": "ok", "key": spec["key"],
+            "defender": spec["defender"], "attacker": spec["attacker"], "kind": spec["kind"],
+            "attack": spec.get("attack"), "eps": spec["eps"], "eps_label": eps_label(spec["eps"]),
+            "seed": spec["seed"], "episodes": spec["episodes"], "env": env_name,
+            "env_kwargs": env_kwargs, "checkpoint": spec["path"],
+            "team_return": result["team_return"], "team_returns": result["team_returns"],
+            "agent_return": result["agent_return"], "success_rate": result["success_rate"],
+            "mean_linf": result["mean_linf"], "mean_l2": result["mean_l2"],
+            "agent_steps": result["agent_steps"], "attack_settings": result.get("attack"),
+            "eval_s": time.perf_counter() - t_eval, "wall_s": time.perf_counter() - t0,
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if attack is not None and getattr(attack, "eps", None) is not None:
+            record["eps_actual"] = float(attack.eps)
+        return record
+    except Exception as exc:  # reported by the driver, never written as finished
+        return {"status": "error", "key": spec["key"], "error": f"{type(exc).__name__}: "
+                f"{_first_line(exc)}", "wall_s": time.perf_counter() - t0}
+
+
+def _learned_attack(run_dir: str, policy: Any, eps: float, seed: int) -> Any:
+    import inspect
+    from agents.adversary import load_adversary
+    params = inspect.signature(load_adversary).parameters
+    kwargs: dict[str, Any] = {}
+    if "policy" in params:
+        kwargs["policy"] = policy
+    if "eps" in params:
+        kwargs["eps"] = eps
+    if "seed" in params:
+        kwargs["seed"] = seed
+    if "device" in params:
+        kwargs["device"] = "cpu"
+    return load_adversary(run_dir, **kwargs)
+
+
+def audit_defender(spec: dict[str, Any]) -> dict[str, Any]:
+    """Audit one defender (runs inside a Ray task): :func:`marl_fgmf.audit.audit_checkpoint`
+    on observations from the defender's env, every policy module of it."""
+    t0 = time.perf_counter()
+    try:
+        _set_threads(spec.get("num_cpus", 1))
+        from marl_fgmf.audit import audit_checkpoint
+        env_name, env_kwargs = _defender_env(spec)
+        a = dict(spec["audit"])
+        kwargs = {k: v for k, v in a.items() if k not in ("n_obs", "episodes", "eps", "enabled", "seed")}
+        for k in ("steps", "restarts"):
+            kwargs[k] = tuple(kwargs[k])
+        reports = audit_checkpoint(spec["path"], env=env_name, env_kwargs=env_kwargs,
+                                   policy_id=spec.get("policy_id"), eps=a["eps"],
+                                   n_obs=a["n_obs"], episodes=a["episodes"], seed=a["seed"],
+                                   **kwargs)
+        return {"status": "ok", "defender": spec["defender"], "env": env_name,
+                "checkpoint": spec["stamp"], "audit_settings": a,
+                "flagged": any(r.flagged for r in reports.values()),
+                "policies": {pid: r.to_dict() for pid, r in reports.items()},
+                "wall_s": time.perf_counter() - t0}
+    except Exception as exc:
+        return {"status": "error", "defender": spec["defender"],
+                "error": f"{type(exc).__name__}: {_first_line(exc)}",
+                "wall_s": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- the driver
+@dataclass
+class TournamentResult:
+    """What :func:`run_tournament` did and wrote."""
+
+    out: Path
+    leaderboard: dict[str, Any]
+    played: int
+    skipped: int
+    warnings: list[str]
+    files: dict[str, Path]
+    seconds: float
+
+
+def _match_spec(cfg: TournamentConfig, m: Match, out: Path) -> dict[str, Any]:
+    d = next(x for x in cfg.defenders if x.name == m.defender)
+    spec: dict[str, Any] = {
+        "key": m.key, "defender": m.defender, "attacker": m.attacker, "eps": m.eps,
+        "seed": m.seed, "episodes": cfg.episodes, "path": str(d.run_dir(out)),
+        "policy_id": d.policy_id, "env": cfg.env, "env_kwargs": cfg.env_kwargs,
+        "num_cpus": cfg.num_cpus_per_match, "kind": "clean",
+    }
+    if m.attacker != CLEAN:
+        a = next(x for x in cfg.attackers if x.name == m.attacker)
+        spec.update(kind=a.kind, attack=a.attack, settings=dict(a.settings),
+                    adversary=None if a.adversary is None else str(a.adversary))
+    return spec
+
+
+def _audit_settings(cfg: TournamentConfig) -> dict[str, Any]:
+    a = dataclasses.asdict(cfg.audit)
+    a["eps"] = cfg.audit_eps()
+    return a
+
+
+def _audit_stamp(cfg: TournamentConfig, d: DefenderSpec, out: Path) -> str:
+    from agents.checkpoint import latest_checkpoint
+    path = d.run_dir(out)
+    ckpt = latest_checkpoint(path)
+    return str(ckpt if ckpt is not None else Path(path).resolve())
+
+
+def _audit_is_current(path: Path, settings: dict[str, Any], stamp: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (data.get("status") == "ok" and data.get("checkpoint") == stamp
+            and _jsonable(data.get("audit_settings")) == _jsonable(settings))
+
+
+def _train_defenders(cfg: TournamentConfig, out: Path, address: str | None, progress: bool,
+                     log: Callable[[str], None]) -> None:
+    from agents.checkpoint import latest_checkpoint
+    from agents.train import TrainConfig, train
+    for d in cfg.defenders:
+        if d.train is None:
+            continue
+        run_dir = d.run_dir(out)
+        tcfg = TrainConfig.from_json(d.train)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and int(ckpt.name.split("_")[-1]) >= tcfg.iterations:
+            log(f"defender {d.name}: trained run found in {run_dir}, reused")
+            continue
+        resume = (run_dir / "run.json").is_file()
+        log(f"defender {d.name}: {'resuming' if resume else 'training'} {tcfg.defense} "
+            f"on {tcfg.env} for {tcfg.iterations} iterations into {run_dir}")
+        train(tcfg, run_dir, resume=resume, address=address, progress=progress)
+
+
+class _DirLock:
+    """An exclusive ``flock`` on ``DIR/.tournament.lock``: one tournament per directory."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".tournament.lock"
+        self.fh = None
+
+    def __enter__(self) -> "_DirLock":
+        import fcntl
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise ValueError(f"another tournament is running in {self.path.parent} "
+                             f"(lock {self.path} is held)") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+        if self.fh is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+
+
+def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
+                   address: str | None = None, workers: int | None = None,
+                   progress: bool = True, audit: bool | None = None,
+                   log: Callable[[str], None] | None = None,
+                   _fail_after: int | None = None) -> TournamentResult:
+    """Play every match not yet in ``DIR/matches.jsonl``, audit, and write the leaderboard.
+
+    Args:
+        config: the tournament (validated here first; nothing runs if it is invalid).
+        out: the tournament directory ``DIR``.
+        address: Ray cluster address (default: ``config.address``, else a local Ray).
+        workers: matches in flight at once (default: ``config.max_concurrency``, else the
+            cluster's CPUs divided by ``num_cpus_per_match``).
+        progress: show a progress bar over the matches.
+        audit: run the audit (default: ``config.audit.enabled``).
+        log: where status lines go (default: print).
+        _fail_after: test hook: raise ``RuntimeError`` after writing this many matches in
+            this run (simulates a crash with matches in flight).
+
+    Returns:
+        A :class:`TournamentResult` (leaderboard dict, counts, warnings, written files).
+
+    Raises:
+        ConfigError: invalid configuration (every problem, one line each).
+        TournamentError: some matches or audits failed (the others are written, and the
+            leaderboard is written from what finished).
+    """
+    t0 = time.perf_counter()
+    log = log or print
+    out = Path(out)
+    config.check(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_audit = config.audit.enabled if audit is None else bool(audit)
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        log(f"warning: {msg}")
+
+    import ray
+    from agents.train import atomic_write_text, ensure_ray
+
+    with _DirLock(out):
+        atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
+        started = ensure_ray(address or config.address)
+        try:
+            _train_defenders(config, out, address or config.address, progress, log)
+            match_log = MatchLog(out / "matches.jsonl")
+            finished = match_log.load(warn)
+            matches = config.matches()
+            pending = [m for m in matches if m.key not in finished]
+            skipped = len(matches) - len(pending)
+            if skipped:
+                log(f"resuming: {skipped} of {len(matches)} matches already finished")
+            audit_jobs: list[dict[str, Any]] = []
+            if run_audit:
+                settings = _audit_settings(config)
+                for d in config.defenders:
+                    stamp = _audit_stamp(config, d, out)
+                    if _audit_is_current(out / f"audit_{d.name}.json", settings, stamp):
+                        continue
+                    audit_jobs.append({"defender": d.name, "path": str(d.run_dir(out)),
+                                       "policy_id": d.policy_id, "env": config.env,
+                                       "env_kwargs": config.env_kwargs, "audit": settings,
+                                       "stamp": stamp, "num_cpus": config.num_cpus_per_match})
+            try:
+                errors = _play(config, out, pending, audit_jobs, match_log, workers, progress,
+                               _fail_after, ray)
+            finally:
+                match_log.close()
+            records = MatchLog(out / "matches.jsonl").load(warn)
+            audits = _read_audits(config, out, warn)
+            leaderboard = build_leaderboard(config, records, audits)
+            files = write_outputs(config, out, leaderboard, records, audits, warn)
+        finally:
+            if started:
+                ray.shutdown()
+    if errors:
+        raise TournamentError(errors)
+    return TournamentResult(out=out, leaderboard=leaderboard, played=len(pending),
+                            skipped=skipped, warnings=warnings, files=files,
+                            seconds=time.perf_counter() - t0)
+
+
+def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: list[dict],
+          match_log: MatchLog, workers: int | None, progress: bool, fail_after: int | None,
+          ray: Any) -> list[str]:
+    """Submit the matches and audits as Ray tasks, at most ``workers`` in flight; append each
+    finished match to the log as it arrives. Returns the failures, one line each."""
+    from agents.train import atomic_write_text
+    limit = workers or cfg.max_concurrency
+    if limit is None:
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        limit = max(1, int(cpus // cfg.num_cpus_per_match))
+    opts = {"num_cpus": cfg.num_cpus_per_match, "max_retries": 1}
+    match_task = ray.remote(play_match).options(**opts)
+    audit_task = ray.remote(audit_defender).options(**opts)
+    jobs: list[tuple[str, dict[str, Any]]] = [("match", _match_spec(cfg, m, out)) for m in pending]
+    # audits are long: start them early so they overlap with the matches
+    for i, a in enumerate(audit_jobs):
+        jobs.insert(min(len(jobs), i * max(1, limit)), ("audit", a))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(jobs), desc="tournament", unit="match")
+    in_flight: dict[Any, tuple[str, dict[str, Any]]] = {}
+    errors: list[str] = []
+    written = 0
+    queue = list(jobs)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                kind, spec = queue.pop(0)
+                ref = (match_task if kind == "match" else audit_task).remote(spec)
+                in_flight[ref] = (kind, spec)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                kind, spec = in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # the worker died (OOM, killed)
+                    result = {"status": "error", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+                what = _match_title(spec) if kind == "match" else f"audit of {spec['defender']}"
+                if result.get("status") != "ok":
+                    errors.append(f"{what} failed: {result.get('error')}")
+                elif kind == "match":
+                    match_log.append(result)
+                    written += 1
+                else:
+                    atomic_write_text(out / f"audit_{spec['defender']}.json",
+                                      json.dumps(_jsonable(result), indent=2))
+                if bar is not None:
+                    bar.set_postfix_str(what[:40])
+                    bar.update(1)
+                if fail_after is not None and written >= fail_after:
+                    raise RuntimeError(f"test hook: stopping after {written} matches")
+    finally:
+        for ref in in_flight:  # Ctrl-C, a crash: do not leave work running on the cluster
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        if bar is not None:
+            bar.close()
+    return errors
+
+
+def _match_title(spec: dict[str, Any]) -> str:
+    if spec["attacker"] == CLEAN:
+        return f"{spec['defender']} clean s{spec['seed']}"
+    return f"{spec['defender']} vs {spec['attacker']} @{eps_label(spec['eps'])} s{spec['seed']}"
+
+
+def _read_audits(cfg: TournamentConfig, out: Path, warn: Callable[[str], None]
+                 ) -> dict[str, dict[str, Any]]:
+    audits = {}
+    for d in cfg.defenders:
+        path = out / f"audit_{d.name}.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            warn(f"cannot read {path.name}: {_first_line(exc)}")
+            continue
+        if data.get("status") == "ok":
+            audits[d.name] = data
+    return audits
+
+
+# --------------------------------------------------------------------------- the leaderboard
+def _pool(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the episodes of several seeds: mean and 95% CI of the team return, mean success."""
+    from attacks import mean_ci95
+    returns = [r for rec in records for r in rec["team_returns"]]
+    stats = mean_ci95(returns)
+    steps = sum(int(rec.get("agent_steps", 0)) for rec in records)
+    success = (sum(rec.get("success_rate", 0.0) * int(rec.get("agent_steps", 0)) for rec in records)
+               / steps) if steps else 0.0
+    linf = (sum(rec.get("mean_linf", 0.0) * int(rec.get("agent_steps", 0)) for rec in records)
+            / steps) if steps else 0.0
+    return {"mean": stats["mean"], "ci95": stats["ci95"], "n_episodes": stats["n"],
+            "seeds": len(records), "success_rate": success, "mean_linf": linf,
+            "wall_s": sum(float(rec.get("wall_s", 0.0)) for rec in records)}
+
+
+def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
+                      audits: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The leaderboard from finished match records (and audits).
+
+    Per defender: the clean return, every cell (attacker x eps, episodes pooled over seeds),
+    and per eps the robust return = the minimum over attackers of the mean team return, with
+    the attacker achieving it. Defenders are ranked by the robust return at the LARGEST eps
+    (the hardest budget), ties broken by the mean robust return over all eps, then the clean
+    return. A defender missing a match at some eps has no robust return there (``None``) and
+    ranks last; ``complete`` says whether every match has finished.
+    """
+    audits = audits or {}
+    eps_sorted = sorted(cfg.eps)
+    rows = []
+    total = found = 0
+    for d in cfg.defenders:
+        clean_recs = [records[m.key] for m in (Match(d.name, CLEAN, None, s) for s in cfg.seeds)
+                      if m.key in records]
+        total += len(cfg.seeds)
+        found += len(clean_recs)
+        clean = _pool(clean_recs) if clean_recs else None
+        cells: dict[str, dict[str, Any]] = {}
+        robust: dict[str, Any] = {}
+        for e in eps_sorted:
+            lab = eps_label(e)
+            cells[lab] = {}
+            complete = True
+            for a in cfg.attackers:
+                recs = [records[m.key] for m in (Match(d.name, a.name, e, s) for s in cfg.seeds)
+                        if m.key in records]
+                total += len(cfg.seeds)
+                found += len(recs)
+                if len(recs) < len(cfg.seeds):
+                    complete = False
+                cells[lab][a.name] = _pool(recs) if recs else None
+            present = {k: v for k, v in cells[lab].items() if v is not None}
+            if present and complete:
+                worst = min(present, key=lambda k: present[k]["mean"])
+                robust[lab] = {"mean": present[worst]["mean"], "ci95": present[worst]["ci95"],
+                               "worst_attacker": worst,
+                               "success_rate": present[worst]["success_rate"]}
+            else:
+                robust[lab] = None
+        a = audits.get(d.name)
+        failed = []
+        if a is not None:
+            for pid, rep in a.get("policies", {}).items():
+                failed += [c["name"] + ("" if len(a["policies"]) == 1 else f"({pid})")
+                           for c in rep.get("checks", []) if not c.get("passed", True)]
+        rows.append({"defender": d.name, "clean": clean, "robust": robust, "cells": cells,
+                     "audited": a is not None, "flagged": bool(a and a.get("flagged")),
+                     "audit_failed": failed,
+                     "checkpoint": str(d.checkpoint) if d.checkpoint else f"defenders/{d.name}"})
+
+    def sort_key(row: dict[str, Any]) -> tuple:
+        vals = [row["robust"][eps_label(e)] for e in eps_sorted]
+        last = vals[-1]["mean"] if vals and vals[-1] is not None else -math.inf
+        means = [v["mean"] for v in vals if v is not None]
+        avg = sum(means) / len(means) if len(means) == len(vals) and means else -math.inf
+        clean_mean = row["clean"]["mean"] if row["clean"] else -math.inf
+        return (-last, -avg, -clean_mean, row["defender"])
+
+    rows.sort(key=sort_key)
+    for i, row in enumerate(rows, start=1):
+        row["rank"] = i
+    return {"name": cfg.name, "eps": [eps_label(e) for e in eps_sorted],
+            "eps_values": eps_sorted, "attackers": [a.name for a in cfg.attackers],
+            "seeds": list(cfg.seeds), "episodes": cfg.episodes,
+            "ranked_by": f"robust return at eps {eps_label(eps_sorted[-1])} (min over attackers "
+                         f"of the mean team return), then mean robust return over eps, then clean",
+            "complete": found == total, "matches_finished": found, "matches_total": total,
+            "defenders": rows}
+
+
+def _fmt(v: dict[str, Any] | None, ci: bool = True) -> str:
+    if v is None or v.get("mean") is None or v["mean"] != v["mean"]:
+        return "-"
+    if ci:
+        return f"{v['mean']:.2f} ± {v['ci95']:.2f}"
+    return f"{v['mean']:.2f}"
+
+
+def format_leaderboard(board: dict[str, Any], markdown: bool = False) -> str:
+    """The leaderboard as a text table (or a Markdown table): rank, defender, clean return,
+    robust return per eps (with the worst attacker), audit verdict."""
+    head = ["rank", "defender", "clean"] + [f"robust@{e}" for e in board["eps"]] + \
+           ["worst attacker", "audit"]
+    rows = []
+    for r in board["defenders"]:
+        worst = ", ".join(f"{e}: {r['robust'][e]['worst_attacker']}" for e in board["eps"]
+                          if r["robust"][e] is not None) or "-"
+        verdict = ("FLAGGED (" + ", ".join(r["audit_failed"]) + ")") if r["flagged"] else \
+            ("ok" if r["audited"] else "not audited")
+        rows.append([str(r["rank"]), r["defender"], _fmt(r["clean"])] +
+                    [_fmt(r["robust"][e]) for e in board["eps"]] + [worst, verdict])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+              for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    if not board["complete"]:
+        lines.append(f"(incomplete: {board['matches_finished']} of {board['matches_total']} "
+                     f"matches finished)")
+    return "\n".join(lines)
+
+
+def _heat_matrix(board: dict[str, Any], eps: str) -> tuple[list[list[float]], list[str], list[str]]:
+    cols = [CLEAN] + board["attackers"]
+    names, matrix = [], []
+    for r in board["defenders"]:
+        flag = " (FLAGGED)" if r["flagged"] else ""
+        names.append(r["defender"] + flag)
+        row = [r["clean"]["mean"] if r["clean"] else float("nan")]
+        for a in board["attackers"]:
+            c = r["cells"][eps].get(a)
+            row.append(c["mean"] if c else float("nan"))
+        matrix.append(row)
+    return matrix, names, cols
+
+
+def write_outputs(cfg: TournamentConfig, out: Path, board: dict[str, Any],
+                  records: dict[str, dict[str, Any]], audits: dict[str, dict[str, Any]],
+                  warn: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write ``leaderboard.json/.md``, the heat maps, the curves and ``report.md`` (atomically).
+    A figure that fails is reported through ``warn`` and skipped; the tables are always written."""
+    from agents.train import atomic_write_text
+    warn = warn or (lambda m: None)
+    out = Path(out)
+    files: dict[str, Path] = {}
+    atomic_write_text(out / "leaderboard.json", json.dumps(_jsonable(board), indent=2))
+    files["leaderboard.json"] = out / "leaderboard.json"
+    for e, lab in zip(board["eps_values"], board["eps"]):
+        path = out / f"heatmap_{eps_slug(e)}.png"
+        matrix, rows, cols = _heat_matrix(board, lab)
+        try:
+            _plot_heatmap(matrix, rows, cols, path,
+                          f"mean team return, eps {lab} (clean column: no attack)")
+            files[path.name] = path
+        except Exception as exc:  # a figure must never lose the tables
+            warn(f"heat map {path.name} not written: {type(exc).__name__}: {_first_line(exc)}")
+    curves = {}
+    for r in board["defenders"]:
+        xs, ys, errs = [], [], []
+        for e, lab in zip(board["eps_values"], board["eps"]):
+            if r["robust"][lab] is not None:
+                xs.append(e)
+                ys.append(r["robust"][lab]["mean"])
+                errs.append(r["robust"][lab]["ci95"])
+        if xs:
+            curves[r["defender"] + (" (FLAGGED)" if r["flagged"] else "")] = (xs, ys, errs)
+    if curves:
+        path = out / "robust_vs_eps.png"
+        try:
+            in_255 = all(eps_label(e).endswith("/255") for e in board["eps_values"])
+            _plot_curves(curves, path, in_255)
+            files[path.name] = path
+        except Exception as exc:
+            warn(f"curves {path.name} not written: {type(exc).__name__}: {_first_line(exc)}")
+    md = _leaderboard_markdown(board)
+    atomic_write_text(out / "leaderboard.md", md)
+    files["leaderboard.md"] = out / "leaderboard.md"
+    atomic_write_text(out / "report.md", _report_markdown(cfg, board, records, audits, files))
+    files["report.md"] = out / "report.md"
+    return files
+
+
+def _leaderboard_markdown(board: dict[str, Any]) -> str:
+    lines = [f"# Leaderboard: {board['name']}", "",
+             f"Ranked by {board['ranked_by']}. Returns are mean team returns ± 95% CI over "
+             f"{board['episodes']} episodes x {len(board['seeds'])} seed(s). FLAGGED defenders "
+             f"failed the gradient-masking audit: their robust return is not trustworthy.", "",
+             format_leaderboard(board, markdown=True), ""]
+    if not board["complete"]:
+        lines += [f"**Incomplete**: {board['matches_finished']} of {board['matches_total']} "
+                  f"matches finished.", ""]
+    lines += _cell_tables(board)
+    return "\n".join(lines)
+
+
+def _cell_tables(board: dict[str, Any]) -> list[str]:
+    """One Markdown table per eps: defenders x (clean + attackers), return and success."""
+    lines: list[str] = []
+    for lab in board["eps"]:
+        lines += [f"## eps {lab}: team return per attacker", "",
+                  "| defender | clean | " + " | ".join(board["attackers"]) + " |",
+                  "|---|---|" + "---|" * len(board["attackers"])]
+        for r in board["defenders"]:
+            cells = [_fmt(r["cells"][lab].get(a)) + (
+                f" ({100 * r['cells'][lab][a]['success_rate']:.0f}%)" if r["cells"][lab].get(a)
+                else "") for a in board["attackers"]]
+            lines.append(f"| {r['defender']} | {_fmt(r['clean'])} | " + " | ".join(cells) + " |")
+        lines += ["", "(percent: attack success, the fraction of agent-steps whose greedy "
+                      "action the attack changed)", ""]
+    return lines
+
+
+def _report_markdown(cfg: TournamentConfig, board: dict[str, Any],
+                     records: dict[str, dict[str, Any]], audits: dict[str, dict[str, Any]],
+                     files: dict[str, Path]) -> str:
+    from marl_fgmf.audit import AuditReport
+    lines = [f"# Tournament report: {cfg.name}", "",
+             f"{len(cfg.defenders)} defenders x {len(cfg.attackers)} attackers x "
+             f"{len(cfg.eps)} eps x {len(cfg.seeds)} seed(s), {cfg.episodes} episodes per match; "
+             f"{board['matches_finished']} of {board['matches_total']} matches finished. "
+             f"Attack success = fraction of agent-steps whose perturbed greedy action differs "
+             f"from the clean one. Robust return = minimum over the attackers of the mean team "
+             f"return (DESIGN.md section 3).", "",
+             "## Leaderboard", "", format_leaderboard(board, markdown=True), ""]
+    flagged = [r["defender"] for r in board["defenders"] if r["flagged"]]
+    if flagged:
+        lines += [f"**FLAGGED** by the gradient-masking audit: {', '.join(flagged)}. Their "
+                  f"robust returns may come from hidden gradients, not robustness; see the audit "
+                  f"below and evaluate them with adaptive attacks.", ""]
+    if "robust_vs_eps.png" in files:
+        lines += ["## Robust return against eps", "", "![robust return vs eps](robust_vs_eps.png)", ""]
+    lines += ["## Heat maps (defenders x attackers)", ""]
+    for e, lab in zip(board["eps_values"], board["eps"]):
+        name = f"heatmap_{eps_slug(e)}.png"
+        if name in files:
+            lines += [f"eps {lab}:", "", f"![heat map eps {lab}]({name})", ""]
+    lines += _cell_tables(board)
+    lines += ["## Gradient-masking audit", ""]
+    if not audits:
+        lines += ["No audit was run.", ""]
+    for d in cfg.defenders:
+        a = audits.get(d.name)
+        if a is None:
+            lines += [f"### {d.name}", "", "not audited", ""]
+            continue
+        for pid, rep in a["policies"].items():
+            title = d.name if len(a["policies"]) == 1 else f"{d.name} / {pid}"
+            lines += [AuditReport.from_dict(rep).to_markdown(title=title)]
+    lines += ["## Matches", "", "| defender | attacker | eps | seed | team return | success | "
+              "mean Linf | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for m in cfg.matches():
+        r = records.get(m.key)
+        if r is None:
+            lines.append(f"| {m.defender} | {m.attacker} | {eps_label(m.eps)} | {m.seed} | "
+                         f"not finished | | | |")
+            continue
+        lines.append(f"| {m.defender} | {m.attacker} | {eps_label(m.eps)} | {m.seed} | "
+                     f"{_fmt(r['team_return'])} | {r.get('success_rate', 0):.3f} | "
+                     f"{r.get('mean_linf', 0):.4f} | {r.get('wall_s', 0):.1f} |")
+    lines += ["", "Files: `matches.jsonl` (one line per match), `leaderboard.json`, "
+                  "`leaderboard.md`, `audit_<defender>.json`.", ""]
+    return "\n".join(lines)
+
+
+def _plot_heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], path: Path,
+                  title: str) -> None:
+    try:
+        from marl_fgmf.viz import plot_heatmap
+    except ImportError:
+        plot_heatmap = None
+    if plot_heatmap is not None:
+        plot_heatmap(matrix, rows, cols, path, title, cbar_label="mean team return",
+                     xlabel="attacker", ylabel="defender")
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(1.1 * len(cols) + 2.5, 0.55 * len(rows) + 1.8))
+    ax = fig.subplots()
+    im = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    fig.colorbar(im, ax=ax, label="mean team return")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="white")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _plot_curves(curves: dict[str, tuple], path: Path, in_255: bool) -> None:
+    try:
+        from marl_fgmf.viz import plot_curves
+    except ImportError:
+        plot_curves = None
+    if plot_curves is not None:
+        plot_curves(curves, path, xlabel="eps (Linf, [0, 1] units)",
+                    ylabel="robust return (min over attackers)",
+                    title="robust team return against the budget", eps_in_255=in_255)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
+    for label, (xs, ys, errs) in curves.items():
+        ax.errorbar(xs, ys, yerr=errs, marker="o", label=label, capsize=3)
+    ax.set_xlabel("eps")
+    ax.set_ylabel("robust return")
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- small helpers
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (int, str, bool)) or value is None:
+        return value
+    if dataclasses.is_dataclass(value):
+        return _jsonable(dataclasses.asdict(value))
+    try:
+        import numpy as np
+        if isinstance(value, np.generic):
+            return _jsonable(value.item())
+    except ImportError:
+        pass
+    return str(value)
