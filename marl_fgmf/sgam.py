@@ -34,15 +34,17 @@ smoothing confined to where the policy does not look.
 sharp sigmoid shrink and distort input gradients, which can make white-box attacks look weaker
 than they are (obfuscated gradients, Athalye, Carlini and Wagner 2018). Every evaluation of an
 SGAM policy must include attacks through SGAM with BPDA (backward pass as the identity) and EOT,
-and the gradient-masking audit (DESIGN.md section 4). :meth:`SGAM.bypassed` gives the identity
-forward a BPDA attack needs.
+and the gradient-masking audit (DESIGN.md section 4). For BPDA, :meth:`SGAM.bypassed` makes the
+layer the identity: with ``z = SGAM(x).detach()``, the BPDA gradient is ``grad_z l(policy(z))``
+computed with SGAM bypassed (the backward of SGAM replaced by the identity).
 
 ``SGAM.last_mask`` holds the last mask (B, H, W) in [0, 1] (detached) for visualization.
 
 Example:
     >>> sgam = attach_sgam(policy, keep=0.5)          # policy.input_filter = SGAM(...)
     >>> logits = policy(obs)                           # obs goes through SGAM first
-    >>> loss, info = sgam_distillation_loss(sgam, policy, obs)
+    >>> loss = sgam_distillation_loss(sgam, policy, obs)            # trains the head only
+    >>> loss, info = sgam_distillation_loss(sgam, policy, obs, return_info=True)
 """
 from __future__ import annotations
 

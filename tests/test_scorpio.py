@@ -344,3 +344,24 @@ def test_regularizer_argument_errors():
         compute_exploitable_subspace(net, x, ScorpioConfig(), actions=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         scorpio_regularizer(net, x[0], ScorpioConfig())
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vit"])
+def test_regularizer_through_an_sgam_layer(arch):
+    """fgmf = SCOR-PIO on a policy whose input goes through SGAM: twice differentiable."""
+    from marl_fgmf.sgam import attach_sgam
+    net = make_net(arch, torch.float64)
+    sgam = attach_sgam(net, keep=0.5)
+    x = obs_batch(4)
+    v = torch.randn_like(x)
+    actions = net(x).argmax(-1)
+    loss_fn = attacker_loss(net, actions)
+    with double_backward_safe():
+        _, ref = torch.autograd.functional.hvp(loss_fn, x, v)
+    assert rel_err(hvp(loss_fn, x, v), ref) < 1e-4
+    reg, info = scorpio_regularizer(net, x, ScorpioConfig(reg_fraction=1.0, ig_steps=2))
+    reg.backward()
+    for module in (net.encoder, sgam.head):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
