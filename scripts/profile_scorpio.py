@@ -13,7 +13,8 @@ What it measures, on one minibatch of ``B`` observations (default CNN, obs 21x21
 
 Optionally (``--sgam``), on a copy of the policy with an SGAM layer, over plain PPO:
 ``sgam_layer`` (PPO step through the SGAM layer), ``sgam_distill_all`` (plus the distillation
-term on the whole minibatch) and ``sgam_distill_sub`` (on the SCOR-PIO sub-batch rows only).
+term on the whole minibatch), ``sgam_distill_sub`` (on the SCOR-PIO sub-batch rows only) and
+``fgmf`` (SGAM layer + SCOR-PIO with a reused subspace + distillation on the sub-batch).
 
 How to run (one core, about a minute)::
 
@@ -113,6 +114,10 @@ def profile(batch: int, cfg: ScorpioConfig, obs_shape=(21, 21, 3), arch: str = "
             spol, sopt, lambda: sgam_distillation_loss(layer, spol, obs))
         variants["sgam_distill_sub"] = step(
             spol, sopt, lambda: sgam_distillation_loss(layer, spol, rows))
+        ssub = compute_exploitable_subspace(spol, rows, cfg)
+        variants["fgmf"] = step(spol, sopt, lambda: (
+            scorpio_regularizer(spol, None, cfg, ssub)[0]
+            + sgam_distillation_loss(layer, spol, rows)))
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -126,7 +131,7 @@ def profile(batch: int, cfg: ScorpioConfig, obs_shape=(21, 21, 3), arch: str = "
     for k in (8, 32):
         out[f"iter{k}_ratio"] = (med["subspace"] + k * med["reuse"]) / (k * med["ppo"])
     if sgam:
-        for k in ("sgam_layer", "sgam_distill_all", "sgam_distill_sub"):
+        for k in ("sgam_layer", "sgam_distill_all", "sgam_distill_sub", "fgmf"):
             out[f"{k}_ratio"] = med[k] / med["ppo"]
     return out
 
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     cols = ["batch", "reg_rows", "ppo_s", "fresh_ratio", "reuse_ratio", "subspace_over_ppo",
             "iter8_ratio", "iter32_ratio"]
     if args.sgam:
-        cols += ["sgam_layer_ratio", "sgam_distill_all_ratio", "sgam_distill_sub_ratio"]
+        cols += ["sgam_layer_ratio", "sgam_distill_all_ratio", "sgam_distill_sub_ratio",
+                 "fgmf_ratio"]
     print(" | ".join(f"{c:>22}" for c in cols))
     rows = []
     for b in args.batch_sizes:
