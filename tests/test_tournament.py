@@ -1,0 +1,278 @@
+"""Tournaments: matches on Ray, the atomic JSONL log, resume after a crash, the leaderboard,
+configuration errors, and the CLI as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from agents.train import TrainConfig, train
+from marl_fgmf.tournament import (ConfigError, Match, MatchLog, TournamentConfig,
+                                  build_leaderboard, format_leaderboard, run_tournament)
+
+TINY = dict(train_batch_size=200, minibatch_size=100, num_epochs=1, num_envs_per_env_runner=2,
+            iterations=1)
+AUDIT = {"n_obs": 12, "episodes": 1, "steps": [1, 3], "restarts": [1, 2], "n_queries": 20}
+
+
+@pytest.fixture(scope="module")
+def defenders(ray_session, tmp_path_factory) -> dict[str, Path]:
+    """Two tiny beacon runs (one RLlib iteration each): undefended and FGMF-defended."""
+    root = tmp_path_factory.mktemp("defenders")
+    runs = {}
+    for defense in ("none", "fgmf"):
+        out = root / defense
+        train(TrainConfig(defense=defense, **TINY), out, progress=False)
+        runs[defense] = out
+    return runs
+
+
+def tiny_config(defenders: dict[str, Path], audit: object = False, **extra) -> dict:
+    return {"name": "tiny",
+            "defenders": [{"name": n, "checkpoint": str(p)} for n, p in defenders.items()],
+            "attackers": ["fgsm", {"name": "pgd3", "attack": "pgd", "settings": {"steps": 3}},
+                          "random"],
+            "eps": ["8/255"], "episodes": 2, "seeds": [0], "audit": audit, **extra}
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def expected_keys(cfg: TournamentConfig) -> set[str]:
+    return {m.key for m in cfg.matches()}
+
+
+# ---------------------------------------------------------------------- a whole tournament
+def test_tiny_tournament_runs_on_ray_and_writes_everything(defenders, tmp_path):
+    cfg = TournamentConfig.from_dict(tiny_config(defenders, audit=AUDIT))
+    out = tmp_path / "t"
+    result = run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)
+    records = jsonl(out / "matches.jsonl")
+    assert len(records) == 2 * 3 + 2 == len(cfg.matches())
+    assert {r["key"] for r in records} == expected_keys(cfg)
+    assert all(r["pid"] != os.getpid() for r in records), "matches must run in Ray workers"
+    for r in records:
+        assert r["episodes"] == 2 and len(r["team_returns"]) == 2
+        assert set(r["team_return"]) >= {"mean", "ci95"} and set(r["agent_return"]) == {
+            "agent_0", "agent_1"}
+        assert r["wall_s"] > 0 and 0.0 <= r["success_rate"] <= 1.0
+        if r["attacker"] != "clean":
+            assert 0 < r["mean_linf"] <= 8 / 255 + 1e-6
+    for name in ("leaderboard.json", "leaderboard.md", "report.md", "heatmap_eps8_255.png",
+                 "robust_vs_eps.png", "audit_none.json", "audit_fgmf.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["complete"] and [r["rank"] for r in board["defenders"]] == [1, 2]
+    for row in board["defenders"]:
+        cells = row["cells"]["8/255"]
+        worst = min(cells, key=lambda a: cells[a]["mean"])
+        assert row["robust"]["8/255"]["mean"] == pytest.approx(cells[worst]["mean"])
+        assert row["audited"] and isinstance(row["flagged"], bool)
+    report = (out / "report.md").read_text()
+    assert "Gradient-masking audit" in report and "heatmap_eps8_255.png" in report
+    table = format_leaderboard(result.leaderboard)
+    assert "robust@8/255" in table and "none" in table and "fgmf" in table
+    audit = json.loads((out / "audit_fgmf.json").read_text())
+    assert audit["policies"]["shared"]["policy"]["input_filter"] == "SGAM"
+
+    # rerunning does nothing new: every match is skipped, the audits are reused
+    before = (out / "matches.jsonl").read_bytes()
+    mtime = (out / "audit_none.json").stat().st_mtime_ns
+    again = run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)
+    assert again.played == 0 and again.skipped == len(cfg.matches())
+    assert (out / "matches.jsonl").read_bytes() == before
+    assert (out / "audit_none.json").stat().st_mtime_ns == mtime
+
+
+def test_crash_after_first_matches_then_resume_completes_without_duplicates(defenders, tmp_path):
+    cfg = TournamentConfig.from_dict(tiny_config(defenders))
+    out = tmp_path / "t"
+    with pytest.raises(RuntimeError, match="test hook"):
+        run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None, _fail_after=3)
+    first = jsonl(out / "matches.jsonl")
+    assert len(first) == 3, "the crash must come after exactly the matches written"
+    result = run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)
+    records = jsonl(out / "matches.jsonl")
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)), "a match was played twice"
+    assert set(keys) == expected_keys(cfg), "a match is missing"
+    assert result.skipped == 3 and result.played == len(cfg.matches()) - 3
+    assert records[:3] == first, "finished matches must not be rewritten"
+
+    # a crash mid-write leaves a truncated last line: reported, set aside, and replayed
+    data = (out / "matches.jsonl").read_bytes()
+    lost = jsonl(out / "matches.jsonl")[-1]["key"]
+    (out / "matches.jsonl").write_bytes(data[:-40])
+    warnings: list[str] = []
+    result = run_tournament(cfg, out, workers=2, progress=False, log=warnings.append)
+    n = len(cfg.matches())
+    assert any(f"line {n} is truncated" in w for w in warnings), warnings
+    assert result.played == 1
+    records = jsonl(out / "matches.jsonl")
+    assert sorted(r["key"] for r in records) == sorted(expected_keys(cfg))
+    assert records[-1]["key"] == lost
+    assert (out / "matches.corrupt.txt").read_bytes() == data[:-40].split(b"\n")[-1] + b"\n"
+
+
+@pytest.mark.slow
+def test_killed_cli_tournament_resumes(defenders, tmp_path):
+    """SIGKILL the real CLI once the first match is on disk; the rerun completes it."""
+    cfg_path = tmp_path / "t.json"
+    conf = tiny_config(defenders)
+    conf["attackers"].append({"name": "square", "attack": "square", "settings": {"n_queries": 40}})
+    cfg_path.write_text(json.dumps(conf))
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "marl_fgmf.cli", "tournament", "--config", str(cfg_path),
+           "--out", str(out), "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    log = out / "matches.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the tournament finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray with it
+    proc.wait(timeout=60)
+    done_before = len(jsonl(log))
+    assert 1 <= done_before < len(TournamentConfig.from_file(cfg_path).matches())
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming: {done_before} of" in rerun.stdout
+    keys = [r["key"] for r in jsonl(log)]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == expected_keys(TournamentConfig.from_file(cfg_path))
+    assert "rank" in rerun.stdout and "robust@8/255" in rerun.stdout
+
+
+# ---------------------------------------------------------------------- configuration errors
+def test_invalid_config_reports_every_problem_before_anything_runs(defenders, tmp_path):
+    conf = {
+        "env": "nowhere",
+        "defenders": [{"name": "a", "checkpoint": str(defenders["none"])},
+                      {"name": "a", "checkpoint": str(defenders["fgmf"])},
+                      {"name": "gone", "checkpoint": str(tmp_path / "missing")}],
+        "attackers": ["fgsm", "fgsm", {"name": "x", "attack": "laser"},
+                      {"name": "p", "attack": "pgd", "settings": {"stepz": 3}}],
+        "eps": ["8/255", 0.0313725490196, 2, "abc"],
+        "episodes": 1,
+    }
+    cfg = TournamentConfig.from_dict(conf)
+    errors = cfg.validate()
+    expected = ["duplicate defender name 'a'", "duplicate attacker name 'fgsm'",
+                "duplicate eps '8/255'", "invalid eps 2", "invalid eps 'abc'",
+                "unknown env 'nowhere'", "defender gone: checkpoint not found",
+                "attacker x: unknown attack 'laser'", "attacker p: unknown setting(s) stepz"]
+    for text in expected:
+        assert any(text in e for e in errors), (text, errors)
+    assert all("\n" not in e for e in errors)
+    with pytest.raises(ConfigError) as info:
+        run_tournament(cfg, tmp_path / "never", progress=False)
+    assert len(info.value.errors) == len(errors)
+    assert not (tmp_path / "never").exists(), "nothing may start for an invalid config"
+
+
+def test_cli_config_errors_one_line_each_exit_2(defenders, tmp_path):
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text(
+        "defenders:\n"
+        f"  - {{name: ok, checkpoint: {defenders['none']}}}\n"
+        "  - {name: lost, checkpoint: no/such/run}\n"
+        "attackers: [fgsm, {name: z, attack: zap}]\n"
+        "eps: [8/255, 0]\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "tournament", "--config",
+                           str(cfg_path), "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 3, proc.stderr
+    assert all(line.startswith("marl-fgmf tournament: error: ") for line in lines)
+    text = "\n".join(lines)
+    # relative paths resolve against the config file's folder
+    assert f"defender lost: checkpoint not found: {tmp_path / 'no/such/run'}" in text
+    assert "attacker z: unknown attack 'zap'" in text and "invalid eps 0" in text
+    assert "Traceback" not in proc.stderr and not out.exists()
+    missing = subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "tournament", "--config",
+                              str(tmp_path / "nope.yaml"), "--out", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_yaml_config_and_relative_paths(defenders, tmp_path):
+    (tmp_path / "runs").symlink_to(defenders["none"].parent)
+    cfg_path = tmp_path / "t.yml"
+    cfg_path.write_text("defenders:\n  - {name: d, checkpoint: runs/none}\n"
+                        "attackers:\n  - fgsm\n  - {name: sq, attack: square, settings: "
+                        "{n_queries: 10}}\neps: [4/255, 8/255]\nseeds: [0, 1]\nepisodes: 3\n"
+                        "audit: {eps: 4/255, n_obs: 8}\n")
+    cfg = TournamentConfig.from_file(cfg_path)
+    assert cfg.validate() == []
+    assert cfg.defenders[0].checkpoint == tmp_path / "runs" / "none"
+    assert cfg.eps == pytest.approx([4 / 255, 8 / 255]) and cfg.audit_eps() == pytest.approx(4 / 255)
+    assert len(cfg.matches()) == 2 + 2 * 2 * 2
+    assert cfg.attackers[1].settings == {"n_queries": 10}
+
+
+# ---------------------------------------------------------------------- log and leaderboard
+def test_match_log_reports_a_corrupt_middle_line(tmp_path):
+    log = MatchLog(tmp_path / "matches.jsonl")
+    rec = {"key": "d|a|0.1|0", "defender": "d", "attacker": "a", "seed": 0, "episodes": 1,
+           "team_return": {"mean": 1.0, "ci95": 0.0}, "team_returns": [1.0]}
+    log.append(rec)
+    log.close()
+    with open(tmp_path / "matches.jsonl", "ab") as fh:
+        fh.write(b'{"key": "garbage\n')
+    log = MatchLog(tmp_path / "matches.jsonl")
+    log.append({**rec, "key": "d|a|0.2|0"})
+    log.close()
+    warnings: list[str] = []
+    records = MatchLog(tmp_path / "matches.jsonl").load(warnings.append)
+    assert set(records) == {"d|a|0.1|0", "d|a|0.2|0"}
+    assert len(warnings) == 1 and "line 2 is corrupt" in warnings[0]
+    assert len(jsonl(tmp_path / "matches.jsonl")) == 2
+    assert b"garbage" in (tmp_path / "matches.corrupt.txt").read_bytes()
+
+
+def test_leaderboard_ranks_by_worst_attacker_and_marks_flagged():
+    cfg = TournamentConfig.from_dict({
+        "defenders": [{"name": "a", "checkpoint": "x"}, {"name": "b", "checkpoint": "y"}],
+        "attackers": ["fgsm", "pgd"], "eps": ["4/255", "8/255"], "seeds": [0]})
+
+    def rec(m: Match, ret: float) -> dict:
+        return {"key": m.key, "defender": m.defender, "attacker": m.attacker, "seed": 0,
+                "episodes": 2, "team_returns": [ret, ret], "success_rate": 0.5,
+                "agent_steps": 10, "team_return": {"mean": ret, "ci95": 0.0}}
+
+    returns = {("a", "clean"): 10, ("b", "clean"): 12,
+               ("a", "fgsm"): 6, ("a", "pgd"): 4, ("b", "fgsm"): 5, ("b", "pgd"): 2}
+    records = {}
+    for m in cfg.matches():
+        value = returns[(m.defender, m.attacker)] - (1 if m.eps and m.eps > 5 / 255 else 0)
+        records[m.key] = rec(m, value)
+    audits = {"a": {"status": "ok", "flagged": True, "policies": {"shared": {"checks": [
+        {"name": "large_budget", "passed": False}]}}}}
+    board = build_leaderboard(cfg, records, audits)
+    a, b = board["defenders"]
+    assert (a["defender"], a["rank"], b["defender"]) == ("a", 1, "b")
+    assert a["robust"]["8/255"]["mean"] == pytest.approx(3.0)
+    assert a["robust"]["8/255"]["worst_attacker"] == "pgd"
+    assert b["robust"]["8/255"]["mean"] == pytest.approx(1.0)
+    assert a["flagged"] and a["audit_failed"] == ["large_budget"] and not b["flagged"]
+    assert board["complete"]
+    assert "FLAGGED (large_budget)" in format_leaderboard(board)
+    del records[Match("b", "pgd", 8 / 255, 0).key]
+    partial = build_leaderboard(cfg, records)
+    assert not partial["complete"]
+    row_b = next(r for r in partial["defenders"] if r["defender"] == "b")
+    assert row_b["robust"]["8/255"] is None and "incomplete" in format_leaderboard(partial)
