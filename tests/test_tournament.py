@@ -276,3 +276,35 @@ def test_leaderboard_ranks_by_worst_attacker_and_marks_flagged():
     assert not partial["complete"]
     row_b = next(r for r in partial["defenders"] if r["defender"] == "b")
     assert row_b["robust"]["8/255"] is None and "incomplete" in format_leaderboard(partial)
+
+
+# ---------------------------------------------------------------------- training specs, learned adversaries
+def test_training_spec_defender_and_learned_adversary(defenders, tmp_path):
+    """A defender given as a training spec is trained into DIR/defenders/<name> first; a
+    learned adversary (agents.adversary) plays like any attacker, at every eps of the list."""
+    from agents.adversary import train_adversary
+    adv_dir = tmp_path / "adv"
+    train_adversary(defenders["none"], adv_dir, eps="8/255", iterations=1, progress=False,
+                    train_batch_size=200, minibatch_size=100, num_epochs=1,
+                    num_envs_per_env_runner=2)
+    conf = {"defenders": [{"name": "spec", "train": {"defense": "none", **TINY}},
+                          {"name": "ckpt", "checkpoint": str(defenders["none"])}],
+            "attackers": ["fgsm", {"name": "rl", "adversary": str(adv_dir)}],
+            "eps": ["4/255"], "episodes": 1, "audit": False}
+    cfg = TournamentConfig.from_dict(conf)
+    assert cfg.validate() == []
+    out = tmp_path / "t"
+    run_tournament(cfg, out, progress=False, log=lambda m: None)
+    assert (out / "defenders" / "spec" / "run.json").is_file()
+    records = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
+    assert set(records) == expected_keys(cfg)
+    learned = [r for r in records.values() if r["attacker"] == "rl"]
+    assert len(learned) == 2 and all(r["kind"] == "learned" for r in learned)
+    assert all(r["eps_actual"] == pytest.approx(4 / 255) for r in learned)
+    assert all(r["mean_linf"] <= 4 / 255 + 1e-6 for r in learned)
+    # a second run reuses the trained defender (no retraining) and every match
+    again = run_tournament(cfg, out, progress=False, log=lambda m: None)
+    assert again.played == 0
+    bad = TournamentConfig.from_dict({**conf, "attackers": [
+        {"name": "rl", "adversary": str(defenders["none"])}]})
+    assert any("attacker rl: not an adversary run" in e for e in bad.validate())
