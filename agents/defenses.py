@@ -59,10 +59,13 @@ def build_defense_settings(defense: str, settings: dict[str, Any] | None, arch: 
         distill_weight = float(sgam_all.pop("distill_weight", 1.0))
         if distill_weight < 0:
             raise ValueError(f"sgam distill_weight must be >= 0, got {distill_weight}")
+        distill_fraction = float(sgam_all.pop("distill_fraction", 0.0625))
+        if not 0 < distill_fraction <= 1:
+            raise ValueError(f"sgam distill_fraction must be in (0, 1], got {distill_fraction}")
         sgam_settings = _checked(SGAMConfig, sgam_all, "sgam")
         if arch not in ("cnn", "vit", "hybrid"):
             raise ValueError(f"SGAM distillation needs a Grad-CAM++ layer; arch {arch!r} has none")
-        learner["sgam"] = {"distill_weight": distill_weight}
+        learner["sgam"] = {"distill_weight": distill_weight, "distill_fraction": distill_fraction}
     return {"learner_config": learner, "sgam": sgam_settings}
 
 

@@ -43,6 +43,7 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             self._adv_cfg = AdvTrainingConfig(**cfg["adv"])
         if cfg.get("sgam"):
             self._sgam_weight = float(cfg["sgam"].get("distill_weight", 1.0))
+            self._sgam_fraction = float(cfg["sgam"].get("distill_fraction", 0.0625))
         self._fgmf_cache: dict[str, Any] = {}  # module id -> ExploitableSubspace
 
     @property
@@ -79,8 +80,9 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             self._log(module_id, info, prefix="fgmf_scorpio_")
         if self._sgam_weight > 0:
             from marl_fgmf.sgam import sgam_distillation_loss
-            # Grad-CAM++ needs one forward+backward: distill on a quarter of the minibatch.
-            rows = obs[: max(1, obs.shape[0] // 4)]
+            # Grad-CAM++ costs a forward+backward: distill on a random sub-batch.
+            n = max(1, int(round(obs.shape[0] * self._sgam_fraction)))
+            rows = obs[torch.randperm(obs.shape[0], device=obs.device)[:n]]
             distill, info = sgam_distillation_loss(policy.input_filter, policy, rows,
                                                    return_info=True)
             extra = extra + self._sgam_weight * distill

@@ -96,7 +96,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
-        # need_weights=False keeps the fused path; attention stays twice differentiable.
+        # need_weights=False takes the fused kernel; it has no second derivative on CPU, so
+        # double-backward code (SCOR-PIO's HVP) runs it under scorpio.double_backward_safe().
         x = x + self.attn(y, y, y, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
