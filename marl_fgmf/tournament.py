@@ -28,6 +28,9 @@ the clean return beside it and flagged defenders marked. Outputs (all written at
     DIR/report.md              all of the above tied together with the audit tables
     DIR/defenders/<name>/      defenders given as training specs, trained first
 
+On a Ray cluster (``address``) every node must read the checkpoint paths (a shared
+filesystem); the match log and the reports are written by the driver only.
+
 The configuration (YAML or JSON; relative paths are relative to the config file's folder)::
 
     env: beacon                 # optional: override every defender's env (else its run.json)
@@ -334,6 +337,20 @@ class TournamentConfig:
                 v = getattr(audit, key)
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     errors.append(f"audit {key} must be an integer >= 1, got {v!r}")
+            for key in ("steps", "restarts"):
+                v = getattr(audit, key)
+                if not isinstance(v, list) or not v or any(
+                        isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+                    errors.append(f"audit {key} must be a non-empty list of integers >= 1, "
+                                  f"got {v!r}")
+            if audit.objective not in ("margin", "ce"):
+                errors.append(f"audit objective must be 'margin' or 'ce', got {audit.objective!r}")
+            for key in ("margin", "alpha"):
+                v = getattr(audit, key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                    errors.append(f"audit {key} must be a number in [0, 1], got {v!r}")
+            if isinstance(audit.seed, bool) or not isinstance(audit.seed, int):
+                errors.append(f"audit seed must be an integer, got {audit.seed!r}")
         elif raw_audit is not True:
             errors.append(f"audit must be true, false or a mapping of settings, got {raw_audit!r}")
 

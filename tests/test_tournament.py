@@ -166,13 +166,16 @@ def test_invalid_config_reports_every_problem_before_anything_runs(defenders, tm
                       {"name": "p", "attack": "pgd", "settings": {"stepz": 3}}],
         "eps": ["8/255", 0.0313725490196, 2, "abc"],
         "episodes": 1,
+        "audit": {"steps": [0, 3], "objective": "dlr", "colour": "red"},
     }
     cfg = TournamentConfig.from_dict(conf)
     errors = cfg.validate()
     expected = ["duplicate defender name 'a'", "duplicate attacker name 'fgsm'",
                 "duplicate eps '8/255'", "invalid eps 2", "invalid eps 'abc'",
                 "unknown env 'nowhere'", "defender gone: checkpoint not found",
-                "attacker x: unknown attack 'laser'", "attacker p: unknown setting(s) stepz"]
+                "attacker x: unknown attack 'laser'", "attacker p: unknown setting(s) stepz",
+                "audit: unknown key(s) colour", "audit steps must be a non-empty list",
+                "audit objective must be 'margin' or 'ce'"]
     for text in expected:
         assert any(text in e for e in errors), (text, errors)
     assert all("\n" not in e for e in errors)
