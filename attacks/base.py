@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Iterator, Sequence, Union
 
@@ -172,26 +171,46 @@ def policy_mode(policy: nn.Module, train: bool = False) -> Iterator[None]:
             m.training = flag
 
 
-@dataclass
 class AttackContext:
     """What ``_perturb`` receives: the clean batch and everything derived from it once.
 
     Attributes:
         obs: clean observations (B, H, W, C) on the policy's device, detached.
         actions: (B,) long, the reference actions (success = the greedy action leaves them).
-        clean_logits: (B, n_actions) detached logits of the clean batch.
+        clean_logits: (B, n_actions) detached logits of the clean batch. Computed on first use
+            when the caller gave the reference actions and the objective does not need them
+            (``ce``, ``margin``, ``dlr``, ``value``): one forward pass saved per call.
         target: (B,) long target actions for the ``targeted`` objective, else ``None``.
         generator: the attack's :class:`torch.Generator` on the policy's device.
         success: ``_perturb`` may store here the (B,) success flags of the observations it
             returns (already projected), sparing the base class one forward pass.
     """
 
-    obs: torch.Tensor
-    actions: torch.Tensor
-    clean_logits: torch.Tensor
-    target: torch.Tensor | None
-    generator: torch.Generator
-    success: torch.Tensor | None = None
+    def __init__(self, obs: torch.Tensor, actions: torch.Tensor,
+                 clean_logits: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, success: torch.Tensor | None = None,
+                 clean_fn: Callable[[], torch.Tensor] | None = None):
+        if clean_logits is None and clean_fn is None:
+            raise ValueError("AttackContext needs clean_logits or clean_fn")
+        self.obs = obs
+        self.actions = actions
+        self._clean_logits = clean_logits
+        self._clean_fn = clean_fn
+        self.target = target
+        self.generator = generator
+        self.success = success
+
+    @property
+    def clean_logits(self) -> torch.Tensor:
+        """(B, n_actions) detached logits of the clean batch (computed once, on first use)."""
+        if self._clean_logits is None:
+            assert self._clean_fn is not None
+            self._clean_logits = self._clean_fn()
+        return self._clean_logits
+
+    def __repr__(self) -> str:
+        return (f"AttackContext(batch={self.batch}, obs={tuple(self.obs.shape)}, "
+                f"target={'yes' if self.target is not None else 'no'})")
 
     @property
     def batch(self) -> int:
@@ -224,7 +243,7 @@ class BestIterate:
     def update(self, x: torch.Tensor, loss: torch.Tensor, success: torch.Tensor) -> None:
         """Keep ``x`` for the samples where it beats the best so far (see :meth:`Attack.better`)."""
         improved = Attack.better(loss, success, self.loss, self.success)
-        self.x = torch.where(improved.view(-1, 1, 1, 1), x, self.x)
+        torch.where(improved.view(-1, 1, 1, 1), x, self.x, out=self.x)  # in place: no new (B, H, W, C)
         self.loss = torch.where(improved, loss.to(self.loss.dtype), self.loss)
         self.success = self.success | success
 
@@ -287,6 +306,7 @@ class Attack:
         self._eot_samples = 1          # set by EOT: average losses/gradients over this many passes
         self._eval_mode = True         # EOT(..., eval_mode=False) keeps dropout active
         self.last_success: torch.Tensor | None = None
+        self._unchecked_actions: torch.Tensor | None = None  # see _context / _checked_logits
 
     # ------------------------------------------------------------------ public API
     def __call__(self, obs: torch.Tensor, actions: Any = None) -> torch.Tensor:
@@ -352,11 +372,21 @@ class Attack:
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.policy(x)
+        return self._checked_logits(self.policy(x), x)
+
+    def _checked_logits(self, logits: Any, x: torch.Tensor) -> torch.Tensor:
+        """Validate the policy's output; the first one of a call also validates the caller's
+        reference actions against the number of actions (deferred from :meth:`_context`)."""
         if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
             raise ValueError(f"policy output must be logits of shape (B, n_actions) = "
                              f"({x.shape[0]}, n), got {shape}")
+        pending = getattr(self, "_unchecked_actions", None)
+        if pending is not None:
+            self._unchecked_actions = None
+            self._check_action_count(logits.shape[1])
+            self._check_actions(pending, pending.shape[0], logits.shape[1], pending.device,
+                                "actions")
         return logits
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -366,6 +396,7 @@ class Attack:
         both = getattr(self.policy, "forward_both", None)
         if callable(both):
             logits, values = both(x)
+            logits = self._checked_logits(logits, x)
         else:
             logits, values = self._logits(x), self.policy.value(x)
         values = values.reshape(x.shape[0], -1)
@@ -425,9 +456,7 @@ class Attack:
         stochastic forward passes (success from the averaged logits).
         """
         n = self._eot_samples
-        loss_sum = torch.zeros(x.shape[0], device=x.device, dtype=loss_dtype(x.device))
-        grad_sum = torch.zeros_like(x)
-        logit_sum = None
+        loss_sum = grad_sum = logit_sum = None
         for _ in range(n):
             xr = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -438,9 +467,13 @@ class Attack:
                     (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
             if grad is None:  # the input's gradient is cut (detach, no_grad): it is zero
                 grad = torch.zeros_like(xr)
-            loss_sum += loss.detach()
-            grad_sum += grad
-            logit_sum = logits.detach() if logit_sum is None else logit_sum + logits.detach()
+            loss, logits = loss.detach(), logits.detach()
+            if loss_sum is None:  # the first sample (the only one without EOT): no copies
+                loss_sum, grad_sum, logit_sum = loss, grad, logits
+            else:
+                loss_sum, grad_sum, logit_sum = loss_sum + loss, grad_sum + grad, logit_sum + logits
+        if n == 1:
+            return loss_sum, grad_sum, self.success(logit_sum, ctx)
         return loss_sum / n, grad_sum / n, self.success(logit_sum / n, ctx)
 
     @torch.no_grad()
@@ -462,13 +495,13 @@ class Attack:
         Clamping into [0, 1] after the ball projection never leaves the ball: each coordinate
         of ``adv - obs`` only shrinks in magnitude because ``obs`` itself lies in [0, 1].
         """
-        delta = adv - obs
+        delta = adv - obs  # a fresh tensor: the rest works in place on it (no temporaries)
         if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
+            delta.clamp_(-self.eps, self.eps)
         else:
             norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-            delta = delta * (self.eps / norms).clamp(max=1.0).view(-1, 1, 1, 1)
-        return (obs + delta).clamp(0.0, 1.0)
+            delta.mul_((self.eps / norms).clamp(max=1.0).view(-1, 1, 1, 1))
+        return delta.add_(obs).clamp_(0.0, 1.0)
 
     def random_delta(self, like: torch.Tensor, gen: torch.Generator,
                      distribution: str = "uniform") -> torch.Tensor:
@@ -500,9 +533,9 @@ class Attack:
         if torch.is_tensor(size):
             size = size.view(-1, 1, 1, 1)
         if self.norm == "linf":
-            return size * grad.sign()
+            return grad.sign().mul_(size)
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        return size * grad / norms
+        return (grad / norms).mul_(size)
 
     @staticmethod
     def better(loss_new: torch.Tensor, success_new: torch.Tensor,
@@ -548,16 +581,20 @@ class Attack:
             yield
 
     def _context(self, x: torch.Tensor, actions: Any, gen: torch.Generator) -> AttackContext:
-        with torch.no_grad():
-            clean_logits = self._logits(x).detach()
+        def clean() -> torch.Tensor:
+            with torch.no_grad():
+                return self._logits(x).detach()
+
+        self._unchecked_actions = None
+        if actions is not None and self.objective in ("ce", "margin", "dlr", "value"):
+            # The caller's reference actions make the clean forward pass unnecessary: they are
+            # checked against the number of actions at the first forward pass of the attack.
+            ref = self._check_actions(actions, x.shape[0], None, x.device, "actions")
+            self._unchecked_actions = ref
+            return AttackContext(obs=x, actions=ref, target=None, generator=gen, clean_fn=clean)
+        clean_logits = clean()
         b, n_actions = clean_logits.shape
-        if self.objective in ("ce", "kl", "targeted", "margin") and n_actions < 2:
-            raise ValueError(f"objective {self.objective!r} needs a policy with >= 2 actions, "
-                             f"got {n_actions}")
-        if self.objective == "dlr" and n_actions < 3:
-            raise ValueError(f"objective 'dlr' needs >= 3 actions (it divides by z_1 - z_3, "
-                             f"Croce & Hein 2020); this policy has {n_actions}: "
-                             f"use objective='ce' or 'margin'")
+        self._check_action_count(n_actions)
         ref = self._check_actions(actions, b, n_actions, x.device, "actions")
         if ref is None:
             ref = clean_logits.argmax(dim=1)
@@ -565,8 +602,18 @@ class Attack:
         return AttackContext(obs=x, actions=ref, clean_logits=clean_logits, target=target,
                              generator=gen)
 
+    def _check_action_count(self, n_actions: int) -> None:
+        """Refuse an objective that the policy's number of actions cannot support."""
+        if self.objective in ("ce", "kl", "targeted", "margin") and n_actions < 2:
+            raise ValueError(f"objective {self.objective!r} needs a policy with >= 2 actions, "
+                             f"got {n_actions}")
+        if self.objective == "dlr" and n_actions < 3:
+            raise ValueError(f"objective 'dlr' needs >= 3 actions (it divides by z_1 - z_3, "
+                             f"Croce & Hein 2020); this policy has {n_actions}: "
+                             f"use objective='ce' or 'margin'")
+
     @staticmethod
-    def _check_actions(actions: Any, batch: int, n_actions: int, device: torch.device,
+    def _check_actions(actions: Any, batch: int, n_actions: int | None, device: torch.device,
                        name: str) -> torch.Tensor | None:
         if actions is None:
             return None
@@ -583,7 +630,9 @@ class Attack:
         if tuple(actions.shape) != (batch,):
             raise ValueError(f"{name} must have shape ({batch},) to match obs, "
                              f"got {tuple(actions.shape)}")
-        lo, hi = int(actions.min()), int(actions.max())
+        if n_actions is None:  # range checked later, once the number of actions is known
+            return actions.to(device=device, dtype=torch.long)
+        lo, hi = (int(v) for v in torch.aminmax(actions))
         if lo < 0 or hi >= n_actions:
             raise ValueError(f"{name} must be in 0..{n_actions - 1} (the policy has {n_actions} "
                              f"actions), got values in [{lo}, {hi}]")
