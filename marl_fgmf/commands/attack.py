@@ -1,0 +1,283 @@
+"""``marl-fgmf attack``: evaluate a trained policy under an observation attack.
+
+Examples::
+
+    marl-fgmf attack --checkpoint runs/ppo --attack pgd --eps 4/255 --steps 20 --episodes 10
+    marl-fgmf attack --checkpoint runs/ppo --attack apgd --eps 2/255,4/255,8/255 \\
+        --objective dlr --out results/apgd.json
+    marl-fgmf attack --checkpoint runs/ppo --attack square --settings n_queries=1000
+    marl-fgmf attack --checkpoint runs/ppo --attack ensemble --steps 20 \\
+        --settings '{"attacks": ["pgd", "square"], "n_queries": 500}'
+    marl-fgmf attack --checkpoint runs/ppo --attack learned --adversary runs/adv-perturb
+
+Every agent plays its own policy module (``shared``, or one per agent as in the checkpoint;
+``--policy-id`` makes one module play for all agents) greedily on observations perturbed at
+every step by the attack (:func:`attacks.evaluate`). The clean run is played once on the same
+seeds; each budget of ``--eps`` is then one attacked run. Prints a table (team return clean vs
+attacked with 95% confidence intervals, success rate per agent-step, mean Linf / L2 norm of the
+perturbation) and the per-agent returns; ``--out FILE.json`` writes everything atomically.
+
+Bad input (a budget outside (0, 1], steps < 1, an unknown attack, objective or setting, a
+missing checkpoint, a policy whose observation or action shape does not fit the environment)
+exits 2 with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from marl_fgmf.commands import UsageError, parse_eps_list, positive_int
+
+NORMS = ("linf", "l2")
+OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")  # attacks.base.OBJECTIVES
+LEARNED = "learned"
+DEFAULT_EPS = 8 / 255
+
+
+def _eps_list(text: str) -> list[float]:
+    values = parse_eps_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected one or more budgets such as 4/255 or "
+                                         f"2/255,4/255,8/255, got {text!r}")
+    return values
+
+
+def _settings(text: str) -> dict[str, Any]:
+    from marl_fgmf.commands.train import parse_settings
+    return parse_settings(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="run directory (marl-fgmf train --out) or checkpoint")
+    p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
+    p.add_argument("--env-kwargs", type=_settings, default=None, metavar="K=V,...",
+                   help="environment settings (default: the run's)")
+    p.add_argument("--attack", required=True, metavar="NAME",
+                   help="random | fgsm | pgd | apgd | square | bpda | eot | ensemble | learned")
+    p.add_argument("--adversary", default=None, metavar="DIR",
+                   help="with --attack learned: the adversary's run directory "
+                        "(marl-fgmf train-adversary --out)")
+    p.add_argument("--eps", type=_eps_list, default=None, metavar="EPS[,EPS...]",
+                   help="budget(s) in [0, 1] observation units, e.g. 8/255 or 2/255,4/255,8/255 "
+                        "(default 8/255; learned: the budget it was trained at)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="iterations of the gradient attacks (default: the attack's own)")
+    p.add_argument("--norm", choices=NORMS, default=None, help="distance (default: linf)")
+    p.add_argument("--objective", default=None, metavar="NAME",
+                   help=f"attacker loss: {' | '.join(OBJECTIVES)} (default: the attack's own)")
+    p.add_argument("--settings", type=_settings, default={}, metavar="K=V,...",
+                   help="further attack settings, e.g. restarts=2 or n_queries=1000 "
+                        "(or a JSON object)")
+    p.add_argument("--episodes", type=positive_int, default=10, help="episodes per run (10)")
+    p.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i (0)")
+    p.add_argument("--policy-id", default=None,
+                   help="one policy module for every agent (default: the checkpoint's mapping)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# --------------------------------------------------------------------------- validation
+def _check_arguments(args: argparse.Namespace) -> str:
+    """Everything that can be checked before torch, Ray or the checkpoint load; the attack key."""
+    from attacks import ALIASES, ATTACKS
+    name = str(args.attack).strip().lower().replace("-", "_")
+    name = ALIASES.get(name, name)
+    allowed = [*ATTACKS, LEARNED]
+    if name not in allowed:
+        raise UsageError(f"unknown attack {args.attack!r}; allowed: {', '.join(allowed)}")
+    if args.objective is not None and args.objective not in OBJECTIVES:
+        raise UsageError(f"unknown objective {args.objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    for key, flag in (("eps", "--eps"), ("steps", "--steps"), ("norm", "--norm"),
+                      ("objective", "--objective"), ("seed", "--seed")):
+        if key in args.settings:
+            raise UsageError(f"set {key} with {flag}, not in --settings")
+    if name == LEARNED:
+        if not args.adversary:
+            raise UsageError("--attack learned needs --adversary DIR (a train-adversary run)")
+        extra = [flag for flag, value in (("--steps", args.steps), ("--norm", args.norm),
+                                          ("--objective", args.objective)) if value is not None]
+        if extra or args.settings:
+            raise UsageError(f"{', '.join(extra + (['--settings'] if args.settings else []))} "
+                             f"cannot apply to a learned adversary (its policy is trained)")
+        if not Path(args.adversary).exists():
+            raise UsageError(f"adversary run not found: {args.adversary}")
+    elif args.adversary:
+        raise UsageError("--adversary is only used with --attack learned")
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    if args.out is not None and Path(args.out).is_dir():
+        raise UsageError(f"--out must be a file path, {args.out} is a directory")
+    return name
+
+
+def _check_policy_fits_env(policy: Any, env: Any, agent: str, module: str) -> None:
+    """One-line errors for a policy built for another observation or action space."""
+    obs_shape = tuple(env.observation_space(agent).shape or ())
+    n = getattr(env.action_space(agent), "n", None)
+    if n is None:
+        raise UsageError(f"the action space of {agent!r} is {env.action_space(agent)}; "
+                         f"attacks need Discrete actions")
+    want_obs = getattr(policy, "obs_shape", None)
+    if want_obs is not None and tuple(want_obs) != obs_shape:
+        raise UsageError(f"policy {module!r} takes observations of shape {tuple(want_obs)} but "
+                         f"{agent!r} sees {obs_shape}: wrong --env or --env-kwargs?")
+    want_n = getattr(policy, "n_actions", None)
+    if want_n is not None and int(want_n) != int(n):
+        raise UsageError(f"policy {module!r} outputs {int(want_n)} action logits but the action "
+                         f"space of {agent!r} is Discrete({int(n)}): they must match")
+
+
+def _load_policies(args: argparse.Namespace, agents: list[str]) -> tuple[dict, dict[str, str]]:
+    """``({agent: module}, {agent: module id})``."""
+    from agents.checkpoint import agent_policy_map, load_policies, load_policy, policy_ids
+    if args.policy_id is not None:
+        ids = policy_ids(args.checkpoint)
+        if args.policy_id not in ids:
+            raise UsageError(f"unknown --policy-id {args.policy_id!r}; allowed: {', '.join(ids)}")
+        net = load_policy(args.checkpoint, args.policy_id, device=args.device)
+        return {a: net for a in agents}, {a: args.policy_id for a in agents}
+    mapping = agent_policy_map(args.checkpoint, agents)
+    modules = load_policies(args.checkpoint, device=args.device)
+    return {a: modules[mapping[a]] for a in agents}, mapping
+
+
+def _attack_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dict(args.settings)
+    for key in ("steps", "norm", "objective"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def _build_attack(key: str, args: argparse.Namespace, policy: Any, eps: float | None) -> Any:
+    if key == LEARNED:
+        try:
+            from agents.adversary import load_adversary
+        except ImportError as exc:
+            raise UsageError(f"learned adversaries are not available in this installation "
+                             f"(agents.adversary.load_adversary: {exc})") from None
+        return load_adversary(args.adversary, policy=policy, eps=eps, device=args.device)
+    from attacks import make_attack
+    return make_attack(key, policy, eps=eps, **_attack_settings(args))
+
+
+# --------------------------------------------------------------------------- output
+def _pm(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:.2f} ± {stats['ci95']:.2f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results as a Markdown table (team return and attack statistics per budget), then the
+    per-agent returns."""
+    clean = result["clean"]
+    rows = [("eps", "team return clean", "team return attacked", "change", "success",
+             "mean Linf", "mean L2")]
+    for r in result["results"]:
+        change = r["team_return"]["mean"] - clean["team_return"]["mean"]
+        rows.append((r["eps_label"], _pm(clean["team_return"]), _pm(r["team_return"]),
+                     f"{change:+.2f}", f"{100 * r['success_rate']:.1f}%",
+                     f"{r['mean_linf']:.4f}", f"{r['mean_l2']:.4f}"))
+    agents = list(clean["agent_return"])
+    per_agent = [("run", *agents), ("clean", *(_pm(clean["agent_return"][a]) for a in agents))]
+    for r in result["results"]:
+        per_agent.append((f"eps {r['eps_label']}", *(_pm(r["agent_return"][a]) for a in agents)))
+    return _markdown(rows) + "\n\nper-agent return (mean ± 95% CI):\n\n" + _markdown(per_agent)
+
+
+def _markdown(rows: list[tuple]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    def line(row: tuple) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
+
+
+def eps_label(eps: float) -> str:
+    """``8/255`` for multiples of 1/255, else the number."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+
+
+def _stats(run: dict[str, Any]) -> dict[str, Any]:
+    keep = ("team_return", "agent_return", "team_returns", "success_rate", "mean_linf",
+            "mean_l2", "agent_steps", "time_s")
+    return {k: run[k] for k in keep}
+
+
+# --------------------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> int:
+    key = _check_arguments(args)
+    import torch
+    from agents.checkpoint import read_run_config, resolve_module_root
+    from attacks import evaluate
+    from envs import list_envs, make_env
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+    resolve_module_root(args.checkpoint)  # CheckpointError (one line) if missing or partial
+    run_cfg = read_run_config(args.checkpoint)
+    env_name = args.env or run_cfg.get("env")
+    if not env_name:
+        raise UsageError(f"--env is required: {args.checkpoint} has no run.json naming its env")
+    if env_name not in list_envs():
+        raise UsageError(f"unknown env {env_name!r}; allowed: {', '.join(list_envs())}")
+    if args.env_kwargs is not None:
+        env_kwargs = dict(args.env_kwargs)
+    elif env_name == run_cfg.get("env"):
+        env_kwargs = dict(run_cfg.get("env_kwargs") or {})
+    else:
+        env_kwargs = {}
+    env = make_env(env_name, **env_kwargs)
+    try:
+        agents = list(env.possible_agents)
+        policies, mapping = _load_policies(args, agents)
+        for agent in agents:
+            _check_policy_fits_env(policies[agent], env, agent, mapping[agent])
+        first = policies[agents[0]]
+        budgets: list[float | None] = list(args.eps) if args.eps else (
+            [None] if key == LEARNED else [DEFAULT_EPS])
+        attacks = [_build_attack(key, args, first, eps) for eps in budgets]  # fail before playing
+
+        t0 = time.perf_counter()
+        progress = not args.quiet
+        clean = evaluate(policies, env, None, episodes=args.episodes, seed=args.seed,
+                         progress=progress)
+        results = []
+        for attack in attacks:
+            run_result = evaluate(policies, env, attack, episodes=args.episodes, seed=args.seed,
+                                  progress=progress, compare_clean=False)
+            eps = float(attack.eps)
+            results.append({"eps": eps, "eps_label": eps_label(eps),
+                            "attack": run_result["attack"], **_stats(run_result)})
+    finally:
+        env.close()
+
+    result = {
+        "command": "marl-fgmf attack " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["attack"]
+        else None,
+        "checkpoint": str(args.checkpoint), "env": env_name, "env_kwargs": env_kwargs,
+        "policies": mapping, "attack": key,
+        "adversary": str(args.adversary) if key == LEARNED else None,
+        "settings": {} if key == LEARNED else _attack_settings(args),
+        "episodes": args.episodes, "seed": args.seed,
+        "clean": _stats(clean), "results": results,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    print(f"{key} on {args.checkpoint} ({env_name}, {len(agents)} agents, {args.episodes} "
+          f"episodes, seed {args.seed}); team return = sum of the agents' returns, "
+          f"mean ± 95% CI; success = agent-steps whose greedy action the attack changed")
+    print()
+    print(format_table(result))
+    if args.out:
+        from agents.train import atomic_write_text
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=2))
+        print(f"\nwrote {out}")
+    return 0

@@ -1,0 +1,153 @@
+"""``marl-fgmf attack`` end to end (subprocess) on tiny checkpoints: the JSON it writes, the
+table it prints, per-agent policies, and one-line errors (exit 2, no traceback) for bad input.
+
+The checkpoints are untrained RLModules saved in the exact layout ``marl-fgmf train`` writes
+(run.json, checkpoints/latest, learner_group/learner/rl_module/<module id>), which needs neither
+Ray nor training, so the file runs in well under a minute.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from envs import make_env
+
+ENV_KWARGS = {"n_agents": 2, "max_steps": 4}
+TOP_KEYS = {"command", "checkpoint", "env", "env_kwargs", "policies", "attack", "adversary",
+            "settings", "episodes", "seed", "clean", "results", "wall_time_s"}
+RUN_KEYS = {"team_return", "agent_return", "team_returns", "success_rate", "mean_linf",
+            "mean_l2", "agent_steps", "time_s"}
+RESULT_KEYS = RUN_KEYS | {"eps", "eps_label", "attack"}
+CI_KEYS = {"mean", "ci95", "low", "high", "n"}
+
+
+def _save_run(root: Path, module_ids: list[str], n_actions: int = 5) -> Path:
+    """An untrained policy saved as a `marl-fgmf train` run directory."""
+    from gymnasium import spaces
+
+    from agents.rl_module import FGMFTorchRLModule
+    from agents.train import TrainConfig
+
+    env = make_env("beacon", **ENV_KWARGS)
+    agent = env.possible_agents[0]
+    ckpt = root / "checkpoints" / "iter_00001"
+    for i, module_id in enumerate(module_ids):
+        torch.manual_seed(i)
+        module = FGMFTorchRLModule(
+            observation_space=env.observation_space(agent), action_space=spaces.Discrete(n_actions),
+            model_config={"arch": "cnn", "net": {"channels": [4, 8, 8], "hidden": 16},
+                          "sgam": None})
+        module.save_to_path(str(ckpt / "learner_group" / "learner" / "rl_module" / module_id))
+    (root / "checkpoints" / "latest").write_text("iter_00001")
+    cfg = TrainConfig(env_kwargs=dict(ENV_KWARGS), net={"channels": [4, 8, 8], "hidden": 16},
+                      policies="shared" if module_ids == ["shared"] else "per-agent")
+    (root / "run.json").write_text(json.dumps(cfg.to_json()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("attack_cli")
+    return {"shared": _save_run(root / "shared", ["shared"]),
+            "per_agent": _save_run(root / "per_agent", ["agent_0", "agent_1"]),
+            "four_actions": _save_run(root / "four", ["shared"], n_actions=4)}
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "attack", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("marl-fgmf attack: error:"), errors
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def test_cli_writes_json_with_the_expected_keys(runs, tmp_path):
+    out = tmp_path / "sub" / "pgd.json"
+    proc = _cli("--checkpoint", str(runs["shared"]), "--attack", "pgd", "--eps", "2/255,8/255",
+                "--steps", "2", "--episodes", "2", "--seed", "3", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert TOP_KEYS <= set(data), set(data) ^ TOP_KEYS
+    assert data["env"] == "beacon" and data["env_kwargs"] == ENV_KWARGS  # from run.json
+    assert data["policies"] == {"agent_0": "shared", "agent_1": "shared"}
+    assert data["attack"] == "pgd" and data["settings"] == {"steps": 2}
+    assert data["episodes"] == 2 and data["seed"] == 3
+    assert RUN_KEYS <= set(data["clean"])
+    assert [r["eps_label"] for r in data["results"]] == ["2/255", "8/255"]
+    for r, eps in zip(data["results"], (2 / 255, 8 / 255)):
+        assert RESULT_KEYS <= set(r), set(r) ^ RESULT_KEYS
+        assert r["eps"] == pytest.approx(eps)
+        assert r["attack"]["attack"] == "pgd" and r["attack"]["steps"] == 2
+        assert CI_KEYS <= set(r["team_return"])
+        assert set(r["agent_return"]) == {"agent_0", "agent_1"}
+        assert len(r["team_returns"]) == 2
+        assert r["agent_steps"] == 2 * 2 * ENV_KWARGS["max_steps"]
+        assert 0.0 <= r["success_rate"] <= 1.0
+        assert 0.0 < r["mean_linf"] <= eps + 1e-6
+    # the table: one row per budget, clean and attacked team return side by side
+    assert "| eps " in proc.stdout and "team return clean" in proc.stdout
+    assert "| 2/255 " in proc.stdout and "| 8/255 " in proc.stdout
+    assert "per-agent return" in proc.stdout and "agent_1" in proc.stdout
+    assert not list(out.parent.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_cli_per_agent_policies_and_a_gradient_free_attack(runs, tmp_path):
+    out = tmp_path / "square.json"
+    proc = _cli("--checkpoint", str(runs["per_agent"]), "--attack", "square", "--eps", "4/255",
+                "--settings", "n_queries=3", "--episodes", "1", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["policies"] == {"agent_0": "agent_0", "agent_1": "agent_1"}
+    assert data["results"][0]["attack"]["n_queries"] == 3
+    assert data["results"][0]["mean_linf"] <= 4 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--attack", "pgd", "--eps", "0"], ["--eps", "(0, 1]"]),
+    (["--attack", "pgd", "--eps", "2/255,1.5"], ["--eps", "(0, 1]", "1.5"]),
+    (["--attack", "pgd", "--eps=-4/255"], ["(0, 1]", "-4/255"]),
+    (["--attack", "pgd", "--steps", "0"], ["--steps", "positive integer"]),
+    (["--attack", "pgdx"], ["unknown attack 'pgdx'", "allowed: random, fgsm, pgd"]),
+    (["--attack", "pgd", "--objective", "hinge"], ["unknown objective 'hinge'", "allowed: ce"]),
+    (["--attack", "fgsm", "--settings", "restarts=2"], ["unknown setting(s) restarts"]),
+    (["--attack", "learned"], ["--adversary"]),
+    (["--attack", "pgd", "--adversary", "x"], ["--adversary is only used with --attack learned"]),
+])
+def test_cli_bad_arguments_one_line_exit_2(runs, args, fragments):
+    _one_line_error(_cli("--checkpoint", str(runs["shared"]), *args, "--quiet"), *fragments)
+
+
+def test_cli_missing_checkpoint_one_line_exit_2(tmp_path):
+    _one_line_error(_cli("--checkpoint", str(tmp_path / "nope"), "--attack", "pgd"),
+                    "checkpoint not found", "nope")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)  # a run dir without a checkpoint
+    _one_line_error(_cli("--checkpoint", str(tmp_path / "empty"), "--attack", "pgd"),
+                    "no complete checkpoint")
+
+
+def test_cli_learned_adversary_from_a_run_that_is_not_one(runs):
+    _one_line_error(_cli("--checkpoint", str(runs["shared"]), "--attack", "learned",
+                         "--adversary", str(runs["per_agent"]), "--quiet"),
+                    "not an adversary run")
+
+
+def test_cli_policy_that_does_not_fit_the_env_one_line_exit_2(runs):
+    _one_line_error(_cli("--checkpoint", str(runs["four_actions"]), "--attack", "fgsm",
+                         "--episodes", "1", "--quiet"),
+                    "4 action logits", "Discrete(5)")
+    _one_line_error(_cli("--checkpoint", str(runs["shared"]), "--attack", "fgsm",
+                         "--env-kwargs", "grid=9", "--episodes", "1", "--quiet"),
+                    "(21, 21, 3)", "(27, 27, 3)")
