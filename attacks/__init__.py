@@ -35,6 +35,7 @@ from attacks.ensemble import Ensemble
 from attacks.eot import EOT
 from attacks.evaluate import evaluate, mean_ci95
 from attacks.fgsm import FGSM
+from attacks.learned import AdversaryEnv, LearnedAdversary  # noqa: F401 (learned adversaries)
 from attacks.pgd import PGD
 from attacks.random_noise import RandomNoise
 from attacks.square import Square
