@@ -32,9 +32,6 @@ an ordinary attack for :func:`attacks.evaluate` and tournaments;
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,26 +50,13 @@ from torch import nn
 from agents.checkpoint import (
     CheckpointError,
     agent_policy_map,
-    latest_checkpoint,
     load_policies,
     policy_ids,
     read_run_config,
     resolve_module_root,
 )
 from agents.rl_module import FGMFTorchRLModule, build_network
-from agents.train import (
-    TrainConfig,
-    _flatten_result,
-    _last_ckpt_iter,
-    _load_records,
-    _plot,
-    _save_checkpoint,
-    _tb_writer,
-    _write_metrics,
-    atomic_write_text,
-    build_algo_config,
-    ensure_ray,
-)
+from agents.train import TrainConfig, build_algo_config, prepare_run, run_training_loop
 from attacks.base import parse_budget
 from attacks.learned import MODES, TEAM_AGENT, UPSAMPLING, AdversaryEnv, LearnedAdversary
 
@@ -358,91 +342,28 @@ def train_adversary(victim: str | Path | None, out: str | Path, env: str | None 
         CheckpointError: the victim checkpoint is missing or unreadable.
     """
     out = Path(out)
-    run_file = out / "run.json"
-    if resume:
-        if not run_file.is_file():
-            raise ValueError(f"--resume: no run to resume in {out} (run.json missing)")
-        saved = json.loads(run_file.read_text())
-        if saved.get("kind") != RUN_KIND:
-            raise ValueError(f"{out} is not an adversary run (run.json kind is "
-                             f"{saved.get('kind', 'train')!r})")
-        cfg = AdversaryConfig.from_json(saved)
-        cfg.iterations = int(iterations)
-    else:
-        if run_file.exists() or (out / "checkpoints").exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                             "choose another --out")
+    if not resume:
         names = {f.name for f in dataclasses.fields(AdversaryConfig)}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(sorted(names))}")
-        cfg = AdversaryConfig(victim=str(victim or ""), env=env or "", eps=eps, mode=mode,
-                              team=team, iterations=iterations, **settings)
+    cfg = AdversaryConfig(victim=str(victim or ""), env=env or "", eps=eps, mode=mode,
+                          team=team, iterations=iterations, **settings)
+    if not resume:
         resolve_victim(cfg)
-    cfg.validate()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps({"kind": RUN_KIND, **cfg.to_json()}, indent=2))
+    cfg = prepare_run(cfg, out, resume, AdversaryConfig.from_json, kind=RUN_KIND)
 
-    from tqdm.auto import tqdm
+    def victim_return(row: dict[str, Any]) -> None:
+        row["victim_return_mean"] = -row["agent_return_mean"]
 
-    started_ray = ensure_ray(address)
-    algo = None
-    records: list[dict[str, Any]] = []
-    writer = None
-    bar = None
-    last: dict[str, Any] = {}
-    try:
-        algo = build_adversary_algo_config(cfg).build_algo()
-        start_iter = 0
-        if resume:
-            ckpt = latest_checkpoint(out)
-            if ckpt is not None:
-                algo.restore_from_path(str(ckpt.resolve()))
-                start_iter = int(ckpt.name.split("_")[-1])
-            records = [r for r in _load_records(out) if r.get("iteration", 0) <= start_iter]
-        n_adv = _n_adversaries(cfg)
-        writer = _tb_writer(out)
-        t0 = time.time()
-        elapsed_before = records[-1].get("wall_time_s", 0.0) if records else 0.0
-        last = records[-1] if records else {}
-        bar = tqdm(total=cfg.iterations, initial=start_iter, disable=not progress,
-                   desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}",
-                   unit="it")
-        for it in range(start_iter + 1, cfg.iterations + 1):
-            t_iter = time.time()
-            result = algo.train()
-            row = _flatten_result(result, n_adv)
-            row["iteration"] = it
-            row["victim_return_mean"] = -row["agent_return_mean"]
-            row["iter_time_s"] = time.time() - t_iter
-            row["wall_time_s"] = elapsed_before + time.time() - t0
-            records.append(row)
-            last = row
-            for key, value in row.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    writer.add_scalar(key, value, row["env_steps"])
-            writer.flush()
-            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-                _save_checkpoint(algo, out, it, cfg.keep_checkpoints)
-                _write_metrics(out, records)
-            bar.set_postfix(steps=row["env_steps"], victim=f"{row['victim_return_mean']:.2f}",
-                            t=f"{row['wall_time_s']:.0f}s")
-            bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        if records:
-            _write_metrics(out, [r for r in records if r["iteration"] <= _last_ckpt_iter(out)])
-            _plot(out, records, None)
-        if algo is not None:
-            algo.stop()
-        if started_ray:
-            import ray
-            ray.shutdown()
-    return {"last": last, "out": str(out), "records": records, "config": cfg.to_json()}
+    result = run_training_loop(
+        build_adversary_algo_config(cfg), cfg, out, resume=resume, address=address,
+        progress=progress, n_agents=_n_adversaries(cfg), on_row=victim_return,
+        postfix_key=("victim", "victim_return_mean"),
+        desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")
+    return {"last": result["last"], "out": str(out), "records": result["records"],
+            "config": cfg.to_json()}
 
 
 # --------------------------------------------------------------------------- back to an attack

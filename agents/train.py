@@ -306,6 +306,117 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 # --------------------------------------------------------------------------- main loop
+def prepare_run(cfg, out: Path, resume: bool, load: Callable[[dict[str, Any]], Any],
+                kind: str | None = None):
+    """Check ``out`` for ``train``/``resume`` and write ``run.json``; returns the settings.
+
+    With ``resume`` the saved settings win (``load(saved_json)``) and only ``iterations`` is
+    taken from ``cfg``. Without it, ``out`` must not hold a run: nothing there is touched.
+    """
+    run_file = out / "run.json"
+    if resume:
+        if not run_file.is_file():
+            raise ValueError(f"--resume: no run to resume in {out} (run.json missing)")
+        saved = json.loads(run_file.read_text())
+        if saved.get("kind") != kind:
+            raise ValueError(f"{out} holds a run of kind {saved.get('kind') or 'train'!r}, "
+                             f"not {kind or 'train'!r}")
+        iterations = cfg.iterations
+        cfg = load(saved)
+        cfg.iterations = int(iterations)
+    elif run_file.exists() or (out / "checkpoints").exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
+                         "choose another --out")
+    cfg.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    payload = cfg.to_json() if kind is None else {"kind": kind, **cfg.to_json()}
+    atomic_write_text(run_file, json.dumps(payload, indent=2))
+    return cfg
+
+
+def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str | None,
+                      progress: bool, desc: str, n_agents: int,
+                      reference: float | None = None,
+                      on_row: Callable[[dict[str, Any]], None] | None = None,
+                      postfix_key: tuple[str, str] = ("ret", "agent_return_mean"),
+                      time_budget_s: float | None = None) -> dict[str, Any]:
+    """The resumable RLlib loop shared by every trainer of this package.
+
+    Builds the algorithm from ``algo_config`` (restoring ``out/checkpoints/latest`` with
+    ``resume``), runs ``cfg.iterations`` iterations with a progress bar, logs one metrics row
+    per iteration (``on_row`` may add fields) to ``metrics.csv/json`` and TensorBoard, writes
+    atomic checkpoints every ``cfg.checkpoint_every`` iterations, and on any exit (Ctrl-C
+    included) leaves the metrics consistent with the last complete checkpoint.
+
+    Returns:
+        ``{"last": last row, "out", "records", "reference_return"}``.
+    """
+    from tqdm.auto import tqdm
+
+    started_ray = ensure_ray(address)
+    algo = None
+    records: list[dict[str, Any]] = []
+    writer = bar = None
+    last: dict[str, Any] = {}
+    try:
+        algo = algo_config.build_algo()
+        start_iter = 0
+        if resume:
+            from agents.checkpoint import latest_checkpoint
+            ckpt = latest_checkpoint(out)
+            if ckpt is not None:
+                algo.restore_from_path(str(ckpt.resolve()))
+                start_iter = int(ckpt.name.split("_")[-1])
+            records = [r for r in _load_records(out) if r.get("iteration", 0) <= start_iter]
+        writer = _tb_writer(out)
+        t0 = time.time()
+        elapsed_before = records[-1].get("wall_time_s", 0.0) if records else 0.0
+        last = records[-1] if records else {}
+        bar = tqdm(total=cfg.iterations, initial=start_iter, disable=not progress, desc=desc,
+                   unit="it")
+        for it in range(start_iter + 1, cfg.iterations + 1):
+            t_iter = time.time()
+            result = algo.train()
+            row = _flatten_result(result, n_agents)
+            row["iteration"] = it
+            row["iter_time_s"] = time.time() - t_iter
+            row["wall_time_s"] = elapsed_before + time.time() - t0
+            if reference is not None:
+                row["reference_return"] = reference
+            if on_row is not None:
+                on_row(row)
+            records.append(row)
+            last = row
+            for key, value in row.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(key, value, row["env_steps"])
+            writer.flush()
+            out_of_time = time_budget_s is not None and time.time() - t0 >= time_budget_s
+            if it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time:
+                _save_checkpoint(algo, out, it, cfg.keep_checkpoints)
+                _write_metrics(out, records)
+            label, key = postfix_key
+            bar.set_postfix({"steps": row["env_steps"], label: f"{row[key]:.2f}",
+                             "t": f"{row['wall_time_s']:.0f}s"})
+            bar.update(1)
+            if out_of_time:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        if records:
+            _write_metrics(out, [r for r in records if r["iteration"] <= _last_ckpt_iter(out)])
+            _plot(out, records, reference)
+        if algo is not None:
+            algo.stop()
+        if started_ray:
+            import ray
+            ray.shutdown()
+    return {"last": last, "out": str(out), "records": records, "reference_return": reference}
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str | None = None,
           progress: bool = True, time_budget_s: float | None = None) -> dict[str, Any]:
     """Train (or resume) a run into ``out``; returns the last metrics row and paths.
@@ -322,78 +433,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
         ValueError: bad settings, an existing run without ``resume``, or ``resume`` with no run.
     """
     out = Path(out)
-    run_file = out / "run.json"
-    if resume:
-        if not run_file.is_file():
-            raise ValueError(f"--resume: no run to resume in {out} (run.json missing)")
-        saved = TrainConfig.from_json(json.loads(run_file.read_text()))
-        saved.iterations = cfg.iterations
-        cfg = saved
-    elif run_file.exists() or (out / "checkpoints").exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                         "choose another --out")
-    cfg.validate()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps(cfg.to_json(), indent=2))
-
-    from tqdm.auto import tqdm
-
-    started_ray = ensure_ray(address)
-    algo = build_algo_config(cfg).build_algo()
-    records: list[dict[str, Any]] = []
-    start_iter = 0
-    if resume:
-        from agents.checkpoint import latest_checkpoint
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None:
-            algo.restore_from_path(str(ckpt.resolve()))
-            start_iter = int(ckpt.name.split("_")[-1])
-        records = [r for r in _load_records(out) if r.get("iteration", 0) <= start_iter]
-    n_agents = len(env_spaces(cfg)[0])
-    ref = reference_return(cfg)
-    writer = _tb_writer(out)
-    t0 = time.time()
-    elapsed_before = records[-1].get("wall_time_s", 0.0) if records else 0.0
-    bar = tqdm(total=cfg.iterations, initial=start_iter, disable=not progress,
-               desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}", unit="it")
-    last: dict[str, Any] = records[-1] if records else {}
-    try:
-        for it in range(start_iter + 1, cfg.iterations + 1):
-            t_iter = time.time()
-            result = algo.train()
-            row = _flatten_result(result, n_agents)
-            row["iteration"] = it
-            row["iter_time_s"] = time.time() - t_iter
-            row["wall_time_s"] = elapsed_before + time.time() - t0
-            if ref is not None:
-                row["reference_return"] = ref
-            records.append(row)
-            last = row
-            for key, value in row.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    writer.add_scalar(key, value, row["env_steps"])
-            writer.flush()
-            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-                _save_checkpoint(algo, out, it, cfg.keep_checkpoints)
-                _write_metrics(out, records)
-            bar.set_postfix(steps=row["env_steps"], ret=f"{row['agent_return_mean']:.2f}",
-                            t=f"{row['wall_time_s']:.0f}s")
-            bar.update(1)
-            if time_budget_s is not None and time.time() - t0 >= time_budget_s:
-                if it % cfg.checkpoint_every:
-                    _save_checkpoint(algo, out, it, cfg.keep_checkpoints)
-                break
-    finally:
-        bar.close()
-        writer.close()
-        if records:
-            _write_metrics(out, [r for r in records if r["iteration"] <= _last_ckpt_iter(out)])
-            _plot(out, records, ref)
-        algo.stop()
-        if started_ray:
-            import ray
-            ray.shutdown()
-    return {"last": last, "out": str(out), "reference_return": ref, "records": records}
+    cfg = prepare_run(cfg, out, resume, TrainConfig.from_json)
+    return run_training_loop(
+        build_algo_config(cfg), cfg, out, resume=resume, address=address, progress=progress,
+        desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}", n_agents=len(env_spaces(cfg)[0]),
+        reference=reference_return(cfg), time_budget_s=time_budget_s)
 
 
 def _last_ckpt_iter(out: Path) -> int:
