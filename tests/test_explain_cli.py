@@ -87,7 +87,7 @@ def test_explain_run_rejects_bad_input_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "method", "policy_id", "setting"])
+@pytest.mark.parametrize("case", ["missing", "method", "policy_id", "setting", "env", "shape"])
 def test_cli_bad_input_one_line_exit_2(tiny_run, tmp_path, case):
     out = tmp_path / "out"
     args = {"missing": (["--checkpoint", str(tmp_path / "nowhere")],
@@ -97,7 +97,12 @@ def test_cli_bad_input_one_line_exit_2(tiny_run, tmp_path, case):
             "policy_id": (["--checkpoint", str(tiny_run), "--policy-id", "nobody"],
                           "unknown policy id 'nobody'; allowed: shared"),
             "setting": (["--checkpoint", str(tiny_run), "--settings", "window=3"],
-                        "method 'pgca' has no setting 'window'; its settings: steps, ")}[case]
+                        "method 'pgca' has no setting 'window'; its settings: steps, "),
+            "env": (["--checkpoint", str(tiny_run), "--env", "nope"],
+                    "unknown env 'nope'; allowed: beacon, "),
+            "shape": (["--checkpoint", str(tiny_run), "--env-kwargs", "grid=9"],
+                      "env 'beacon' gives 'agent_0' observations of shape (27, 27, 3), but the "
+                      "policy was trained on (21, 21, 3)")}[case]
     proc = _cli(*args[0], "--out", str(out), "--quiet")
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line]

@@ -123,7 +123,23 @@ def _check_settings(method: str, settings: dict[str, Any]) -> None:
 
 
 def _load(checkpoint: Path, agents: list[str], policy_id: str | None):
-    """``{agent: module}`` on the CPU (or the GPU load_policy picks)."""
+    """``{agent: module}`` on the device ``load_policy`` picks (CUDA if there is one).
+
+    RLlib's deprecation warnings of ``RLModule.from_checkpoint`` are held back while loading
+    (the logger's level is restored after), so that the command's output stays its own."""
+    import logging
+    loggers = [logging.getLogger(n) for n in ("ray.rllib", "ray._common.deprecation")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        return _load_modules(checkpoint, agents, policy_id)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _load_modules(checkpoint: Path, agents: list[str], policy_id: str | None):
     from agents.checkpoint import agent_policy_map, load_policies, load_policy
     if policy_id is not None:
         module = load_policy(checkpoint, policy_id)
@@ -232,6 +248,12 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     environment = make_env(env_name, **env_kwargs)
     agents = list(environment.possible_agents)
     policies = _load(checkpoint, agents, policy_id)
+    for a in agents:
+        want = getattr(policies[a], "obs_shape", None)
+        have = tuple(environment.observation_space(a).shape)
+        if want is not None and tuple(want) != have:
+            raise UsageError(f"env {env_name!r} gives {a!r} observations of shape {have}, "
+                             f"but the policy was trained on {tuple(want)}")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     action_names = viz.BEACON_ACTIONS if env_name == "beacon" else None
     env_len = getattr(environment, "max_steps", None) or getattr(
