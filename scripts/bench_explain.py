@@ -132,6 +132,35 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 
 REFERENCES = ("random", "intensity")
 METRICS = ("ghr", "deletion_auc", "insertion_auc", "asr_m", "pointing_game")
+SHARES = ("share_relevant", "share_other_agents", "share_distractors", "share_background")
+
+
+def object_classes(obs):
+    """Beacon's pixels by what they show, from the observer's colours (envs.beacon): (B, H, W)
+    long, 0 the agent and its beacon, 1 other agents and their beacons, 2 distractors (grey),
+    3 background (black)."""
+    import torch
+    from envs.beacon import (BEACON_COLOUR, OTHER_AGENT_COLOUR, OTHER_BEACON_COLOUR,
+                             SELF_COLOUR)
+    rgb = torch.round(obs * 255).long()
+
+    def has(colour):
+        return (rgb == torch.tensor(colour)).all(-1)
+
+    cls = torch.full(obs.shape[:3], 3, dtype=torch.long)
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2]) & (rgb[..., 0] > 0)
+    cls[grey] = 2
+    cls[has(OTHER_AGENT_COLOUR) | has(OTHER_BEACON_COLOUR)] = 1
+    cls[has(SELF_COLOUR) | has(BEACON_COLOUR)] = 0
+    return cls
+
+
+def attribution_shares(maps, obs):
+    """Share of each map's total attribution on each object class (rows of SHARES), (4, B)."""
+    import torch
+    cls = object_classes(obs)
+    total = maps.flatten(1).sum(1).clamp_min(1e-30)
+    return torch.stack([(maps * (cls == k)).flatten(1).sum(1) / total for k in range(4)])
 
 
 def collect(checkpoint: str, n_obs: int, frame_stride: int, seed: int):
@@ -213,7 +242,7 @@ def faithfulness(groups, methods: list[str], eps: float, chunk: int, seed: int,
     bar = tqdm(total=n_total * len(methods), desc="faithfulness", unit="obs",
                disable=not progress, leave=False)
     for method in methods:
-        values = {k: [] for k in METRICS}
+        values = {k: [] for k in (*METRICS, *SHARES)}
         start = time.perf_counter()
         for policy, obs_all, rel_all in groups.values():
             fn = attribution_fn(method, policy, seed)
@@ -228,6 +257,8 @@ def faithfulness(groups, methods: list[str], eps: float, chunk: int, seed: int,
                 values["insertion_auc"] += M.insertion_auc(policy, obs, maps, actions).tolist()
                 values["asr_m"] += M.asr_m(policy, obs, fn, eps, relevance=rel, actions=actions,
                                            seed=seed).tolist()
+                for key, share in zip(SHARES, attribution_shares(maps.detach(), obs)):
+                    values[key] += share.tolist()
                 bar.update(len(obs))
         seconds[method] = time.perf_counter() - start
         rows[method] = values
@@ -390,6 +421,14 @@ def faithfulness_table(name: str, block: dict[str, Any]) -> str:
         label = f"{method} (reference)" if method in REFERENCES else method
         lines.append(f"| {label} | " + " | ".join(_fmt(row[k]) for k in METRICS)
                      + f" | {row['seconds']:.0f} |")
+    lines += [f"\nwhere the attribution goes ({name} policy): share of each map's total on the "
+              "agent and its beacon (= R), on the other agents and their beacons, on the "
+              "flickering distractors and on the black background; mean ± 95% CI\n",
+              "| method | agent + own beacon | other agents + beacons | distractors | background |",
+              "| --- | --- | --- | --- | --- |"]
+    for method, row in block["methods"].items():
+        label = f"{method} (reference)" if method in REFERENCES else method
+        lines.append(f"| {label} | " + " | ".join(_fmt(row[k]) for k in SHARES) + " |")
     ratio = block.get("ghr_ratio")
     if ratio is not None:
         lines.append(f"\nPGCA GHR / best single method's ({block['best_single']}): "
