@@ -213,7 +213,9 @@ class TournamentConfig:
         """Build a config from plain data; structural problems are kept for :meth:`validate`
         (so that every problem is reported at once)."""
         errors: list[str] = []
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        # absolute paths: RLlib refuses relative checkpoint paths, and Ray workers need not
+        # share the driver's working directory
+        base = Path(os.path.abspath(base_dir)) if base_dir is not None else Path.cwd()
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
             errors.append(f"unknown config key(s) {', '.join(unknown)}; allowed: "
@@ -221,7 +223,7 @@ class TournamentConfig:
 
         def path_of(value: Any) -> Path:
             p = Path(os.path.expanduser(str(value)))
-            return p if p.is_absolute() else (base / p)
+            return Path(os.path.abspath(p if p.is_absolute() else base / p))
 
         defenders: list[DefenderSpec] = []
         raw_def = data.get("defenders")
@@ -956,7 +958,7 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
     """
     t0 = time.perf_counter()
     log = log or print
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     config.check(out)
     out.mkdir(parents=True, exist_ok=True)
     run_audit = config.audit.enabled if audit is None else bool(audit)
@@ -1024,10 +1026,11 @@ def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: li
     opts = {"num_cpus": cfg.num_cpus_per_match, "max_retries": 1}
     match_task = ray.remote(play_match).options(**opts)
     audit_task = ray.remote(audit_defender).options(**opts)
-    jobs: list[tuple[str, dict[str, Any]]] = [("match", _match_spec(cfg, m, out)) for m in pending]
-    # audits are long: start them early so they overlap with the matches
-    for i, a in enumerate(audit_jobs):
-        jobs.insert(min(len(jobs), i * max(1, limit)), ("audit", a))
+    # longest first (audits, then by estimated cost): the short matches fill the gaps at the
+    # end, which keeps the last worker from finishing long after the others
+    jobs: list[tuple[str, dict[str, Any]]] = [("audit", a) for a in audit_jobs]
+    specs = [_match_spec(cfg, m, out) for m in pending]
+    jobs += [("match", spec) for spec in sorted(specs, key=_cost_estimate, reverse=True)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -1072,6 +1075,24 @@ def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: li
         if bar is not None:
             bar.close()
     return errors
+
+
+def _cost_estimate(spec: dict[str, Any]) -> float:
+    """Relative cost of a match: forward/backward passes per attacked step (a scheduling
+    heuristic only). Square: its query budget; PGD/APGD: steps x restarts (x EOT samples)."""
+    if spec["kind"] == "clean":
+        return 0.5
+    if spec["kind"] == "learned":
+        return 2.0
+    settings = spec.get("settings") or {}
+    name = str(spec.get("attack", "")).lower()
+    defaults = {"square": ("n_queries", 5000), "apgd": ("steps", 100), "pgd": ("steps", 10)}
+    cost = 1.0
+    for key, (setting, default) in defaults.items():
+        if key in name:
+            cost = float(settings.get(setting, default))
+    cost *= float(settings.get("restarts", 1)) * float(settings.get("samples", 1))
+    return cost
 
 
 def _match_title(spec: dict[str, Any]) -> str:
@@ -1287,7 +1308,9 @@ def _leaderboard_markdown(board: dict[str, Any]) -> str:
     lines = [f"# Leaderboard: {board['name']}", "",
              f"Ranked by {board['ranked_by']}. Returns are mean team returns ± 95% CI over "
              f"{board['episodes']} episodes x {len(board['seeds'])} seed(s). FLAGGED defenders "
-             f"failed the gradient-masking audit: their robust return is not trustworthy.", "",
+             f"failed the gradient-masking audit: their robust return is not trustworthy. Read "
+             f"the robust return beside the clean one: a policy that scores little without an "
+             f"attack has little for an attacker to take away.", "",
              format_leaderboard(board, markdown=True), ""]
     if not board["complete"]:
         lines += [f"**Incomplete**: {board['matches_finished']} of {board['matches_total']} "

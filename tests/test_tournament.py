@@ -212,7 +212,7 @@ def test_cli_config_errors_one_line_each_exit_2(defenders, tmp_path):
     assert missing.returncode == 2 and "config file not found" in missing.stderr
 
 
-def test_yaml_config_and_relative_paths(defenders, tmp_path):
+def test_yaml_config_and_relative_paths(defenders, tmp_path, monkeypatch):
     (tmp_path / "runs").symlink_to(defenders["none"].parent)
     cfg_path = tmp_path / "t.yml"
     cfg_path.write_text("defenders:\n  - {name: d, checkpoint: runs/none}\n"
@@ -225,6 +225,11 @@ def test_yaml_config_and_relative_paths(defenders, tmp_path):
     assert cfg.eps == pytest.approx([4 / 255, 8 / 255]) and cfg.audit_eps() == pytest.approx(4 / 255)
     assert len(cfg.matches()) == 2 + 2 * 2 * 2
     assert cfg.attackers[1].settings == {"n_queries": 10}
+    # a relative config path still gives absolute checkpoints (RLlib and Ray workers need them)
+    monkeypatch.chdir(tmp_path)
+    rel = TournamentConfig.from_file("t.yml")
+    assert rel.defenders[0].checkpoint.is_absolute()
+    assert rel.defenders[0].checkpoint == tmp_path / "runs" / "none"
 
 
 # ---------------------------------------------------------------------- log and leaderboard
