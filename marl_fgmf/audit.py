@@ -572,8 +572,11 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
         agents.checkpoint.CheckpointError: missing or unreadable checkpoint.
         ValueError: unknown env, env setting or policy id.
     """
+    import os
+
     from agents.checkpoint import agent_policy_map, load_policies, load_policy, read_run_config
     from envs import make_env
+    checkpoint = os.path.abspath(checkpoint)  # RLlib's loader rejects relative paths
     run = read_run_config(checkpoint)
     env_name = env or run.get("env") or "beacon"
     if env_kwargs is None:

@@ -226,3 +226,46 @@ def test_bad_observations_raise():
         audit(net, torch.rand(21, 21, 3), EPS)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         audit(net, torch.rand(2, 21, 21, 3) * 255, EPS)
+
+
+# ---------------------------------------------------------------------- the CLI
+def _cli(*args: str, cwd=None) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "audit", *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_audit_cli_on_a_trained_checkpoint(ray_session, tmp_path):
+    from agents.train import TrainConfig, train
+    train(TrainConfig(train_batch_size=200, minibatch_size=100, num_epochs=1,
+                      num_envs_per_env_runner=2, iterations=1, defense="sgam"),
+          tmp_path / "run", progress=False)
+    # a relative checkpoint path, as users type it
+    proc = _cli("--checkpoint", "run", "--n-obs", "8", "--episodes", "1", "--steps", "1,3",
+                "--restarts", "1,2", "--n-queries", "20", "--out", "audit.json", "--quiet",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for title in ("1. gradient-free (Square) vs white-box", "2. random noise vs FGSM",
+                  "3. PGD steps and restarts", "4. success as eps grows",
+                  "5. adaptive (BPDA/EOT) vs plain"):
+        assert title in proc.stdout
+    data = json.loads((tmp_path / "audit.json").read_text())
+    report = AuditReport.from_dict(data["policies"]["shared"])
+    assert report.policy["input_filter"] == "SGAM" and report.checks[4].applicable
+    verdict = "FLAGGED" if report.flagged else "not flagged"
+    assert verdict in proc.stdout.splitlines()[-2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/no/such/run"], "checkpoint not found: /no/such/run"),
+    (["--checkpoint", ".", "--env", "moon"], "unknown env 'moon'"),
+    (["--checkpoint", ".", "--eps", "3"], "eps must be in (0, 1]"),
+    (["--checkpoint", ".", "--steps", "0,5"], "expected positive integers"),
+])
+def test_audit_cli_bad_input_one_line_exit_2(args, message, tmp_path):
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

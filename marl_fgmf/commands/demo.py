@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ def tournament_config(out: Path, defenders: dict[str, Path], budget: dict[str, A
 def run(args: argparse.Namespace) -> int:
     from agents.train import atomic_write_text, ensure_ray
     from marl_fgmf.tournament import TournamentError, format_leaderboard, run_tournament
-    out = Path(args.out)
+    out = Path(os.path.abspath(args.out))  # RLlib's checkpoint loader needs absolute paths
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
