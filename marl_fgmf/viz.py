@@ -194,9 +194,11 @@ PANEL_TITLES = {
     "gradient": "gradient map G = sum_c |IG|",
     "perturbation": "perturbation map P\n(blur occlusion, |drop|)",
     "consensus": "PGCA consensus over obs",
+    "consensus_colorbar": "consensus C",
 }
-"""Default panel titles; ``labels={"consensus": "IG over obs"}`` overrides one (e.g. when the
-consensus slot shows another method's map)."""
+"""Default panel titles (and the consensus panel's colour-bar label); ``labels={"consensus":
+"IG over obs", "consensus_colorbar": "|IG| / max"}`` overrides them (e.g. when the consensus
+slot shows another method's map)."""
 
 
 def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, agent: str,
@@ -247,7 +249,7 @@ def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, a
             im = ax.imshow(shown, cmap=CONSENSUS_CMAP, vmin=0.0, vmax=1.0, alpha=0.9,
                            interpolation="nearest")
             _outline(ax, rel)
-            _colorbar(fig, ax, im, "consensus C")
+            _colorbar(fig, ax, im, titles["consensus_colorbar"])
             title = titles["consensus"]
             if agreement is not None and np.isfinite(agreement):
                 title += f"\nagreement rho={float(agreement):.2f}"
@@ -348,7 +350,7 @@ def render_rgb(fig: Figure) -> np.ndarray:
 def animate_episode(frames, consensus_maps, path: str | os.PathLike, fps: float = 4.0, *,
                     agents: Sequence[str] | None = None, actions=None,
                     action_names: Sequence[str] | None = None, relevance=None,
-                    title: str = "PGCA consensus") -> Path:
+                    title: str = "PGCA consensus", map_label: str = "consensus C") -> Path:
     """GIF of every agent's consensus map over its observation as the episode plays.
 
     One GIF frame per step, one column per agent (label and explained action on top): the
@@ -363,6 +365,8 @@ def animate_episode(frames, consensus_maps, path: str | os.PathLike, fps: float 
         path: the ``.gif`` to write (atomically).
         fps: frames per second.
         agents: panel labels; actions: (T, N) explained actions; relevance: (T, N, H, W).
+        title: the title's head (the step counter follows); map_label: the colour bar's label
+            (e.g. ``"|IG| (min-max)"`` when the maps are another method's).
     Returns:
         ``path``.
     """
@@ -400,8 +404,9 @@ def animate_episode(frames, consensus_maps, path: str | os.PathLike, fps: float 
             ax.set_xticks([])
             ax.set_yticks([])
     grid[0, 0].set_ylabel("observation", fontsize=8)
-    grid[1, 0].set_ylabel("consensus over obs", fontsize=8)
-    fig.colorbar(fg[-1], ax=list(grid[1]), fraction=0.05, pad=0.03).set_label("consensus C",
+    grid[1, 0].set_ylabel("consensus over obs" if map_label.startswith("consensus")
+                          else "attribution over obs", fontsize=8)
+    fig.colorbar(fg[-1], ax=list(grid[1]), fraction=0.05, pad=0.03).set_label(map_label,
                                                                             fontsize=8)
     fig.colorbar(obs_im[-1], ax=list(grid[0]), fraction=0.05, pad=0.03).remove()  # align rows
     suptitle = fig.suptitle("", fontsize=10)

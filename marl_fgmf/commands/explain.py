@@ -175,7 +175,8 @@ def _explain_group(method: str, policy, obs, settings: dict[str, Any]) -> dict[s
     actions = logits.argmax(-1)
     probs = torch.softmax(logits.double(), -1).to(obs.dtype)
     raw = spatial_map(make_explainer(method, policy).attribute(obs, actions, **settings))
-    return {"consensus": _normalize(raw), "raw": raw, "actions": actions,
+    low = raw.flatten(1).amin(1).view(-1, 1, 1)  # min-max for display: RISE's floor is high
+    return {"consensus": _normalize(raw - low), "raw": raw, "actions": actions,
             "action_prob": probs.gather(1, actions[:, None]).squeeze(1), "probs": probs,
             "sgam_mask": sgam}
 
@@ -377,8 +378,9 @@ def _frame_result(frame: dict[str, Any], agents: list[str]):
 def _write_frame_figure(frame, agents, path, method, action_names, episode):
     from marl_fgmf import viz
     obs, result, rel, names = _frame_result(frame, agents)
-    labels = None if method == "pgca" else {"consensus": f"{METHOD_TITLES[method]}\n"
-                                                         "over obs (/ max)"}
+    labels = None if method == "pgca" else {
+        "consensus": f"{METHOD_TITLES[method]}\nover obs (min-max)",
+        "consensus_colorbar": f"{METHOD_TITLES[method]}, scaled to [0, 1]"}
     return viz.plot_frame(obs, result, agents=names, action_names=action_names, relevance=rel,
                           title=f"episode {episode}, step {frame['t']}: {METHOD_TITLES[method]}",
                           labels=labels, path=path)
@@ -397,12 +399,13 @@ def _write_gif(frames, agents, path, method, action_names, fps, every=1):
     rel = None
     if all(s[2] is not None for s in stacked):
         rel = np.stack([s[2] for s in stacked])
-    title = METHOD_TITLES[method] + ("" if method == "pgca" else " (/ max)")
+    title = METHOD_TITLES[method]
     if every > 1:
         title += f", every {every} env steps"
+    label = "consensus C" if method == "pgca" else f"{METHOD_TITLES[method]} (min-max)"
     return viz.animate_episode([s[0] for s in stacked], maps, path, fps=fps, agents=names,
                                actions=acts, action_names=action_names, relevance=rel,
-                               title=title)
+                               title=title, map_label=label)
 
 
 def format_summary(result: dict[str, Any]) -> str:
