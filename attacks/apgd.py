@@ -43,7 +43,8 @@ class APGD(Attack):
     best point so far when (1) fewer than ``rho * (w_j - w_{j-1})`` of the steps since the last
     checkpoint increased the loss, or (2) its step size was not reduced at the last checkpoint
     and its best loss has not improved since. All of this is per sample. The best iterate over
-    all steps and restarts is returned (success first, then loss).
+    all steps and restarts is returned (success first, then loss; the last iterate of a run is
+    evaluated as in :class:`~attacks.PGD`).
 
     Losses: ``objective="ce"`` (APGD-CE) or ``"dlr"`` (APGD-DLR, the difference-of-logits
     ratio, invariant to the logits' scale). **DLR needs >= 3 actions**: with fewer, the call
@@ -141,7 +142,6 @@ class APGD(Attack):
                 z = self.project(x0, x + self.steepest_step(grad, eta))
                 x_next = self.project(x0, x + self.momentum * (z - x) + (1 - self.momentum) * (x - x_prev))
                 x_prev, x = x, x_next
-            loss, success = self.evaluate_loss(x, ctx)
-            best.update(x, loss, success)
+            best.update_last(self, x, ctx)
         ctx.success = best.success
         return best.x

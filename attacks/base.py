@@ -69,6 +69,7 @@ from torch import nn
 import torch.nn.functional as F
 
 OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
+SUCCESS_OBJECTIVES = ("ce", "targeted", "margin", "dlr")  # the goal is to flip the action
 NORMS = ("linf", "l2")
 
 TargetSpec = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -246,6 +247,35 @@ class BestIterate:
         torch.where(improved.view(-1, 1, 1, 1), x, self.x, out=self.x)  # in place: no new (B, H, W, C)
         self.loss = torch.where(improved, loss.to(self.loss.dtype), self.loss)
         self.success = self.success | success
+
+    def update_last(self, attack: "Attack", x: torch.Tensor, ctx: AttackContext) -> None:
+        """Evaluate an attack's last iterate ``x`` (one forward pass, no gradient) and keep it
+        where it wins.
+
+        For the objectives whose goal is success (:data:`SUCCESS_OBJECTIVES`) only the samples
+        that no earlier iterate has flipped are evaluated: the last iterate can still make them
+        successful, while a sample already successful keeps its best successful iterate (the
+        last one could only raise its loss, at the cost of a forward pass over the whole
+        batch). ``kl`` and ``value`` evaluate every sample.
+        """
+        if attack.objective not in SUCCESS_OBJECTIVES:
+            loss, success = attack.evaluate_loss(x, ctx)
+            self.update(x, loss, success)
+            return
+        index = (~self.success).nonzero().flatten()
+        if index.numel() == 0:
+            return
+        if index.numel() == ctx.batch:
+            loss, success = attack.evaluate_loss(x, ctx)
+            self.update(x, loss, success)
+            return
+        x_sub = x[index]
+        loss, success = attack.evaluate_loss(x_sub, ctx, index)
+        improved = Attack.better(loss, success, self.loss[index], self.success[index])
+        chosen = index[improved]
+        self.x[chosen] = x_sub[improved]
+        self.loss[chosen] = loss[improved].to(self.loss.dtype)
+        self.success[chosen] = success[improved]
 
 
 class Attack:

@@ -19,7 +19,9 @@ class PGD(Attack):
     uniform random point of the ball (``random_start``) or ``x``. The whole run is repeated
     ``restarts`` times from fresh random starts; per sample the best iterate over all steps and
     restarts is returned (a successful one first, then the largest loss), so more steps or
-    restarts never return a weaker perturbation.
+    restarts never return a weaker perturbation. (The last iterate of a run needs no gradient;
+    when the objective's goal is success it is evaluated only for the samples that no earlier
+    iterate has flipped: see :meth:`attacks.base.BestIterate.update_last`.)
 
     Distance Measure: Linf (default) or L2.
 
@@ -73,7 +75,6 @@ class PGD(Attack):
                 loss, grad, success = self.loss_and_grad(x, ctx)
                 best.update(x, loss, success)
                 x = self.project(x0, x + self.steepest_step(grad, self.alpha))
-            loss, success = self.evaluate_loss(x, ctx)
-            best.update(x, loss, success)
+            best.update_last(self, x, ctx)
         ctx.success = best.success
         return best.x
