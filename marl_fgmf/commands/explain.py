@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # a shared small machine
     result = explain_run(args.checkpoint, args.out, env=args.env, env_kwargs=args.env_kwargs,
                          episodes=args.episodes, method=args.method, max_steps=args.max_steps,
                          every=args.every, seed=args.seed, policy_id=args.policy_id,
@@ -255,7 +257,6 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
         if want is not None and tuple(want) != have:
             raise UsageError(f"env {env_name!r} gives {a!r} observations of shape {have}, "
                              f"but the policy was trained on {tuple(want)}")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     action_names = viz.BEACON_ACTIONS if env_name == "beacon" else None
     env_len = getattr(environment, "max_steps", None) or getattr(
         getattr(environment, "unwrapped", None), "max_steps", None)
