@@ -18,11 +18,11 @@ import torch
 from envs import make_env
 
 ENV_KWARGS = {"n_agents": 2, "max_steps": 4}
-TOP_KEYS = {"command", "checkpoint", "env", "env_kwargs", "policies", "attack", "adversary",
+TOP_KEYS = {"command", "checkpoint", "env", "env_kwargs", "policies", "attacks", "adversary",
             "settings", "episodes", "seed", "clean", "results", "wall_time_s"}
 RUN_KEYS = {"team_return", "agent_return", "team_returns", "success_rate", "mean_linf",
             "mean_l2", "agent_steps", "time_s"}
-RESULT_KEYS = RUN_KEYS | {"eps", "eps_label", "attack"}
+RESULT_KEYS = RUN_KEYS | {"name", "eps", "eps_label", "attack"}
 CI_KEYS = {"mean", "ci95", "low", "high", "n"}
 
 
@@ -83,14 +83,15 @@ def test_cli_writes_json_with_the_expected_keys(runs, tmp_path):
     assert TOP_KEYS <= set(data), set(data) ^ TOP_KEYS
     assert data["env"] == "beacon" and data["env_kwargs"] == ENV_KWARGS  # from run.json
     assert data["policies"] == {"agent_0": "shared", "agent_1": "shared"}
-    assert data["attack"] == "pgd" and data["settings"] == {"steps": 2}
+    assert data["attacks"] == ["pgd"] and data["settings"] == {"pgd": {"steps": 2}}
     assert data["episodes"] == 2 and data["seed"] == 3
     assert RUN_KEYS <= set(data["clean"])
     assert [r["eps_label"] for r in data["results"]] == ["2/255", "8/255"]
     for r, eps in zip(data["results"], (2 / 255, 8 / 255)):
         assert RESULT_KEYS <= set(r), set(r) ^ RESULT_KEYS
         assert r["eps"] == pytest.approx(eps)
-        assert r["attack"]["attack"] == "pgd" and r["attack"]["steps"] == 2
+        assert r["name"] == "pgd" and r["attack"]["attack"] == "pgd"
+        assert r["attack"]["steps"] == 2
         assert CI_KEYS <= set(r["team_return"])
         assert set(r["agent_return"]) == {"agent_0", "agent_1"}
         assert len(r["team_returns"]) == 2
@@ -99,20 +100,25 @@ def test_cli_writes_json_with_the_expected_keys(runs, tmp_path):
         assert 0.0 < r["mean_linf"] <= eps + 1e-6
     # the table: one row per budget, clean and attacked team return side by side
     assert "| eps " in proc.stdout and "team return clean" in proc.stdout
-    assert "| 2/255 " in proc.stdout and "| 8/255 " in proc.stdout
+    assert "| pgd    | 2/255 " in proc.stdout and "| pgd    | 8/255 " in proc.stdout
     assert "per-agent return" in proc.stdout and "agent_1" in proc.stdout
     assert not list(out.parent.glob(".*tmp*")), "temporary file left behind"
 
 
-def test_cli_per_agent_policies_and_a_gradient_free_attack(runs, tmp_path):
-    out = tmp_path / "square.json"
-    proc = _cli("--checkpoint", str(runs["per_agent"]), "--attack", "square", "--eps", "4/255",
-                "--settings", "n_queries=3", "--episodes", "1", "--out", str(out), "--quiet")
+def test_cli_per_agent_policies_and_several_attacks(runs, tmp_path):
+    out = tmp_path / "several.json"
+    proc = _cli("--checkpoint", str(runs["per_agent"]), "--attack", "random,square,pgd",
+                "--eps", "4/255", "--steps", "2", "--settings", "n_queries=3", "--episodes", "1",
+                "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["policies"] == {"agent_0": "agent_0", "agent_1": "agent_1"}
-    assert data["results"][0]["attack"]["n_queries"] == 3
-    assert data["results"][0]["mean_linf"] <= 4 / 255 + 1e-6
+    # each setting goes to the attacks that take it
+    assert data["settings"] == {"random": {}, "square": {"n_queries": 3}, "pgd": {"steps": 2}}
+    assert [r["name"] for r in data["results"]] == ["random", "square", "pgd"]
+    assert data["results"][1]["attack"]["n_queries"] == 3
+    assert data["results"][2]["attack"]["steps"] == 2
+    assert all(r["mean_linf"] <= 4 / 255 + 1e-6 for r in data["results"])
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -123,6 +129,8 @@ def test_cli_per_agent_policies_and_a_gradient_free_attack(runs, tmp_path):
     (["--attack", "pgdx"], ["unknown attack 'pgdx'", "allowed: random, fgsm, pgd"]),
     (["--attack", "pgd", "--objective", "hinge"], ["unknown objective 'hinge'", "allowed: ce"]),
     (["--attack", "fgsm", "--settings", "restarts=2"], ["unknown setting(s) restarts"]),
+    (["--attack", "random,fgsm", "--steps", "2"], ["steps apply to none of the attacks"]),
+    (["--attack", "square", "--norm", "l2"], ["unknown norm 'l2'", "allowed: linf"]),
     (["--attack", "learned"], ["--adversary"]),
     (["--attack", "pgd", "--adversary", "x"], ["--adversary is only used with --attack learned"]),
 ])

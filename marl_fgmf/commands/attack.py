@@ -9,13 +9,17 @@ Examples::
     marl-fgmf attack --checkpoint runs/ppo --attack ensemble --steps 20 \\
         --settings '{"attacks": ["pgd", "square"], "n_queries": 500}'
     marl-fgmf attack --checkpoint runs/ppo --attack learned --adversary runs/adv-perturb
+    marl-fgmf attack --checkpoint runs/ppo --attack random,fgsm,pgd,apgd --steps 20 \\
+        --eps 2/255,4/255,8/255 --out results/attack_table.json
 
 Every agent plays its own policy module (``shared``, or one per agent as in the checkpoint;
 ``--policy-id`` makes one module play for all agents) greedily on observations perturbed at
 every step by the attack (:func:`attacks.evaluate`). The clean run is played once on the same
-seeds; each budget of ``--eps`` is then one attacked run. Prints a table (team return clean vs
-attacked with 95% confidence intervals, success rate per agent-step, mean Linf / L2 norm of the
-perturbation) and the per-agent returns; ``--out FILE.json`` writes everything atomically.
+seeds; each attack at each budget of ``--eps`` is then one attacked run. Several attacks may be
+named at once (``--attack random,fgsm,pgd``): each takes the settings (``--steps``,
+``--settings``, ...) it accepts. Prints a table (team return clean vs attacked with 95%
+confidence intervals, success rate per agent-step, mean Linf / L2 norm of the perturbation)
+and the per-agent returns; ``--out FILE.json`` writes everything atomically.
 
 Bad input (a budget outside (0, 1], steps < 1, an unknown attack, objective or setting, a
 missing checkpoint, a policy whose observation or action shape does not fit the environment)
@@ -57,8 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
     p.add_argument("--env-kwargs", type=_settings, default=None, metavar="K=V,...",
                    help="environment settings (default: the run's)")
-    p.add_argument("--attack", required=True, metavar="NAME",
-                   help="random | fgsm | pgd | apgd | square | bpda | eot | ensemble | learned")
+    p.add_argument("--attack", required=True, metavar="NAME[,NAME...]",
+                   help="random | fgsm | pgd | apgd | square | bpda | eot | ensemble | learned, "
+                        "or several, comma-separated (each setting goes to the attacks that "
+                        "take it)")
     p.add_argument("--adversary", default=None, metavar="DIR",
                    help="with --attack learned: the adversary's run directory "
                         "(marl-fgmf train-adversary --out)")
@@ -83,37 +89,85 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-def _check_arguments(args: argparse.Namespace) -> str:
-    """Everything that can be checked before torch, Ray or the checkpoint load; the attack key."""
+def _attack_keys(text: str) -> list[str]:
+    """The registry keys of ``--attack NAME[,NAME...]`` (aliases resolved, duplicates dropped)."""
     from attacks import ALIASES, ATTACKS
-    name = str(args.attack).strip().lower().replace("-", "_")
-    name = ALIASES.get(name, name)
     allowed = [*ATTACKS, LEARNED]
-    if name not in allowed:
-        raise UsageError(f"unknown attack {args.attack!r}; allowed: {', '.join(allowed)}")
+    keys: list[str] = []
+    for raw in str(text).split(","):
+        name = raw.strip().lower().replace("-", "_")
+        name = ALIASES.get(name, name)
+        if name not in allowed:
+            raise UsageError(f"unknown attack {raw.strip()!r}; allowed: {', '.join(allowed)}")
+        if name not in keys:
+            keys.append(name)
+    return keys
+
+
+def _accepted_settings(key: str) -> set[str] | None:
+    """Setting names the attack ``key`` takes (None: it routes them itself)."""
+    import inspect
+
+    from attacks import ATTACKS, WRAPPERS
+    if key in WRAPPERS or key == "ensemble":
+        return None
+    if key == LEARNED:
+        return set()
+    sig = inspect.signature(ATTACKS[key].__init__)
+    return {n for n, p in sig.parameters.items() if n not in ("self", "policy")
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _route_settings(keys: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per attack, the settings it takes. One attack gets them all (an unknown one is its own
+    one-line error); with several, each gets those it accepts, and a setting no listed attack
+    takes is an error."""
+    if keys == [LEARNED]:
+        if settings:
+            flags = [f"--{k}" if k in ("steps", "norm", "objective") else f"--settings {k}"
+                     for k in settings]
+            raise UsageError(f"{', '.join(flags)} cannot apply to a learned adversary "
+                             f"(its policy is trained)")
+        return {LEARNED: {}}
+    if len(keys) == 1:
+        return {keys[0]: dict(settings)}
+    routed: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
+    for key in keys:
+        accepted = _accepted_settings(key)
+        mine = {k: v for k, v in settings.items() if accepted is None or k in accepted}
+        routed[key] = mine
+        used |= set(mine)
+    unused = sorted(set(settings) - used)
+    if unused:
+        raise UsageError(f"setting(s) {', '.join(unused)} apply to none of the attacks "
+                         f"{', '.join(keys)}")
+    return routed
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Everything that can be checked before the checkpoint loads: the attack keys and the
+    settings of each."""
+    keys = _attack_keys(args.attack)
     if args.objective is not None and args.objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {args.objective!r}; allowed: {', '.join(OBJECTIVES)}")
     for key, flag in (("eps", "--eps"), ("steps", "--steps"), ("norm", "--norm"),
                       ("objective", "--objective"), ("seed", "--seed")):
         if key in args.settings:
             raise UsageError(f"set {key} with {flag}, not in --settings")
-    if name == LEARNED:
+    if LEARNED in keys:
         if not args.adversary:
             raise UsageError("--attack learned needs --adversary DIR (a train-adversary run)")
-        extra = [flag for flag, value in (("--steps", args.steps), ("--norm", args.norm),
-                                          ("--objective", args.objective)) if value is not None]
-        if extra or args.settings:
-            raise UsageError(f"{', '.join(extra + (['--settings'] if args.settings else []))} "
-                             f"cannot apply to a learned adversary (its policy is trained)")
         if not Path(args.adversary).exists():
             raise UsageError(f"adversary run not found: {args.adversary}")
     elif args.adversary:
         raise UsageError("--adversary is only used with --attack learned")
+    settings = _route_settings(keys, _attack_settings(args))
     if not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
     if args.out is not None and Path(args.out).is_dir():
         raise UsageError(f"--out must be a file path, {args.out} is a directory")
-    return name
+    return keys, settings
 
 
 def _check_policy_fits_env(policy: Any, env: Any, agent: str, module: str) -> None:
@@ -156,7 +210,8 @@ def _attack_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _build_attack(key: str, args: argparse.Namespace, policy: Any, eps: float | None) -> Any:
+def _build_attack(key: str, settings: dict[str, Any], args: argparse.Namespace, policy: Any,
+                  eps: float | None) -> Any:
     if key == LEARNED:
         try:
             from agents.adversary import load_adversary
@@ -165,7 +220,7 @@ def _build_attack(key: str, args: argparse.Namespace, policy: Any, eps: float | 
                              f"(agents.adversary.load_adversary: {exc})") from None
         return load_adversary(args.adversary, policy=policy, eps=eps, device=args.device)
     from attacks import make_attack
-    return make_attack(key, policy, eps=eps, **_attack_settings(args))
+    return make_attack(key, policy, eps=eps, **settings)
 
 
 # --------------------------------------------------------------------------- output
@@ -174,25 +229,27 @@ def _pm(stats: dict[str, float]) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The results as a Markdown table (team return and attack statistics per budget), then the
-    per-agent returns."""
+    """The results as a Markdown table (team return and attack statistics per attack and
+    budget), then the per-agent returns."""
     clean = result["clean"]
-    rows = [("eps", "team return clean", "team return attacked", "change", "success",
+    rows = [("attack", "eps", "team return clean", "team return attacked", "change", "success",
              "mean Linf", "mean L2")]
     for r in result["results"]:
         change = r["team_return"]["mean"] - clean["team_return"]["mean"]
-        rows.append((r["eps_label"], _pm(clean["team_return"]), _pm(r["team_return"]),
+        rows.append((r["name"], r["eps_label"], _pm(clean["team_return"]), _pm(r["team_return"]),
                      f"{change:+.2f}", f"{100 * r['success_rate']:.1f}%",
                      f"{r['mean_linf']:.4f}", f"{r['mean_l2']:.4f}"))
     agents = list(clean["agent_return"])
     per_agent = [("run", *agents), ("clean", *(_pm(clean["agent_return"][a]) for a in agents))]
     for r in result["results"]:
-        per_agent.append((f"eps {r['eps_label']}", *(_pm(r["agent_return"][a]) for a in agents)))
+        per_agent.append((f"{r['name']} {r['eps_label']}",
+                          *(_pm(r["agent_return"][a]) for a in agents)))
     return _markdown(rows) + "\n\nper-agent return (mean ± 95% CI):\n\n" + _markdown(per_agent)
 
 
 def _markdown(rows: list[tuple]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+
     def line(row: tuple) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -213,7 +270,7 @@ def _stats(run: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
-    key = _check_arguments(args)
+    keys, settings = _check_arguments(args)
     import torch
     from agents.checkpoint import read_run_config, resolve_module_root
     from attacks import evaluate
@@ -234,44 +291,45 @@ def run(args: argparse.Namespace) -> int:
     else:
         env_kwargs = {}
     env = make_env(env_name, **env_kwargs)
+    t0 = time.perf_counter()
     try:
         agents = list(env.possible_agents)
         policies, mapping = _load_policies(args, agents)
         for agent in agents:
             _check_policy_fits_env(policies[agent], env, agent, mapping[agent])
         first = policies[agents[0]]
-        budgets: list[float | None] = list(args.eps) if args.eps else (
-            [None] if key == LEARNED else [DEFAULT_EPS])
-        attacks = [_build_attack(key, args, first, eps) for eps in budgets]  # fail before playing
+        runs = []  # (name, attack): every attack is built before any episode is played
+        for key in keys:
+            budgets = list(args.eps) if args.eps else [None if key == LEARNED else DEFAULT_EPS]
+            runs += [(key, _build_attack(key, settings[key], args, first, eps))
+                     for eps in budgets]
 
-        t0 = time.perf_counter()
         progress = not args.quiet
         clean = evaluate(policies, env, None, episodes=args.episodes, seed=args.seed,
                          progress=progress)
         results = []
-        for attack in attacks:
+        for name, attack in runs:
             run_result = evaluate(policies, env, attack, episodes=args.episodes, seed=args.seed,
                                   progress=progress, compare_clean=False)
             eps = float(attack.eps)
-            results.append({"eps": eps, "eps_label": eps_label(eps),
+            results.append({"name": name, "eps": eps, "eps_label": eps_label(eps),
                             "attack": run_result["attack"], **_stats(run_result)})
     finally:
         env.close()
 
+    argv = sys.argv[1:]
     result = {
-        "command": "marl-fgmf attack " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["attack"]
-        else None,
+        "command": "marl-fgmf " + " ".join(argv) if argv[:1] == ["attack"] else None,
         "checkpoint": str(args.checkpoint), "env": env_name, "env_kwargs": env_kwargs,
-        "policies": mapping, "attack": key,
-        "adversary": str(args.adversary) if key == LEARNED else None,
-        "settings": {} if key == LEARNED else _attack_settings(args),
-        "episodes": args.episodes, "seed": args.seed,
+        "policies": mapping, "attacks": keys,
+        "adversary": str(args.adversary) if LEARNED in keys else None,
+        "settings": settings, "episodes": args.episodes, "seed": args.seed,
         "clean": _stats(clean), "results": results,
         "wall_time_s": time.perf_counter() - t0,
     }
-    print(f"{key} on {args.checkpoint} ({env_name}, {len(agents)} agents, {args.episodes} "
-          f"episodes, seed {args.seed}); team return = sum of the agents' returns, "
-          f"mean ± 95% CI; success = agent-steps whose greedy action the attack changed")
+    print(f"{', '.join(keys)} on {args.checkpoint} ({env_name}, {len(agents)} agents, "
+          f"{args.episodes} episodes, seed {args.seed}); team return = sum of the agents' "
+          f"returns, mean ± 95% CI; success = agent-steps whose greedy action the attack changed")
     print()
     print(format_table(result))
     if args.out:
