@@ -232,6 +232,7 @@ def _draw_agent_row(fig: Figure, axes: Sequence, obs, result: Any, index: int, a
         elif name == "sgam_mask":
             im = ax.imshow(_field(result, "sgam_mask", index), cmap="gray", vmin=0, vmax=1,
                            interpolation="nearest")
+            _outline(ax, rel)  # does the mask keep what matters?
             _colorbar(fig, ax, im, "kept (1) / smoothed (0)")
             _clean_axis(ax, titles["sgam_mask"])
         elif name in ("gradient", "perturbation"):
