@@ -12,8 +12,11 @@ directory, and needs no Ray cluster (``RLModule.from_checkpoint``, ~0.1 s).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -59,10 +62,25 @@ def policy_ids(checkpoint_dir: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@contextlib.contextmanager
+def _quiet_rllib() -> Iterator[None]:
+    """Hold back RLlib's deprecation warnings while a module loads (levels restored)."""
+    loggers = [logging.getLogger(n) for n in ("ray.rllib", "ray._common.deprecation")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _load_module(module_dir: Path) -> nn.Module:
     from ray.rllib.core.rl_module.rl_module import RLModule
     try:
-        module = RLModule.from_checkpoint(module_dir)
+        with _quiet_rllib():
+            module = RLModule.from_checkpoint(module_dir.resolve())
     except Exception as exc:  # corrupt or partial files
         raise CheckpointError(f"cannot load checkpoint {module_dir}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -134,3 +152,17 @@ def agent_policy_map(checkpoint_dir: str | Path, agents: list[str]) -> dict[str,
     if missing:
         raise ValueError(f"checkpoint has no policy for agents {missing}; it holds {ids}")
     return {a: a for a in agents}
+
+
+def load_agent_policies(checkpoint_dir: str | Path, agents: list[str],
+                        policy_id: str | None = None,
+                        device: str | torch.device | None = None) -> dict[str, nn.Module]:
+    """``{agent: module}`` for the agents of an environment: every agent gets ``policy_id``'s
+    module when given, else the checkpoint's own mapping (``shared``, or one per agent).
+    Agents that share a module share the same object (so callers can batch them)."""
+    if policy_id is not None:
+        module = load_policy(checkpoint_dir, policy_id, device)
+        return {a: module for a in agents}
+    modules = load_policies(checkpoint_dir, device)
+    mapping = agent_policy_map(checkpoint_dir, agents)
+    return {a: modules[mapping[a]] for a in agents}
