@@ -155,14 +155,18 @@ def agent_policy_map(checkpoint_dir: str | Path, agents: list[str]) -> dict[str,
 
 
 def load_agent_policies(checkpoint_dir: str | Path, agents: list[str],
-                        policy_id: str | None = None,
-                        device: str | torch.device | None = None) -> dict[str, nn.Module]:
+                        policy_id: str | None = None, device: str | torch.device | None = None,
+                        single_if_shared: bool = False) -> dict[str, nn.Module] | nn.Module:
     """``{agent: module}`` for the agents of an environment: every agent gets ``policy_id``'s
     module when given, else the checkpoint's own mapping (``shared``, or one per agent).
-    Agents that share a module share the same object (so callers can batch them)."""
+    Agents that share a module share the same object (so callers can batch them). With
+    ``single_if_shared``, one module used by every agent is returned as that module (both
+    forms are what :func:`attacks.evaluate` accepts)."""
     if policy_id is not None:
         module = load_policy(checkpoint_dir, policy_id, device)
-        return {a: module for a in agents}
+        return module if single_if_shared else {a: module for a in agents}
     modules = load_policies(checkpoint_dir, device)
+    if single_if_shared and len(modules) == 1:
+        return next(iter(modules.values()))
     mapping = agent_policy_map(checkpoint_dir, agents)
     return {a: modules[mapping[a]] for a in agents}

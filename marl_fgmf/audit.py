@@ -574,7 +574,7 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
     """
     import os
 
-    from agents.checkpoint import agent_policy_map, load_policies, load_policy, read_run_config
+    from agents.checkpoint import load_agent_policies, read_run_config
     from envs import make_env
     checkpoint = os.path.abspath(checkpoint)  # RLlib's loader rejects relative paths
     run = read_run_config(checkpoint)
@@ -584,15 +584,8 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
     environment = make_env(env_name, **env_kwargs)
     try:
         agents = list(environment.possible_agents)
-        if policy_id is not None:
-            policy: Any = load_policy(checkpoint, policy_id, device="cpu")
-        else:
-            modules = load_policies(checkpoint, device="cpu")
-            if len(modules) == 1:
-                policy = next(iter(modules.values()))
-            else:
-                mapping = agent_policy_map(checkpoint, agents)
-                policy = {a: modules[mapping[a]] for a in agents}
+        policy = load_agent_policies(checkpoint, agents, policy_id, device="cpu",
+                                     single_if_shared=True)
         groups = collect_observations(policy, environment, n_obs, episodes, 10_000 + seed)
     finally:
         environment.close()

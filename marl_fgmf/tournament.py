@@ -708,20 +708,13 @@ _POLICY_CACHE: dict[tuple[str, str | None, str], Any] = {}
 def _load_defender(path: str, policy_id: str | None, agents: list[str]) -> Any:
     """The defender's policy for :func:`attacks.evaluate`: one module, or agent -> module.
     Cached per worker process (keyed by the checkpoint it points to)."""
-    from agents.checkpoint import agent_policy_map, latest_checkpoint, load_policies, load_policy
+    from agents.checkpoint import latest_checkpoint, load_agent_policies
     ckpt = latest_checkpoint(path)
     stamp = str(ckpt) if ckpt is not None else str(Path(path).resolve())
     key = (str(path), policy_id, stamp)
     if key not in _POLICY_CACHE:
-        if policy_id is not None:
-            _POLICY_CACHE[key] = load_policy(path, policy_id, device="cpu")
-        else:
-            policies = load_policies(path, device="cpu")
-            if len(policies) == 1:
-                _POLICY_CACHE[key] = next(iter(policies.values()))
-            else:
-                mapping = agent_policy_map(path, agents)
-                _POLICY_CACHE[key] = {a: policies[mapping[a]] for a in agents}
+        _POLICY_CACHE[key] = load_agent_policies(path, agents, policy_id, device="cpu",
+                                                 single_if_shared=True)
     return _POLICY_CACHE[key]
 
 
