@@ -244,7 +244,8 @@ class BestIterate:
     def update(self, x: torch.Tensor, loss: torch.Tensor, success: torch.Tensor) -> None:
         """Keep ``x`` for the samples where it beats the best so far (see :meth:`Attack.better`)."""
         improved = Attack.better(loss, success, self.loss, self.success)
-        torch.where(improved.view(-1, 1, 1, 1), x, self.x, out=self.x)  # in place: no new (B, H, W, C)
+        # in place: no new (B, H, W, C) tensor per step
+        torch.where(improved.view(-1, 1, 1, 1), x, self.x, out=self.x)
         self.loss = torch.where(improved, loss.to(self.loss.dtype), self.loss)
         self.success = self.success | success
 

@@ -37,7 +37,8 @@ from typing import Any
 from marl_fgmf.commands import UsageError, parse_eps_list, positive_int
 
 NORMS = ("linf", "l2")
-OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")  # attacks.base.OBJECTIVES
+# for --help; the values are checked against attacks.OBJECTIVES
+OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
 LEARNED = "learned"
 DEFAULT_EPS = 8 / 255
 
@@ -148,9 +149,10 @@ def _route_settings(keys: list[str], settings: dict[str, Any]) -> dict[str, dict
 def _check_arguments(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Everything that can be checked before the checkpoint loads: the attack keys and the
     settings of each."""
+    from attacks import OBJECTIVES as objectives
     keys = _attack_keys(args.attack)
-    if args.objective is not None and args.objective not in OBJECTIVES:
-        raise UsageError(f"unknown objective {args.objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    if args.objective is not None and args.objective not in objectives:
+        raise UsageError(f"unknown objective {args.objective!r}; allowed: {', '.join(objectives)}")
     for key, flag in (("eps", "--eps"), ("steps", "--steps"), ("norm", "--norm"),
                       ("objective", "--objective"), ("seed", "--seed")):
         if key in args.settings:
