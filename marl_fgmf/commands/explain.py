@@ -124,36 +124,6 @@ def _check_settings(method: str, settings: dict[str, Any]) -> None:
                          f"its settings: {', '.join(allowed)}")
 
 
-def _load(checkpoint: Path, agents: list[str], policy_id: str | None):
-    """``{agent: module}`` on the device ``load_policy`` picks (CUDA if there is one).
-
-    RLlib's deprecation warnings of ``RLModule.from_checkpoint`` are held back while loading
-    (the logger's level is restored after), so that the command's output stays its own."""
-    import logging
-    loggers = [logging.getLogger(n) for n in ("ray.rllib", "ray._common.deprecation")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        return _load_modules(checkpoint, agents, policy_id)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _load_modules(checkpoint: Path, agents: list[str], policy_id: str | None):
-    from agents.checkpoint import agent_policy_map, load_policies, load_policy
-    if policy_id is not None:
-        module = load_policy(checkpoint, policy_id)
-        return {a: module for a in agents}
-    modules = load_policies(checkpoint)
-    if len(modules) == 1:
-        module = next(iter(modules.values()))
-        return {a: module for a in agents}
-    mapping = agent_policy_map(checkpoint, agents)
-    return {a: modules[mapping[a]] for a in agents}
-
-
 def _explain_group(method: str, policy, obs, settings: dict[str, Any]) -> dict[str, Any]:
     """Explain a (B, H, W, C) batch (all agents of a frame that share ``policy``) in one call.
 
@@ -236,7 +206,7 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     import torch
     from tqdm.auto import tqdm
 
-    from agents.checkpoint import read_run_config
+    from agents.checkpoint import load_agent_policies, read_run_config
     from agents.train import atomic_write_text
     from envs import list_envs, make_env
     from marl_fgmf import metrics as M
@@ -250,7 +220,8 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
         env_kwargs = dict(run_cfg.get("env_kwargs") or {}) if env_name == run_cfg.get("env") else {}
     environment = make_env(env_name, **env_kwargs)
     agents = list(environment.possible_agents)
-    policies = _load(checkpoint, agents, policy_id)
+    # absolute: RLlib's loader rejects some relative paths; agents sharing a module share it
+    policies = load_agent_policies(checkpoint.resolve(), agents, policy_id)
     for a in agents:
         want = getattr(policies[a], "obs_shape", None)
         have = tuple(environment.observation_space(a).shape)
