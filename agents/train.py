@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agents.networks import ARCHS
+from marl_fgmf.io import atomic_write_text
 
 DEFENSES = ("none", "adv", "scorpio", "sgam", "fgmf", "fgmf+adv")
 POLICY_MODES = ("shared", "per-agent")
@@ -118,17 +119,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def defense_learner_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The learner_config_dict and model settings a defense needs (validated)."""
     from agents.defenses import build_defense_settings

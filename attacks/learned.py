@@ -80,7 +80,7 @@ Version history: v0 (marl-fgmf 0.1).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 import torch

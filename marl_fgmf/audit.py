@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from attacks import APGD, BPDA, EOT, FGSM, PGD, RandomNoise, Square
+from marl_fgmf.io import to_jsonable
 from attacks.base import Attack, check_obs, parse_budget, policy_device, policy_mode
 
 __all__ = ["AuditCheck", "AuditReport", "audit", "audit_checkpoint", "collect_observations",
@@ -142,7 +143,7 @@ class AuditReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (``AuditReport.from_dict`` reads it back)."""
-        return _jsonable(asdict(self))
+        return to_jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AuditReport":
@@ -782,17 +783,3 @@ def _numbers_text(numbers: dict[str, Any]) -> str:
 
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (int, str, bool)) or value is None:
-        return value
-    if torch.is_tensor(value):
-        return _jsonable(value.tolist())
-    return str(value)

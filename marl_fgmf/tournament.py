@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from marl_fgmf.io import atomic_write_bytes, atomic_write_text, to_jsonable
+
 __all__ = [
     "AttackerSpec", "AuditSpec", "ConfigError", "DefenderSpec", "Match", "MatchLog",
     "TournamentConfig", "TournamentError", "TournamentResult", "build_leaderboard",
@@ -502,7 +504,7 @@ class TournamentConfig:
         """Plain data (paths as strings), e.g. for ``DIR/tournament.json``."""
         data = dataclasses.asdict(self)
         data.pop("parse_errors", None)
-        return _jsonable(data)
+        return to_jsonable(data)
 
 
 @dataclass(frozen=True)
@@ -667,12 +669,12 @@ class MatchLog:
                     fh.write(b"".join(b + b"\n" for b in bad))
                     fh.flush()
                     os.fsync(fh.fileno())
-            _atomic_write_bytes(self.path, clean_text)
+            atomic_write_bytes(self.path, clean_text)
         return records
 
     def append(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line: a single ``os.write`` of the whole line + ``fsync``."""
-        data = (json.dumps(_jsonable(record), sort_keys=True, allow_nan=False) + "\n").encode()
+        data = (json.dumps(to_jsonable(record), sort_keys=True, allow_nan=False) + "\n").encode()
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -875,7 +877,7 @@ def _audit_is_current(path: Path, settings: dict[str, Any], stamp: str) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return (data.get("status") == "ok" and data.get("checkpoint") == stamp
-            and _jsonable(data.get("audit_settings")) == _jsonable(settings))
+            and to_jsonable(data.get("audit_settings")) == to_jsonable(settings))
 
 
 def _train_defenders(cfg: TournamentConfig, out: Path, address: str | None, progress: bool,
@@ -962,7 +964,7 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
         log(f"warning: {msg}")
 
     import ray
-    from agents.train import atomic_write_text, ensure_ray
+    from agents.train import ensure_ray
 
     with _DirLock(out):
         atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
@@ -1011,7 +1013,6 @@ def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: li
           ray: Any) -> list[str]:
     """Submit the matches and audits as Ray tasks, at most ``workers`` in flight; append each
     finished match to the log as it arrives. Returns the failures, one line each."""
-    from agents.train import atomic_write_text
     limit = workers or cfg.max_concurrency
     if limit is None:
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -1053,7 +1054,7 @@ def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: li
                     written += 1
                 else:
                     atomic_write_text(out / f"audit_{spec['defender']}.json",
-                                      json.dumps(_jsonable(result), indent=2))
+                                      json.dumps(to_jsonable(result), indent=2))
                 if bar is not None:
                     bar.set_postfix_str(what[:40])
                     bar.update(1)
@@ -1256,11 +1257,10 @@ def write_outputs(cfg: TournamentConfig, out: Path, board: dict[str, Any],
                   warn: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write ``leaderboard.json/.md``, the heat maps, the curves and ``report.md`` (atomically).
     A figure that fails is reported through ``warn`` and skipped; the tables are always written."""
-    from agents.train import atomic_write_text
     warn = warn or (lambda m: None)
     out = Path(out)
     files: dict[str, Path] = {}
-    atomic_write_text(out / "leaderboard.json", json.dumps(_jsonable(board), indent=2))
+    atomic_write_text(out / "leaderboard.json", json.dumps(to_jsonable(board), indent=2))
     files["leaderboard.json"] = out / "leaderboard.json"
     for e, lab in zip(board["eps_values"], board["eps"]):
         path = out / f"heatmap_{eps_slug(e)}.png"
@@ -1383,89 +1383,13 @@ def _report_markdown(cfg: TournamentConfig, board: dict[str, Any],
 
 def _plot_heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], path: Path,
                   title: str) -> None:
-    try:
-        from marl_fgmf.viz import plot_heatmap
-    except ImportError:
-        plot_heatmap = None
-    if plot_heatmap is not None:
-        plot_heatmap(matrix, rows, cols, path, title, cbar_label="mean team return",
-                     xlabel="attacker", ylabel="defender")
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(1.1 * len(cols) + 2.5, 0.55 * len(rows) + 1.8))
-    ax = fig.subplots()
-    im = ax.imshow(matrix, cmap="viridis", aspect="auto")
-    fig.colorbar(im, ax=ax, label="mean team return")
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            ax.text(j, i, "-" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="white")
-    ax.set_title(title)
-    fig.tight_layout()
-    _save_fig(fig, path)
+    from marl_fgmf.viz import plot_heatmap
+    plot_heatmap(matrix, rows, cols, path, title, cbar_label="mean team return",
+                 xlabel="attacker", ylabel="defender")
 
 
 def _plot_curves(curves: dict[str, tuple], path: Path, in_255: bool) -> None:
-    try:
-        from marl_fgmf.viz import plot_curves
-    except ImportError:
-        plot_curves = None
-    if plot_curves is not None:
-        plot_curves(curves, path, xlabel="eps (Linf, [0, 1] units)",
-                    ylabel="robust return (min over attackers)",
-                    title="robust team return against the budget", eps_in_255=in_255)
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 3.8))
-    ax = fig.subplots()
-    for label, (xs, ys, errs) in curves.items():
-        ax.errorbar(xs, ys, yerr=errs, marker="o", label=label, capsize=3)
-    ax.set_xlabel("eps")
-    ax.set_ylabel("robust return")
-    ax.legend()
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- small helpers
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (int, str, bool)) or value is None:
-        return value
-    if dataclasses.is_dataclass(value):
-        return _jsonable(dataclasses.asdict(value))
-    try:
-        import numpy as np
-        if isinstance(value, np.generic):
-            return _jsonable(value.item())
-    except ImportError:
-        pass
-    return str(value)
+    from marl_fgmf.viz import plot_curves
+    plot_curves(curves, path, xlabel="eps (Linf, [0, 1] units)",
+                ylabel="robust return (min over attackers)",
+                title="robust team return against the budget", eps_in_255=in_255)

@@ -344,11 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": rows, "records": records, "targets_met": met, "table": table,
     }
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        from marl_fgmf.io import atomic_write_text
+        out = atomic_write_text(args.out, json.dumps(result, indent=2))
         print(f"wrote {out}")
     return 0
 

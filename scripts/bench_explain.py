@@ -485,7 +485,7 @@ def timing_table(t: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
-    from agents.train import atomic_write_text
+    from marl_fgmf.io import atomic_write_text
     from marl_fgmf.commands import parse_eps
 
     torch.set_num_threads(args.threads)

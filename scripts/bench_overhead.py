@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from agents.train import atomic_write_text, ensure_ray
+    from agents.train import ensure_ray
+    from marl_fgmf.io import atomic_write_text
     from marl_fgmf.scorpio import ScorpioConfig
 
     ensure_ray()

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from agents import load_policy
-    from agents.train import TrainConfig, atomic_write_text, train
+    from agents.train import TrainConfig, train
+    from marl_fgmf.io import atomic_write_text
     from attacks.evaluate import evaluate
     from envs import make_env
     from envs.beacon import scripted_return

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from agents.train import atomic_write_text
+    from marl_fgmf.io import atomic_write_text
     from envs import list_envs
     from marl_fgmf.audit import audit_checkpoint
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -97,7 +97,7 @@ def _load_state(out: Path) -> dict[str, Any]:
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
-    from agents.train import atomic_write_text
+    from marl_fgmf.io import atomic_write_text
     atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
 
 
@@ -180,7 +180,8 @@ def tournament_config(out: Path, defenders: dict[str, Path], budget: dict[str, A
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.train import atomic_write_text, ensure_ray
+    from agents.train import ensure_ray
+    from marl_fgmf.io import atomic_write_text
     from marl_fgmf.tournament import TournamentError, format_leaderboard, run_tournament
     out = Path(os.path.abspath(args.out))  # RLlib's checkpoint loader needs absolute paths
     if out.exists() and not out.is_dir():

@@ -207,7 +207,7 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     from tqdm.auto import tqdm
 
     from agents.checkpoint import load_agent_policies, read_run_config
-    from agents.train import atomic_write_text
+    from marl_fgmf.io import atomic_write_text
     from envs import list_envs, make_env
     from marl_fgmf import metrics as M
     from marl_fgmf import viz
