@@ -131,6 +131,7 @@ def test_cli_per_agent_policies_and_several_attacks(runs, tmp_path):
     (["--attack", "fgsm", "--settings", "restarts=2"], ["unknown setting(s) restarts"]),
     (["--attack", "random,fgsm", "--steps", "2"], ["steps apply to none of the attacks"]),
     (["--attack", "square", "--norm", "l2"], ["unknown norm 'l2'", "allowed: linf"]),
+    (["--attack", "fgsm", "--policy-id", "nope"], ["unknown policy id 'nope'", "allowed: shared"]),
     (["--attack", "learned"], ["--adversary"]),
     (["--attack", "pgd", "--adversary", "x"], ["--adversary is only used with --attack learned"]),
 ])

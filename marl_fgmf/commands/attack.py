@@ -191,16 +191,11 @@ def _check_policy_fits_env(policy: Any, env: Any, agent: str, module: str) -> No
 
 def _load_policies(args: argparse.Namespace, agents: list[str]) -> tuple[dict, dict[str, str]]:
     """``({agent: module}, {agent: module id})``."""
-    from agents.checkpoint import agent_policy_map, load_policies, load_policy, policy_ids
-    if args.policy_id is not None:
-        ids = policy_ids(args.checkpoint)
-        if args.policy_id not in ids:
-            raise UsageError(f"unknown --policy-id {args.policy_id!r}; allowed: {', '.join(ids)}")
-        net = load_policy(args.checkpoint, args.policy_id, device=args.device)
-        return {a: net for a in agents}, {a: args.policy_id for a in agents}
-    mapping = agent_policy_map(args.checkpoint, agents)
-    modules = load_policies(args.checkpoint, device=args.device)
-    return {a: modules[mapping[a]] for a in agents}, mapping
+    from agents.checkpoint import agent_policy_map, load_agent_policies
+    policies = load_agent_policies(args.checkpoint, agents, args.policy_id, args.device)
+    mapping = ({a: args.policy_id for a in agents} if args.policy_id is not None
+               else agent_policy_map(args.checkpoint, agents))
+    return policies, mapping
 
 
 def _attack_settings(args: argparse.Namespace) -> dict[str, Any]:
