@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(result))
     if args.out:
-        from agents.train import atomic_write_text
+        from marl_fgmf.io import atomic_write_text
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(result, indent=2))
