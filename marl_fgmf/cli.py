@@ -50,8 +50,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# RLlib notices that every run would print and that say nothing about the user's run.
+_NOISY_LOGGERS = ("ray.rllib.algorithms.algorithm_config", "ray._common.deprecation")
+
+
+def _quiet_library_notices() -> None:
+    import logging
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_library_notices()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
         print(f"marl-fgmf: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}",
