@@ -114,11 +114,14 @@ class ScorpioConfig:
     Tune the lambdas on the task: both terms are in the units of ``l = -log pi``.
     """
 
-    lambda_curv: float = 1.0
-    """Weight of the curvature term ``mean ||M * Hv||^2`` (>= 0); SCOR-PIO's main term."""
-    lambda_grad: float = 0.1
-    """Weight of the gradient term ``mean ||M * g||^2`` (>= 0); smaller than the curvature
-    weight because an input-gradient penalty alone flattens the policy (LLR pairs both)."""
+    lambda_curv: float = 0.01
+    """Weight of the curvature term ``mean ||M * Hv||^2`` (>= 0); SCOR-PIO's main term. The
+    term is ~1e-9 at PPO's near-uniform initialization but ~1e3 on a trained beacon policy
+    (measured), so a weight of 1 would swamp a PPO loss of ~0.1 once the policy sharpens;
+    0.01 is the setting measured in the README (robust, 94% of the optimum at 80 iterations)."""
+    lambda_grad: float = 0.01
+    """Weight of the gradient term ``mean ||M * g||^2`` (>= 0); LLR pairs it with the
+    curvature term. ``mean ||M g||^2`` is ~6 on a trained beacon policy."""
     rho: float = 0.2
     """Fraction in (0, 1] of coordinates, by ``|g|``, that count as sensitive."""
     rho_salient: float = 0.1
