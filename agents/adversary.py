@@ -51,7 +51,7 @@ from agents.checkpoint import (
     CheckpointError,
     agent_policy_map,
     load_policies,
-    policy_ids,
+    load_rl_module,
     read_run_config,
     resolve_module_root,
 )
@@ -397,25 +397,10 @@ def load_adversary(run_dir: str | Path, policy: nn.Module | None = None,
         CheckpointError: missing, corrupt or non-adversary checkpoint.
         ValueError: unknown ``module_id``.
     """
-    from ray.rllib.core.rl_module.rl_module import RLModule
-
     cfg = read_adversary_config(run_dir)
-    root = resolve_module_root(run_dir)
-    ids = policy_ids(root)
-    if module_id is None:
-        if len(ids) != 1:
-            raise ValueError(f"adversary run holds {len(ids)} modules; choose module_id from: "
-                             f"{', '.join(ids)}")
-        module_id = ids[0]
-    if module_id not in ids:
-        raise ValueError(f"unknown adversary module {module_id!r}; allowed: {', '.join(ids)}")
-    try:
-        module = RLModule.from_checkpoint(root / module_id)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load adversary checkpoint {root / module_id}: "
-                              f"{type(exc).__name__}") from None
+    module = load_rl_module(run_dir, module_id, what="adversary", arg="module_id")
     if not isinstance(module, AdversaryTorchRLModule):
-        raise CheckpointError(f"{root / module_id} holds a {type(module).__name__}, "
+        raise CheckpointError(f"{run_dir} holds a {type(module).__name__}, "
                               "not an adversary module")
     device = torch.device(device or "cpu")
     if policy is None:

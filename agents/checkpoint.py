@@ -76,19 +76,35 @@ def _quiet_rllib() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _load_module(module_dir: Path) -> nn.Module:
+def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
+                   what: str = "policy", arg: str = "policy_id"):
+    """The RLlib ``RLModule`` ``module_id`` of a checkpoint (no Ray cluster needed).
+
+    ``module_id`` may be omitted when the checkpoint holds exactly one module.
+
+    Raises:
+        CheckpointError: missing, partial or corrupt checkpoint (the message names the path).
+        ValueError: unknown or ambiguous ``module_id`` (the message lists the valid ones).
+    """
     from ray.rllib.core.rl_module.rl_module import RLModule
+    root = resolve_module_root(checkpoint_dir)
+    ids = policy_ids(root)
+    if not ids:
+        raise CheckpointError(f"checkpoint holds no modules: {root}")
+    if module_id is None:
+        if len(ids) != 1:
+            raise ValueError(f"checkpoint holds {len(ids)} {what} modules; choose {arg} from: "
+                             f"{', '.join(ids)}")
+        module_id = ids[0]
+    if module_id not in ids:
+        raise ValueError(f"unknown {what} id {module_id!r}; allowed: {', '.join(ids)}")
+    module_dir = root / module_id
     try:
         with _quiet_rllib():
-            module = RLModule.from_checkpoint(module_dir.resolve())
+            return RLModule.from_checkpoint(module_dir.resolve())
     except Exception as exc:  # corrupt or partial files
         raise CheckpointError(f"cannot load checkpoint {module_dir}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    net = getattr(module, "net", None)
-    if not isinstance(net, nn.Module):
-        raise CheckpointError(f"checkpoint {module_dir} holds a {type(module).__name__}, "
-                              "not a marl-fgmf module")
-    return net.eval()
 
 
 def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
@@ -107,20 +123,14 @@ def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
         CheckpointError: missing/corrupt checkpoint (message names the path).
         ValueError: unknown ``policy_id`` (message lists the valid ones).
     """
-    root = resolve_module_root(checkpoint_dir)
-    ids = policy_ids(root)
-    if not ids:
-        raise CheckpointError(f"checkpoint holds no modules: {root}")
-    if policy_id is None:
-        if len(ids) != 1:
-            raise ValueError(f"checkpoint holds {len(ids)} policies; choose policy_id from: "
-                             f"{', '.join(ids)}")
-        policy_id = ids[0]
-    if policy_id not in ids:
-        raise ValueError(f"unknown policy id {policy_id!r}; allowed: {', '.join(ids)}")
+    module = load_rl_module(checkpoint_dir, policy_id)
+    net = getattr(module, "net", None)
+    if not isinstance(net, nn.Module):
+        raise CheckpointError(f"checkpoint {checkpoint_dir} holds a {type(module).__name__}, "
+                              "not a marl-fgmf module")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return _load_module(root / policy_id).to(device)
+    return net.eval().to(device)
 
 
 def load_policies(checkpoint_dir: str | Path, device: str | torch.device | None = None

@@ -17,19 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from marl_fgmf.commands import UsageError, parse_eps, positive_int
+from marl_fgmf.commands import UsageError, non_negative_int, parse_eps, positive_int
 
 MODES = ("perturb", "pa-ad")  # attacks.learned.MODES, repeated so --help needs no torch import
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-envs-per-env-runner", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=positive_int, default=1)
-    p.add_argument("--eval-episodes", type=_non_negative_int, default=10,
+    p.add_argument("--eval-episodes", type=non_negative_int, default=10,
                    help="episodes of the final clean-vs-attacked evaluation (0 skips it)")
     p.add_argument("--out", required=True, help="the adversary's run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
