@@ -66,6 +66,17 @@ def action_log_prob(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.T
     return torch.log_softmax(logits, dim=-1).gather(1, actions[:, None]).squeeze(1)
 
 
+def _input_grads(policy, x: torch.Tensor, actions: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``d log pi(actions | x) / dx`` for a stacked batch ``x``, ``chunk`` rows per pass."""
+    grads = torch.empty_like(x)
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk].clone().requires_grad_(True)
+        with torch.enable_grad():
+            lp = action_log_prob(policy, rows, actions[start:start + chunk])
+            grads[start:start + chunk] = torch.autograd.grad(lp.sum(), rows)[0]
+    return grads
+
+
 class IntegratedGradients:
     """Integrated Gradients (Sundararajan, Taly and Yan, ICML 2017), right Riemann sum.
 
@@ -110,12 +121,7 @@ class IntegratedGradients:
         path = (base[None] + alphas.view(m, 1, 1, 1, 1) * delta[None]).reshape(m * b, *obs.shape[1:])
         path_actions = actions.repeat(m)
         chunk = m * b if internal_batch_size is None else int(internal_batch_size)
-        grads = torch.empty_like(path)
-        for start in range(0, m * b, chunk):
-            x = path[start:start + chunk].clone().requires_grad_(True)
-            with torch.enable_grad():
-                lp = action_log_prob(self.policy, x, path_actions[start:start + chunk])
-                grads[start:start + chunk] = torch.autograd.grad(lp.sum(), x)[0]
+        grads = _input_grads(self.policy, path, path_actions, chunk)
         mean_grad = grads.view(m, b, *obs.shape[1:]).mean(dim=0)
         return (delta * mean_grad).detach()
 
@@ -485,12 +491,7 @@ class SmoothGrad:
             noisy = (obs[None] + float(noise_level) * noise).reshape(n * b, *obs.shape[1:])
             noisy_actions = actions.repeat(n)
             step = n * b if internal_batch_size is None else int(internal_batch_size)
-            grads = torch.empty_like(noisy)
-            for start in range(0, n * b, step):
-                x = noisy[start:start + step].clone().requires_grad_(True)
-                with torch.enable_grad():
-                    lp = action_log_prob(self.policy, x, noisy_actions[start:start + step])
-                    grads[start:start + step] = torch.autograd.grad(lp.sum(), x)[0]
+            grads = _input_grads(self.policy, noisy, noisy_actions, step)
         grads = grads.view(n, b, *obs.shape[1:])
         out = (grads * grads).mean(0) if squared else grads.mean(0)
         return (out * obs if multiply_by_inputs else out).detach()

@@ -12,14 +12,7 @@ from attacks import FGSM, PGD, RandomNoise, evaluate, mean_ci95
 from envs import make_env
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module's small tensors on one thread (two threads on a shared 2-core machine
-    are an order of magnitude slower); restore the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_AGENTS, MAX_STEPS, EPISODES = 2, 8, 2
 

@@ -17,14 +17,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are small: one intra-op thread is faster than two on a shared machine
-    (two threads on busy cores spin-wait, 10-30x slower). Restored after the module."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(arch: str = "cnn", seed: int = 0) -> nn.Module:
