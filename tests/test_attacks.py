@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -297,49 +296,10 @@ def test_attack_runs_in_eval_mode():
 
 
 # ---------------------------------------------------------------------- strength
-def train_beacon_policy() -> tuple[nn.Module, torch.Tensor]:
-    """An undefended beacon policy: a small CNN behaviour-cloned from the scripted optimal
-    policy (about 97% action accuracy, a few seconds on one core), and held-out frames."""
-    from envs import make_env
-    from envs.beacon import scripted_actions
-
-    env = make_env("beacon", n_agents=2, max_steps=25)
-    rng = np.random.default_rng(0)
-    frames, labels = [], []
-    for episode in range(60):
-        obs, _ = env.reset(seed=episode)
-        while env.agents:
-            best = scripted_actions(env)
-            for agent in env.agents:
-                frames.append(obs[agent])
-                labels.append(best[agent])
-            # mostly optimal moves, some random ones, so that states are diverse
-            obs, *_ = env.step({a: best[a] if rng.random() < 0.7 else int(rng.integers(5))
-                                for a in env.agents})
-    x = torch.from_numpy(np.stack(frames)).float() / 255
-    y = torch.tensor(labels)
-    torch.manual_seed(0)
-    net = make_policy_network("cnn", (21, 21, 3), 5, channels=(8, 16, 16), hidden=32)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    n_train = 2400
-    for _ in range(400):
-        idx = torch.randint(0, n_train, (64,), generator=g)
-        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    held_out = x[n_train:n_train + 128]
-    with torch.no_grad():
-        accuracy = (net(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
-    assert accuracy > 0.85, f"behaviour cloning failed: accuracy {accuracy}"
-    return net, held_out
-
-
 @pytest.fixture(scope="module")
-def beacon_policy() -> tuple[nn.Module, torch.Tensor]:
-    return train_beacon_policy()
+def beacon_policy(clone_beacon_policy) -> tuple[nn.Module, torch.Tensor]:
+    """An undefended beacon policy (behaviour-cloned, ~97% action accuracy) and 128 frames."""
+    return clone_beacon_policy(seed=0, sgd_steps=400, n_train=2400, n_held_out=128)
 
 
 def success_rate(attack: Attack, obs: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -53,46 +52,9 @@ class ConstantPolicy(nn.Module):
         return self.bias.expand(obs.shape[0], -1) + 0.0 * obs.flatten(1).sum(1, keepdim=True)
 
 
-def behaviour_cloned_policy(seed: int) -> tuple[nn.Module, torch.Tensor]:
-    """A small beacon CNN cloned from the scripted optimal policy, and 64 held-out frames."""
-    from envs import make_env
-    from envs.beacon import scripted_actions
-
-    env = make_env("beacon", n_agents=2, max_steps=25)
-    rng = np.random.default_rng(seed)
-    frames, labels = [], []
-    for episode in range(60):
-        obs, _ = env.reset(seed=1000 * seed + episode)
-        while env.agents:
-            best = scripted_actions(env)
-            for agent in env.agents:
-                frames.append(obs[agent])
-                labels.append(best[agent])
-            obs, *_ = env.step({a: best[a] if rng.random() < 0.7 else int(rng.integers(5))
-                                for a in env.agents})
-    x = torch.from_numpy(np.stack(frames)).float() / 255
-    y = torch.tensor(labels)
-    torch.manual_seed(seed)
-    net = make_policy_network("cnn", (21, 21, 3), 5, channels=(8, 16, 16), hidden=32)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    n_train = len(x) - 128
-    for _ in range(600):
-        idx = torch.randint(0, n_train, (64,), generator=gen)
-        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    with torch.no_grad():
-        accuracy = (net(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
-    assert accuracy > 0.85, f"behaviour cloning failed (seed {seed}): accuracy {accuracy:.2f}"
-    return net, x[n_train:n_train + 64]
-
-
 @pytest.fixture(scope="module", params=[0, 1], ids=["bc-seed0", "bc-seed1"])
-def trained(request) -> tuple[nn.Module, torch.Tensor]:
-    return behaviour_cloned_policy(request.param)
+def trained(request, clone_beacon_policy) -> tuple[nn.Module, torch.Tensor]:
+    return clone_beacon_policy(seed=request.param)
 
 
 def failed(report: AuditReport) -> set[str]:
