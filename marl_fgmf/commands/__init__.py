@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from fractions import Fraction
+from typing import Any
 
 
 class UsageError(Exception):
@@ -44,3 +46,42 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (argparse type)."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` (values parsed as JSON where possible, e.g. numbers, true)
+    or a JSON object."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"invalid JSON settings {text!r}: {exc}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"settings must be a JSON object, got {text!r}")
+        return value
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"settings must look like key=value,key=value; got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            try:
+                out[key.strip()] = float(Fraction(raw))
+            except (ValueError, ZeroDivisionError):
+                out[key.strip()] = raw
+    return out
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint DIR`` (required) and ``--env`` / ``--env-kwargs`` defaulting to the run's
+    own (its ``run.json``): the arguments of every command that evaluates a trained run."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="run directory (marl-fgmf train --out) or checkpoint")
+    p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
+    p.add_argument("--env-kwargs", type=parse_settings, default=None, metavar="K=V,...",
+                   help="environment settings (default: the run's)")

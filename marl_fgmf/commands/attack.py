@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from marl_fgmf.commands import UsageError, parse_eps_list, positive_int
+from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, parse_eps_list,
+                                parse_settings, positive_int)
 
 NORMS = ("linf", "l2")
 # for --help; the values are checked against attacks.OBJECTIVES
@@ -51,17 +52,8 @@ def _eps_list(text: str) -> list[float]:
     return values
 
 
-def _settings(text: str) -> dict[str, Any]:
-    from marl_fgmf.commands.train import parse_settings
-    return parse_settings(text)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="run directory (marl-fgmf train --out) or checkpoint")
-    p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
-    p.add_argument("--env-kwargs", type=_settings, default=None, metavar="K=V,...",
-                   help="environment settings (default: the run's)")
+    add_checkpoint_arguments(p)
     p.add_argument("--attack", required=True, metavar="NAME[,NAME...]",
                    help="random | fgsm | pgd | apgd | square | bpda | eot | ensemble | learned, "
                         "or several, comma-separated (each setting goes to the attacks that "
@@ -77,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=NORMS, default=None, help="distance (default: linf)")
     p.add_argument("--objective", default=None, metavar="NAME",
                    help=f"attacker loss: {' | '.join(OBJECTIVES)} (default: the attack's own)")
-    p.add_argument("--settings", type=_settings, default={}, metavar="K=V,...",
+    p.add_argument("--settings", type=parse_settings, default={}, metavar="K=V,...",
                    help="further attack settings, e.g. restarts=2 or n_queries=1000 "
                         "(or a JSON object)")
     p.add_argument("--episodes", type=positive_int, default=10, help="episodes per run (10)")

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from marl_fgmf.commands import UsageError, parse_eps, positive_int
+from marl_fgmf.commands import UsageError, add_checkpoint_arguments, parse_eps, positive_int
 
 
 def _int_list(text: str) -> list[int]:
@@ -30,11 +30,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marl_fgmf.commands.train import parse_settings
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint")
-    p.add_argument("--env", default=None, help="environment (default: the run's)")
-    p.add_argument("--env-kwargs", type=parse_settings, default=None, metavar="K=V,...",
-                   help="environment settings (default: the run's)")
+    add_checkpoint_arguments(p)
     p.add_argument("--policy-id", default=None, help="audit only this module")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="budget, e.g. 8/255 (default)")
     p.add_argument("--n-obs", type=positive_int, default=64, help="observations per module (64)")

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from marl_fgmf.commands import UsageError, positive_int
+from marl_fgmf.commands import UsageError, add_checkpoint_arguments, parse_settings, positive_int
 
 METHOD_NAMES = ("pgca", "ig", "smoothgrad", "occlusion", "gradcampp", "rise")
 """The explainers ``--method`` accepts (the keys of :data:`marl_fgmf.attribution.METHODS`)."""
@@ -56,12 +56,7 @@ METHOD_TITLES = {"pgca": "PGCA consensus", "ig": "Integrated Gradients |IG|",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marl_fgmf.commands.train import parse_settings
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="run directory or checkpoint (marl-fgmf train --out)")
-    p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
-    p.add_argument("--env-kwargs", type=parse_settings, default=None, metavar="K=V,...",
-                   help="environment settings (default: the run's)")
+    add_checkpoint_arguments(p)
     p.add_argument("--episodes", type=positive_int, default=1, help="episodes to explain (1)")
     p.add_argument("--method", default="pgca",
                    help=f"explainer: {' | '.join(METHOD_NAMES)} (default pgca)")

@@ -9,40 +9,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
-from marl_fgmf.commands import UsageError, positive_int
-
-
-def parse_settings(text: str) -> dict[str, Any]:
-    """``key=value,key=value`` (values parsed as JSON where possible, e.g. numbers, true)
-    or a JSON object."""
-    text = text.strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"invalid JSON settings {text!r}: {exc}") from None
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"settings must be a JSON object, got {text!r}")
-        return value
-    out: dict[str, Any] = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise argparse.ArgumentTypeError(f"settings must look like key=value,key=value; got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            from fractions import Fraction
-            try:
-                out[key.strip()] = float(Fraction(raw))
-            except (ValueError, ZeroDivisionError):
-                out[key.strip()] = raw
-    return out
+from marl_fgmf.commands import UsageError, parse_settings, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

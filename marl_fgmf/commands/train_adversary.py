@@ -17,13 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-from marl_fgmf.commands import UsageError, non_negative_int, parse_eps, positive_int
+from marl_fgmf.commands import (UsageError, non_negative_int, parse_eps, parse_settings,
+                                positive_int)
 
 MODES = ("perturb", "pa-ad")  # attacks.learned.MODES, repeated so --help needs no torch import
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marl_fgmf.commands.train import parse_settings
     p.add_argument("--victim", default=None, metavar="DIR",
                    help="the victim's run directory (marl-fgmf train --out) or checkpoint")
     p.add_argument("--env", default=None,
