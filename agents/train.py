@@ -253,10 +253,14 @@ def _save_checkpoint(algo, out: Path, iteration: int, keep: int) -> Path:
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:05d}"
+    for stale in ckpt_root.glob(".tmp_*"):  # left by a hard kill mid-save (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp_{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    algo.save_to_path(str(tmp.resolve()))
+    try:
+        algo.save_to_path(str(tmp.resolve()))
+    except BaseException:  # Ctrl-C or an error mid-save: leave no partial checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = ckpt_root / name
     if final.exists():
         shutil.rmtree(final)
