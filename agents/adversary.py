@@ -56,7 +56,9 @@ from agents.checkpoint import (
     resolve_module_root,
 )
 from agents.rl_module import FGMFTorchRLModule, build_network
-from agents.train import TrainConfig, build_algo_config, prepare_run, run_training_loop
+from agents.ray_session import ensure_ray
+from agents.train import (TrainConfig, build_algo_config, check_run_dir, prepare_run,
+                          run_training_loop)
 from attacks.base import parse_budget
 from attacks.learned import MODES, TEAM_AGENT, UPSAMPLING, AdversaryEnv, LearnedAdversary
 
@@ -249,17 +251,27 @@ def make_adversary_env(victim: str | Path, env: str | None = None,
 
 
 def register_adversary_env(cfg: AdversaryConfig) -> str:
-    """Register the attack game of ``cfg`` with Ray Tune; returns its (deterministic) name."""
+    """Register the attack game of ``cfg`` with Ray Tune; returns its (deterministic) name.
+
+    The victims are loaded HERE, on the driver, and travel inside the env creator (Ray ships
+    it to every env runner by value): env runners on other nodes never open the victim's
+    checkpoint path (DESIGN.md section 2: weights travel, paths do not)."""
     from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
     from ray.tune.registry import register_env
 
+    from envs import make_env
     from envs.rllib import rllib_env_name
 
     victim, env, env_kwargs = cfg.victim_modules, cfg.env, dict(cfg.env_kwargs)
     game = cfg.game_settings()
+    probe = make_env(env, **env_kwargs)
+    agents = list(probe.possible_agents)
+    probe.close()
+    victims = load_victims(victim, agents, "cpu")
 
     def creator(env_config: Any = None) -> ParallelPettingZooEnv:
-        return ParallelPettingZooEnv(make_adversary_env(victim, env, env_kwargs, **game))
+        return ParallelPettingZooEnv(AdversaryEnv(make_env(env, **env_kwargs), victims,
+                                                  device="cpu", **game))
 
     name = rllib_env_name(f"adversary-{env}", victim=victim, env_kwargs=env_kwargs, **game)
     register_env(name, creator)
@@ -319,7 +331,8 @@ def _n_adversaries(cfg: AdversaryConfig) -> int:
 def train_adversary(victim: str | Path | None, out: str | Path, env: str | None = None,
                     eps: float | str = 8 / 255, mode: str = "perturb", team: bool = False,
                     iterations: int = 20, resume: bool = False, address: str | None = None,
-                    progress: bool = True, **settings: Any) -> dict[str, Any]:
+                    progress: bool = True, runtime_env: dict[str, Any] | None = None,
+                    log: Any = None, **settings: Any) -> dict[str, Any]:
     """Train (or resume) adversary agents against the frozen victim ``victim`` into ``out``.
 
     Args:
@@ -333,6 +346,8 @@ def train_adversary(victim: str | Path | None, out: str | Path, env: str | None 
         resume: continue from ``out/checkpoints/latest`` with the saved settings.
         address: Ray cluster address (default: a local Ray).
         progress: show a progress bar.
+        runtime_env: Ray ``runtime_env`` for the session this call starts.
+        log: receives the line naming the Ray cluster when this call starts Ray.
         **settings: any other :class:`AdversaryConfig` field (``grid``, ``pa_ad_steps``,
             ``policies``, ``train_batch_size``, ``lr``, ``arch``, ``net``, ``seed``, ...).
     Returns:
@@ -352,16 +367,23 @@ def train_adversary(victim: str | Path | None, out: str | Path, env: str | None 
                           team=team, iterations=iterations, **settings)
     if not resume:
         resolve_victim(cfg)
-    cfg = prepare_run(cfg, out, resume, AdversaryConfig.from_json, kind=RUN_KIND)
+    check_run_dir(out, resume)
+    started = ensure_ray(address, runtime_env=runtime_env, log=log)  # before anything is written
+    try:
+        cfg = prepare_run(cfg, out, resume, AdversaryConfig.from_json, kind=RUN_KIND)
 
-    def victim_return(row: dict[str, Any]) -> None:
-        row["victim_return_mean"] = -row["agent_return_mean"]
+        def victim_return(row: dict[str, Any]) -> None:
+            row["victim_return_mean"] = -row["agent_return_mean"]
 
-    result = run_training_loop(
-        build_adversary_algo_config(cfg), cfg, out, resume=resume, address=address,
-        progress=progress, n_agents=_n_adversaries(cfg), on_row=victim_return,
-        postfix_key=("victim", "victim_return_mean"),
-        desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")
+        result = run_training_loop(
+            build_adversary_algo_config(cfg), cfg, out, resume=resume, address=address,
+            progress=progress, n_agents=_n_adversaries(cfg), on_row=victim_return,
+            postfix_key=("victim", "victim_return_mean"),
+            desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
     return {"last": result["last"], "out": str(out), "records": result["records"],
             "config": cfg.to_json()}
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agents.networks import ARCHS
+from agents.ray_session import ensure_ray  # noqa: F401  (re-exported: agents.train.ensure_ray)
 from marl_fgmf.io import atomic_write_text
 
 DEFENSES = ("none", "adv", "scorpio", "sgam", "fgmf", "fgmf+adv")
@@ -175,6 +176,9 @@ def build_algo_config(cfg: TrainConfig):
                   learner_class=FGMFPPOTorchLearner,
                   learner_config_dict=defense["learner_config"])
         .debugging(seed=cfg.seed, log_level="ERROR")
+        # a lost env runner (a node without the package, a crash) stops training with its
+        # cause instead of being restarted or dropped silently (fewer samples, exit 0)
+        .fault_tolerance(restart_failed_env_runners=False, ignore_env_runner_failures=False)
     )
 
 
@@ -199,12 +203,12 @@ def _flatten_result(result: dict[str, Any], n_agents: int) -> dict[str, Any]:
     er = result.get("env_runners", {})
     row: dict[str, Any] = {
         "iteration": int(result.get("training_iteration", 0)),
-        "env_steps": int(er.get("num_env_steps_sampled_lifetime", 0) or 0),
-        "agent_steps": int(sum((er.get("num_agent_steps_sampled_lifetime") or {}).values()) or 0),
+        "env_steps": _count(er.get("num_env_steps_sampled_lifetime")),
+        "agent_steps": _count(sum((er.get("num_agent_steps_sampled_lifetime") or {}).values())),
         "episode_return_mean": _f(er.get("episode_return_mean")),
         "agent_return_mean": _f(er.get("episode_return_mean")) / max(1, n_agents),
         "episode_len_mean": _f(er.get("episode_len_mean")),
-        "num_episodes": int(er.get("num_episodes", 0) or 0),
+        "num_episodes": _count(er.get("num_episodes")),
     }
     for mid, stats in (result.get("learners") or {}).items():
         if mid == "__all_modules__" or not isinstance(stats, dict):
@@ -217,6 +221,12 @@ def _flatten_result(result: dict[str, Any], n_agents: int) -> dict[str, Any]:
 
 _LEARNER_KEYS = {"policy_loss", "vf_loss", "entropy", "mean_kl_loss", "total_loss",
                  "vf_explained_var"}
+
+
+def _count(x) -> int:
+    """An RLlib counter as an int; NaN/None (an iteration in which no episode ended) is 0."""
+    value = _f(x)
+    return int(value) if math.isfinite(value) else 0
 
 
 def _f(x) -> float:
@@ -283,23 +293,17 @@ def _plot(out: Path, records: list[dict[str, Any]], ref: float | None) -> None:
         print(f"warning: learning curve not written: {exc}")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start Ray unless running; returns True if this call started it."""
-    import ray
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "configure_logging": False}
-    if address:
-        kwargs["address"] = address
-    elif num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(**kwargs)
-    return True
-
-
 # --------------------------------------------------------------------------- main loop
+def check_run_dir(out: Path, resume: bool) -> None:
+    """The checks of :func:`prepare_run` that need no settings: a run to resume exists, or
+    ``out`` holds none (before Ray starts or anything is written)."""
+    if resume and not (out / "run.json").is_file():
+        raise ValueError(f"--resume: no run to resume in {out} (run.json missing)")
+    if not resume and ((out / "run.json").exists() or (out / "checkpoints").exists()):
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
+                         "choose another --out")
+
+
 def prepare_run(cfg, out: Path, resume: bool, load: Callable[[dict[str, Any]], Any],
                 kind: str | None = None):
     """Check ``out`` for ``train``/``resume`` and write ``run.json``; returns the settings.
@@ -333,7 +337,9 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
                       reference: float | None = None,
                       on_row: Callable[[dict[str, Any]], None] | None = None,
                       postfix_key: tuple[str, str] = ("ret", "agent_return_mean"),
-                      time_budget_s: float | None = None) -> dict[str, Any]:
+                      time_budget_s: float | None = None,
+                      runtime_env: dict[str, Any] | None = None,
+                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The resumable RLlib loop shared by every trainer of this package.
 
     Builds the algorithm from ``algo_config`` (restoring ``out/checkpoints/latest`` with
@@ -347,7 +353,7 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
     """
     from tqdm.auto import tqdm
 
-    started_ray = ensure_ray(address)
+    started_ray = ensure_ray(address, runtime_env=runtime_env, log=log)
     algo = None
     records: list[dict[str, Any]] = []
     writer = bar = None
@@ -371,6 +377,7 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
         for it in range(start_iter + 1, cfg.iterations + 1):
             t_iter = time.time()
             result = algo.train()
+            _check_env_runners(algo, cfg)
             row = _flatten_result(result, n_agents)
             row["iteration"] = it
             row["iter_time_s"] = time.time() - t_iter
@@ -411,8 +418,22 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
     return {"last": last, "out": str(out), "records": records, "reference_return": reference}
 
 
+def _check_env_runners(algo, cfg) -> None:
+    """Raise if an env runner was lost during the iteration (RLlib would go on without it)."""
+    group = getattr(algo, "env_runner_group", None)
+    wanted = int(getattr(cfg, "num_env_runners", 0) or 0)
+    if group is None or wanted <= 0:
+        return
+    healthy = int(group.num_healthy_remote_workers())
+    if healthy < wanted:
+        raise RuntimeError(f"{wanted - healthy} of {wanted} env runners were lost (a node "
+                           f"without the package, or a crash); see the Ray logs of the node")
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str | None = None,
-          progress: bool = True, time_budget_s: float | None = None) -> dict[str, Any]:
+          progress: bool = True, time_budget_s: float | None = None,
+          runtime_env: dict[str, Any] | None = None,
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train (or resume) a run into ``out``; returns the last metrics row and paths.
 
     Args:
@@ -423,15 +444,26 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
         address: Ray cluster address (default: a local Ray).
         progress: show a progress bar.
         time_budget_s: stop after the iteration that crosses this wall time (benchmarks).
+        runtime_env: Ray ``runtime_env`` for the session this call starts (code for the nodes).
+        log: receives the line naming the Ray cluster when this call starts Ray.
     Raises:
         ValueError: bad settings, an existing run without ``resume``, or ``resume`` with no run.
     """
     out = Path(out)
-    cfg = prepare_run(cfg, out, resume, TrainConfig.from_json)
-    return run_training_loop(
-        build_algo_config(cfg), cfg, out, resume=resume, address=address, progress=progress,
-        desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}", n_agents=len(env_spaces(cfg)[0]),
-        reference=reference_return(cfg), time_budget_s=time_budget_s)
+    check_run_dir(out, resume)
+    # Ray first (an unreachable cluster writes nothing), then run.json
+    started = ensure_ray(address, runtime_env=runtime_env, log=log)
+    try:
+        cfg = prepare_run(cfg, out, resume, TrainConfig.from_json)
+        return run_training_loop(
+            build_algo_config(cfg), cfg, out, resume=resume, address=address,
+            progress=progress, desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}",
+            n_agents=len(env_spaces(cfg)[0]), reference=reference_return(cfg),
+            time_budget_s=time_budget_s)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
 
 
 def _last_ckpt_iter(out: Path) -> int:

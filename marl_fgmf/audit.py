@@ -75,7 +75,8 @@ from attacks import APGD, BPDA, EOT, FGSM, PGD, RandomNoise, Square
 from marl_fgmf.io import to_jsonable
 from attacks.base import Attack, check_obs, parse_budget, policy_device, policy_mode
 
-__all__ = ["AuditCheck", "AuditReport", "audit", "audit_checkpoint", "collect_observations",
+__all__ = ["AuditCheck", "AuditReport", "audit", "audit_checkpoint", "audit_policies",
+           "collect_observations",
            "mcnemar_greater", "is_stochastic", "has_input_filter", "CHECK_NAMES"]
 
 CHECK_NAMES = ("gradient_free_vs_white_box", "noise_vs_fgsm", "steps_and_restarts",
@@ -579,14 +580,37 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
     from envs import make_env
     checkpoint = os.path.abspath(checkpoint)  # RLlib's loader rejects relative paths
     run = read_run_config(checkpoint)
-    env_name = env or run.get("env") or "beacon"
+    env_name = env or run.get("env")
+    if not env_name:
+        raise ValueError(f"{checkpoint} names no env (no run.json): pass env")
     if env_kwargs is None:
         env_kwargs = dict(run.get("env_kwargs") or {}) if env_name == run.get("env") else {}
     environment = make_env(env_name, **env_kwargs)
     try:
         agents = list(environment.possible_agents)
-        policy = load_agent_policies(checkpoint, agents, policy_id, device="cpu",
-                                     single_if_shared=True)
+    finally:
+        environment.close()
+    policy = load_agent_policies(checkpoint, agents, policy_id, device="cpu",
+                                 single_if_shared=True)
+    return audit_policies(policy, env_name, env_kwargs, policy_id=policy_id, eps=eps,
+                          n_obs=n_obs, episodes=episodes, seed=seed, progress=progress,
+                          **settings)
+
+
+def audit_policies(policy: Any, env: str, env_kwargs: dict[str, Any] | None = None,
+                   policy_id: str | None = None, eps: float | str = 8 / 255, n_obs: int = 64,
+                   episodes: int = 4, seed: int = 0, progress: bool = False, **settings: Any
+                   ) -> dict[str, AuditReport]:
+    """Audit loaded policies on observations from the env ``env`` (no checkpoint is read).
+
+    ``policy`` is one module for every agent, or ``{agent: module}`` (modules shared by
+    several agents are audited once); ``policy_id`` names the single module's report.
+    The rest as in :func:`audit_checkpoint`. This is what a tournament's audit task runs on
+    the weights the driver shipped.
+    """
+    from envs import make_env
+    environment = make_env(env, **dict(env_kwargs or {}))
+    try:
         groups = collect_observations(policy, environment, n_obs, episodes, 10_000 + seed)
     finally:
         environment.close()

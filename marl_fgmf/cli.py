@@ -7,15 +7,19 @@ Each subcommand lives in ``marl_fgmf/commands/<name>.py`` with two functions,
 
 Errors: bad input raises :class:`marl_fgmf.commands.UsageError` (or ``ValueError`` /
 ``FileNotFoundError``); the CLI prints one line ``marl-fgmf <cmd>: error: <message>`` and exits
-with code 2, with no traceback. Ctrl-C exits with 130 after the command's own clean-up.
+with code 2, with no traceback. A runtime failure (a Ray task or env runner that failed on a
+node) raises :class:`marl_fgmf.commands.CommandFailed`: one line naming the root cause, exit
+1. Ctrl-C exits with 130 after the command's own clean-up.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from marl_fgmf.commands import UsageError
+from marl_fgmf.commands import CommandFailed, UsageError
 
 COMMANDS = {
     "train": "train a multi-agent policy with RLlib PPO (optionally FGMF-defended)",
@@ -79,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"marl-fgmf {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"marl-fgmf {args.command}: failed: {msg}", file=sys.stderr)
+        if os.environ.get("MARL_FGMF_DEBUG") and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
+        else:
+            print("(set MARL_FGMF_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"marl-fgmf {args.command}: interrupted", file=sys.stderr)
         return 130

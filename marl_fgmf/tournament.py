@@ -28,8 +28,13 @@ the clean return beside it and flagged defenders marked. Outputs (all written at
     DIR/report.md              all of the above tied together with the audit tables
     DIR/defenders/<name>/      defenders given as training specs, trained first
 
-On a Ray cluster (``address``) every node must read the checkpoint paths (a shared
-filesystem); the match log and the reports are written by the driver only.
+On a Ray cluster (``address``) weights travel and paths do not: the driver loads every
+defender and learned adversary once and ships it through Ray's object store, so the nodes
+need this package (a shared install or ``runtime_env``) but not the driver's files. The match
+log and the reports are written by the driver only; every record names the Ray node that
+played it (``node_id``), and ``report.md`` lists the nodes. A node whose last
+``max_node_failures`` tasks failed with the same cause gets no more work while another node is
+healthy, and its failed tasks are played elsewhere.
 
 The configuration (YAML or JSON; relative paths are relative to the config file's folder)::
 
@@ -64,7 +69,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -704,127 +708,91 @@ def _record_problem(rec: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- work on Ray workers
-_POLICY_CACHE: dict[tuple[str, str | None, str], Any] = {}
-
-
-def _load_defender(path: str, policy_id: str | None, agents: list[str]) -> Any:
-    """The defender's policy for :func:`attacks.evaluate`: one module, or agent -> module.
-    Cached per worker process (keyed by the checkpoint it points to)."""
-    from agents.checkpoint import latest_checkpoint, load_agent_policies
-    ckpt = latest_checkpoint(path)
-    stamp = str(ckpt) if ckpt is not None else str(Path(path).resolve())
-    key = (str(path), policy_id, stamp)
-    if key not in _POLICY_CACHE:
-        _POLICY_CACHE[key] = load_agent_policies(path, agents, policy_id, device="cpu",
-                                                 single_if_shared=True)
-    return _POLICY_CACHE[key]
-
-
-def _defender_env(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+# Weights travel, paths do not (DESIGN.md section 2): the driver loads every defender and
+# learned adversary once (:func:`_load_weights`) and ships them through Ray's object store;
+# these functions receive the objects and never open a path of the driver's.
+def _defender_env(cfg: "TournamentConfig", d: "DefenderSpec", out: Path
+                  ) -> tuple[str, dict[str, Any]]:
+    """The defender's env and settings (on the driver): the config's override, else its run's."""
     from agents.checkpoint import read_run_config
-    run = read_run_config(spec["path"])
-    name = spec.get("env") or run.get("env") or "beacon"
-    if spec.get("env_kwargs") is not None:
-        kwargs = dict(spec["env_kwargs"])
+    run = read_run_config(d.run_dir(out))
+    name = cfg.env or run.get("env")
+    if not name:
+        raise ConfigError([f"defender {d.name}: its checkpoint names no env (no run.json); "
+                           f"set env in the config"])
+    if cfg.env_kwargs is not None:
+        kwargs = dict(cfg.env_kwargs)
     else:
         kwargs = dict(run.get("env_kwargs") or {}) if name == run.get("env") else {}
     return name, kwargs
 
 
-def _set_threads(num_cpus: float) -> None:
-    import torch
-    torch.set_num_threads(max(1, int(num_cpus)))
+def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict[str, Any]:
+    """Play one match (the body of a Ray task; also callable directly).
 
-
-def play_match(spec: dict[str, Any]) -> dict[str, Any]:
-    """Play one match (runs inside a Ray task; also callable directly).
-
-    ``spec``: ``key, defender, attacker, kind (clean|analytic|learned), attack, settings,
-    adversary, eps, seed, episodes, path, policy_id, env, env_kwargs, num_cpus``.
-    Returns the match record (``status`` "ok"), or ``status`` "error" with ``error``.
+    Args:
+        spec: ``key, defender, attacker, kind (clean|analytic|learned), attack, settings, eps,
+            seed, episodes, env, env_kwargs, checkpoint``.
+        policy: the defender (one module, or ``{agent: module}``), shipped by the driver.
+        adversary: for ``kind == "learned"``, the adversary attack shipped by the driver
+            (rebound here to the defender, ``eps`` and ``seed``).
+    Returns:
+        The match record (``status`` "ok"); exceptions propagate (the task wrapper reports
+        them with the node).
     """
     t0 = time.perf_counter()
+    from attacks import evaluate, make_attack
+    from attacks.base import parse_budget
+    from envs import make_env
+    env = make_env(spec["env"], **spec["env_kwargs"])
     try:
-        _set_threads(spec.get("num_cpus", 1))
-        from attacks import evaluate, make_attack
-        from envs import make_env
-        env_name, env_kwargs = _defender_env(spec)
-        env = make_env(env_name, **env_kwargs)
-        policy = _load_defender(spec["path"], spec.get("policy_id"), list(env.possible_agents))
         first = policy if not isinstance(policy, dict) else next(iter(policy.values()))
         attack = None
         if spec["kind"] == "analytic":
             attack = make_attack(spec["attack"], first, eps=spec["eps"], seed=spec["seed"],
                                  **spec.get("settings", {}))
         elif spec["kind"] == "learned":
-            attack = _learned_attack(spec["adversary"], first, spec["eps"], spec["seed"])
+            attack = adversary.with_policy(first)
+            attack.eps = parse_budget(spec["eps"])
+            attack.set_seed(spec["seed"])
         t_eval = time.perf_counter()
         result = evaluate(policy, env, attack, episodes=spec["episodes"], seed=spec["seed"],
                           progress=False, compare_clean=False)
+    finally:
         env.close()
-        record = {
-            "version": RECORD_VERSION, "status": "ok", "key": spec["key"],
-            "defender": spec["defender"], "attacker": spec["attacker"], "kind": spec["kind"],
-            "attack": spec.get("attack"), "eps": spec["eps"], "eps_label": eps_label(spec["eps"]),
-            "seed": spec["seed"], "episodes": spec["episodes"], "env": env_name,
-            "env_kwargs": env_kwargs, "checkpoint": spec["path"],
-            "team_return": result["team_return"], "team_returns": result["team_returns"],
-            "agent_return": result["agent_return"], "success_rate": result["success_rate"],
-            "mean_linf": result["mean_linf"], "mean_l2": result["mean_l2"],
-            "agent_steps": result["agent_steps"], "attack_settings": result.get("attack"),
-            "eval_s": time.perf_counter() - t_eval, "wall_s": time.perf_counter() - t0,
-            "host": socket.gethostname(), "pid": os.getpid(),
-            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if attack is not None and getattr(attack, "eps", None) is not None:
-            record["eps_actual"] = float(attack.eps)
-        return record
-    except Exception as exc:  # reported by the driver, never written as finished
-        return {"status": "error", "key": spec["key"], "error": f"{type(exc).__name__}: "
-                f"{_first_line(exc)}", "wall_s": time.perf_counter() - t0}
+    record = {
+        "version": RECORD_VERSION, "status": "ok", "key": spec["key"],
+        "defender": spec["defender"], "attacker": spec["attacker"], "kind": spec["kind"],
+        "attack": spec.get("attack"), "eps": spec["eps"], "eps_label": eps_label(spec["eps"]),
+        "seed": spec["seed"], "episodes": spec["episodes"], "env": spec["env"],
+        "env_kwargs": spec["env_kwargs"], "checkpoint": spec["checkpoint"],
+        "team_return": result["team_return"], "team_returns": result["team_returns"],
+        "agent_return": result["agent_return"], "success_rate": result["success_rate"],
+        "mean_linf": result["mean_linf"], "mean_l2": result["mean_l2"],
+        "agent_steps": result["agent_steps"], "attack_settings": result.get("attack"),
+        "eval_s": time.perf_counter() - t_eval,
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if attack is not None and getattr(attack, "eps", None) is not None:
+        record["eps_actual"] = float(attack.eps)
+    return record
 
 
-def _learned_attack(run_dir: str, policy: Any, eps: float, seed: int) -> Any:
-    import inspect
-    from agents.adversary import load_adversary
-    params = inspect.signature(load_adversary).parameters
-    kwargs: dict[str, Any] = {}
-    if "policy" in params:
-        kwargs["policy"] = policy
-    if "eps" in params:
-        kwargs["eps"] = eps
-    if "seed" in params:
-        kwargs["seed"] = seed
-    if "device" in params:
-        kwargs["device"] = "cpu"
-    return load_adversary(run_dir, **kwargs)
-
-
-def audit_defender(spec: dict[str, Any]) -> dict[str, Any]:
-    """Audit one defender (runs inside a Ray task): :func:`marl_fgmf.audit.audit_checkpoint`
+def audit_defender(spec: dict[str, Any], policy: Any) -> dict[str, Any]:
+    """Audit one defender (the body of a Ray task): :func:`marl_fgmf.audit.audit_policies`
     on observations from the defender's env, every policy module of it."""
-    t0 = time.perf_counter()
-    try:
-        _set_threads(spec.get("num_cpus", 1))
-        from marl_fgmf.audit import audit_checkpoint
-        env_name, env_kwargs = _defender_env(spec)
-        a = dict(spec["audit"])
-        kwargs = {k: v for k, v in a.items() if k not in ("n_obs", "episodes", "eps", "enabled", "seed")}
-        for k in ("steps", "restarts"):
-            kwargs[k] = tuple(kwargs[k])
-        reports = audit_checkpoint(spec["path"], env=env_name, env_kwargs=env_kwargs,
-                                   policy_id=spec.get("policy_id"), eps=a["eps"],
-                                   n_obs=a["n_obs"], episodes=a["episodes"], seed=a["seed"],
-                                   **kwargs)
-        return {"status": "ok", "defender": spec["defender"], "env": env_name,
-                "checkpoint": spec["stamp"], "audit_settings": a,
-                "flagged": any(r.flagged for r in reports.values()),
-                "policies": {pid: r.to_dict() for pid, r in reports.items()},
-                "wall_s": time.perf_counter() - t0}
-    except Exception as exc:
-        return {"status": "error", "defender": spec["defender"],
-                "error": f"{type(exc).__name__}: {_first_line(exc)}",
-                "wall_s": time.perf_counter() - t0}
+    from marl_fgmf.audit import audit_policies
+    a = dict(spec["audit"])
+    kwargs = {k: v for k, v in a.items() if k not in ("n_obs", "episodes", "eps", "enabled", "seed")}
+    for k in ("steps", "restarts"):
+        kwargs[k] = tuple(kwargs[k])
+    reports = audit_policies(policy, env=spec["env"], env_kwargs=spec["env_kwargs"],
+                             policy_id=spec.get("policy_id"), eps=a["eps"], n_obs=a["n_obs"],
+                             episodes=a["episodes"], seed=a["seed"], **kwargs)
+    return {"status": "ok", "defender": spec["defender"], "env": spec["env"],
+            "checkpoint": spec["stamp"], "audit_settings": a,
+            "flagged": any(r.flagged for r in reports.values()),
+            "policies": {pid: r.to_dict() for pid, r in reports.items()}}
 
 
 # --------------------------------------------------------------------------- the driver
@@ -841,19 +809,56 @@ class TournamentResult:
     seconds: float
 
 
-def _match_spec(cfg: TournamentConfig, m: Match, out: Path) -> dict[str, Any]:
+def _match_spec(cfg: TournamentConfig, m: Match, out: Path,
+                defender_env: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     d = next(x for x in cfg.defenders if x.name == m.defender)
+    env_name, env_kwargs = defender_env[d.name]
     spec: dict[str, Any] = {
         "key": m.key, "defender": m.defender, "attacker": m.attacker, "eps": m.eps,
-        "seed": m.seed, "episodes": cfg.episodes, "path": str(d.run_dir(out)),
-        "policy_id": d.policy_id, "env": cfg.env, "env_kwargs": cfg.env_kwargs,
-        "num_cpus": cfg.num_cpus_per_match, "kind": "clean",
+        "seed": m.seed, "episodes": cfg.episodes, "checkpoint": str(d.run_dir(out)),
+        "env": env_name, "env_kwargs": env_kwargs, "kind": "clean",
     }
     if m.attacker != CLEAN:
         a = next(x for x in cfg.attackers if x.name == m.attacker)
         spec.update(kind=a.kind, attack=a.attack, settings=dict(a.settings),
                     adversary=None if a.adversary is None else str(a.adversary))
     return spec
+
+
+@dataclass
+class _Shipped:
+    """What the driver loaded and put in Ray's object store, by defender / attacker name."""
+
+    policies: dict[str, Any]
+    adversaries: dict[str, Any]
+    envs: dict[str, tuple[str, dict[str, Any]]]
+
+
+def _load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -> _Shipped:
+    """Load every defender and learned adversary ONCE on the driver, check it against its
+    env, and ship it through Ray's object store (workers never read these paths)."""
+    from agents.adversary import load_adversary
+    from agents.checkpoint import load_agent_policies
+    from agents.ray_session import ship
+    from envs import make_env
+    policies, adversaries, envs = {}, {}, {}
+    for d in cfg.defenders:
+        env_name, env_kwargs = _defender_env(cfg, d, out)
+        env = make_env(env_name, **env_kwargs)
+        try:
+            agents = list(env.possible_agents)
+        finally:
+            env.close()
+        policy = load_agent_policies(str(d.run_dir(out)), agents, d.policy_id, device="cpu",
+                                     single_if_shared=True)
+        envs[d.name] = (env_name, env_kwargs)
+        policies[d.name] = ship(policy)
+    for a in cfg.attackers:
+        if a.adversary is not None:
+            adversaries[a.name] = ship(load_adversary(str(a.adversary), device="cpu"))
+    log(f"loaded {len(policies)} defender(s) and {len(adversaries)} learned adversary(ies) "
+        f"on the driver; their weights travel through Ray's object store")
+    return _Shipped(policies, adversaries, envs)
 
 
 def _audit_settings(cfg: TournamentConfig) -> dict[str, Any]:
@@ -896,7 +901,9 @@ def _train_defenders(cfg: TournamentConfig, out: Path, address: str | None, prog
         resume = (run_dir / "run.json").is_file()
         log(f"defender {d.name}: {'resuming' if resume else 'training'} {tcfg.defense} "
             f"on {tcfg.env} for {tcfg.iterations} iterations into {run_dir}")
-        train(tcfg, run_dir, resume=resume, address=address, progress=progress)
+        # Ray already runs (the tournament's session): the learner and checkpoints stay on
+        # the driver, env runners may go to any node
+        train(tcfg, run_dir, resume=resume, address=None, progress=progress)
 
 
 class _DirLock:
@@ -928,18 +935,24 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
                    address: str | None = None, workers: int | None = None,
                    progress: bool = True, audit: bool | None = None,
                    log: Callable[[str], None] | None = None,
+                   runtime_env: dict[str, Any] | None = None,
+                   max_node_failures: int = 3,
                    _fail_after: int | None = None) -> TournamentResult:
     """Play every match not yet in ``DIR/matches.jsonl``, audit, and write the leaderboard.
 
     Args:
         config: the tournament (validated here first; nothing runs if it is invalid).
         out: the tournament directory ``DIR``.
-        address: Ray cluster address (default: ``config.address``, else a local Ray).
+        address: Ray cluster address (default: ``config.address``, else a local Ray);
+            checked before anything is written.
         workers: matches in flight at once (default: ``config.max_concurrency``, else the
             cluster's CPUs divided by ``num_cpus_per_match``).
         progress: show a progress bar over the matches.
         audit: run the audit (default: ``config.audit.enabled``).
         log: where status lines go (default: print).
+        runtime_env: Ray ``runtime_env`` (code for nodes that lack the package).
+        max_node_failures: a node whose last this-many tasks failed with the same cause gets
+            no more work while another node is healthy (its failed tasks are retried there).
         _fail_after: test hook: raise ``RuntimeError`` after writing this many matches in
             this run (simulates a crash with matches in flight).
 
@@ -950,12 +963,14 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
         ConfigError: invalid configuration (every problem, one line each).
         TournamentError: some matches or audits failed (the others are written, and the
             leaderboard is written from what finished).
+        ValueError: an unreachable or unsupported Ray address.
     """
     t0 = time.perf_counter()
     log = log or print
     out = Path(os.path.abspath(out))
     config.check(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from agents.ray_session import check_address, cluster_summary, ensure_ray
+    address = check_address(address or config.address)
     run_audit = config.audit.enabled if audit is None else bool(audit)
     warnings: list[str] = []
 
@@ -964,13 +979,14 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
         log(f"warning: {msg}")
 
     import ray
-    from agents.train import ensure_ray
 
-    with _DirLock(out):
-        atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
-        started = ensure_ray(address or config.address)
-        try:
-            _train_defenders(config, out, address or config.address, progress, log)
+    started = ensure_ray(address, runtime_env=runtime_env, log=log)  # before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _DirLock(out):
+            atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
+            _train_defenders(config, out, address, progress, log)
+            shipped = _load_weights(config, out, log)
             match_log = MatchLog(out / "matches.jsonl")
             finished = match_log.load(warn)
             matches = config.matches()
@@ -985,22 +1001,24 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
                     stamp = _audit_stamp(config, d, out)
                     if _audit_is_current(out / f"audit_{d.name}.json", settings, stamp):
                         continue
-                    audit_jobs.append({"defender": d.name, "path": str(d.run_dir(out)),
-                                       "policy_id": d.policy_id, "env": config.env,
-                                       "env_kwargs": config.env_kwargs, "audit": settings,
-                                       "stamp": stamp, "num_cpus": config.num_cpus_per_match})
+                    env_name, env_kwargs = shipped.envs[d.name]
+                    audit_jobs.append({"defender": d.name, "policy_id": d.policy_id,
+                                       "env": env_name, "env_kwargs": env_kwargs,
+                                       "audit": settings, "stamp": stamp})
             try:
-                errors = _play(config, out, pending, audit_jobs, match_log, workers, progress,
-                               _fail_after, ray)
+                errors = _play(config, out, pending, audit_jobs, shipped, match_log, workers,
+                               progress, _fail_after, log, max_node_failures)
             finally:
                 match_log.close()
+            nodes = cluster_summary()["nodes"]
             records = MatchLog(out / "matches.jsonl").load(warn)
             audits = _read_audits(config, out, warn)
             leaderboard = build_leaderboard(config, records, audits)
+            leaderboard["nodes"] = _node_table(records, audits, nodes)
             files = write_outputs(config, out, leaderboard, records, audits, warn)
-        finally:
-            if started:
-                ray.shutdown()
+    finally:
+        if started:
+            ray.shutdown()
     if errors:
         raise TournamentError(errors)
     return TournamentResult(out=out, leaderboard=leaderboard, played=len(pending),
@@ -1008,67 +1026,71 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
                             seconds=time.perf_counter() - t0)
 
 
+def _node_table(records: dict[str, dict[str, Any]], audits: dict[str, dict[str, Any]],
+                nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per Ray node that ran a match or audit of this tournament: its id, address, CPUs and
+    how many matches and audits it ran (records from earlier runs included)."""
+    known = {n["node_id"]: n for n in nodes}
+    table: dict[str, dict[str, Any]] = {}
+    for kind, items in (("matches", records.values()), ("audits", audits.values())):
+        for rec in items:
+            nid = rec.get("node_id") or "unknown"
+            row = table.setdefault(nid, {"node_id": nid, "ip": rec.get("node_ip"),
+                                         "host": rec.get("host"), "matches": 0, "audits": 0,
+                                         "cpus": known.get(nid, {}).get("cpus")})
+            row[kind] += 1
+    return sorted(table.values(), key=lambda r: (-r["matches"], r["node_id"]))
+
+
 def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: list[dict],
-          match_log: MatchLog, workers: int | None, progress: bool, fail_after: int | None,
-          ray: Any) -> list[str]:
-    """Submit the matches and audits as Ray tasks, at most ``workers`` in flight; append each
-    finished match to the log as it arrives. Returns the failures, one line each."""
-    limit = workers or cfg.max_concurrency
-    if limit is None:
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        limit = max(1, int(cpus // cfg.num_cpus_per_match))
-    opts = {"num_cpus": cfg.num_cpus_per_match, "max_retries": 1}
-    match_task = ray.remote(play_match).options(**opts)
-    audit_task = ray.remote(audit_defender).options(**opts)
+          shipped: _Shipped, match_log: MatchLog, workers: int | None, progress: bool,
+          fail_after: int | None, log: Callable[[str], None], max_node_failures: int
+          ) -> list[str]:
+    """Submit the matches and audits as Ray tasks (:func:`agents.ray_session.run_jobs`);
+    append each finished match to the log as it arrives. Returns the failures, one line each."""
+    from agents.ray_session import Job, run_jobs
     # longest first (audits, then by estimated cost): the short matches fill the gaps at the
     # end, which keeps the last worker from finishing long after the others
-    jobs: list[tuple[str, dict[str, Any]]] = [("audit", a) for a in audit_jobs]
-    specs = [_match_spec(cfg, m, out) for m in pending]
-    jobs += [("match", spec) for spec in sorted(specs, key=_cost_estimate, reverse=True)]
+    jobs = [Job(audit_defender, a, (shipped.policies[a["defender"]],),
+                title=f"audit of {a['defender']}", tag="audit") for a in audit_jobs]
+    specs = [_match_spec(cfg, m, out, shipped.envs) for m in pending]
+    for spec in sorted(specs, key=_cost_estimate, reverse=True):
+        objs = (shipped.policies[spec["defender"]],)
+        if spec["kind"] == "learned":
+            objs += (shipped.adversaries[spec["attacker"]],)
+        jobs.append(Job(play_match, spec, objs, title=_match_title(spec), tag="match"))
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(jobs), desc="tournament", unit="match")
-    in_flight: dict[Any, tuple[str, dict[str, Any]]] = {}
-    errors: list[str] = []
     written = 0
-    queue = list(jobs)
+
+    def on_result(job: Job, result: dict[str, Any]) -> None:
+        nonlocal written
+        node = result.get("node") or {}
+        record = {**result["value"], "node_id": node.get("node_id"), "node_ip": node.get("ip"),
+                  "host": node.get("host"), "pid": node.get("pid"), "wall_s": result["wall_s"]}
+        if job.tag == "match":
+            match_log.append(record)
+            written += 1
+        else:
+            atomic_write_text(out / f"audit_{job.spec['defender']}.json",
+                              json.dumps(to_jsonable(record), indent=2))
+        if fail_after is not None and written >= fail_after:
+            raise RuntimeError(f"test hook: stopping after {written} matches")
+
+    def on_done(job: Job, result: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.set_postfix_str(job.title[:40])
+            bar.update(1)
+
     try:
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                kind, spec = queue.pop(0)
-                ref = (match_task if kind == "match" else audit_task).remote(spec)
-                in_flight[ref] = (kind, spec)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                kind, spec = in_flight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # the worker died (OOM, killed)
-                    result = {"status": "error", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
-                what = _match_title(spec) if kind == "match" else f"audit of {spec['defender']}"
-                if result.get("status") != "ok":
-                    errors.append(f"{what} failed: {result.get('error')}")
-                elif kind == "match":
-                    match_log.append(result)
-                    written += 1
-                else:
-                    atomic_write_text(out / f"audit_{spec['defender']}.json",
-                                      json.dumps(to_jsonable(result), indent=2))
-                if bar is not None:
-                    bar.set_postfix_str(what[:40])
-                    bar.update(1)
-                if fail_after is not None and written >= fail_after:
-                    raise RuntimeError(f"test hook: stopping after {written} matches")
+        return run_jobs(jobs, num_cpus=cfg.num_cpus_per_match,
+                        limit=workers or cfg.max_concurrency, on_result=on_result,
+                        on_done=on_done, log=log, max_node_failures=max_node_failures)
     finally:
-        for ref in in_flight:  # Ctrl-C, a crash: do not leave work running on the cluster
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:
-                pass
         if bar is not None:
             bar.close()
-    return errors
 
 
 def _cost_estimate(spec: dict[str, Any]) -> float:
@@ -1365,20 +1387,36 @@ def _report_markdown(cfg: TournamentConfig, board: dict[str, Any],
         for pid, rep in a["policies"].items():
             title = d.name if len(a["policies"]) == 1 else f"{d.name} / {pid}"
             lines += [AuditReport.from_dict(rep).to_markdown(title=title)]
+    lines += _nodes_markdown(board)
     lines += ["## Matches", "", "| defender | attacker | eps | seed | team return | success | "
-              "mean Linf | wall s |", "|---|---|---|---|---|---|---|---|"]
+              "mean Linf | wall s | node |", "|---|---|---|---|---|---|---|---|---|"]
     for m in cfg.matches():
         r = records.get(m.key)
         if r is None:
             lines.append(f"| {m.defender} | {m.attacker} | {eps_label(m.eps)} | {m.seed} | "
-                         f"not finished | | | |")
+                         f"not finished | | | | |")
             continue
         lines.append(f"| {m.defender} | {m.attacker} | {eps_label(m.eps)} | {m.seed} | "
                      f"{_fmt(r['team_return'])} | {r.get('success_rate', 0):.3f} | "
-                     f"{r.get('mean_linf', 0):.4f} | {r.get('wall_s', 0):.1f} |")
+                     f"{r.get('mean_linf', 0):.4f} | {r.get('wall_s', 0):.1f} | "
+                     f"{(r.get('node_id') or '-')[:8]} |")
     lines += ["", "Files: `matches.jsonl` (one line per match), `leaderboard.json`, "
                   "`leaderboard.md`, `audit_<defender>.json`.", ""]
     return "\n".join(lines)
+
+
+def _nodes_markdown(board: dict[str, Any]) -> list[str]:
+    nodes = board.get("nodes") or []
+    if not nodes:
+        return []
+    lines = ["## Ray nodes", "", f"{len(nodes)} node(s) ran this tournament's matches and "
+             f"audits (the node id in `matches.jsonl` and `audit_<defender>.json`):", "",
+             "| node id | address | CPUs | matches | audits |", "|---|---|---|---|---|"]
+    for n in nodes:
+        cpus = "-" if n.get("cpus") is None else f"{n['cpus']:g}"
+        lines.append(f"| {n['node_id']} | {n.get('ip') or n.get('host') or '-'} | {cpus} | "
+                     f"{n['matches']} | {n['audits']} |")
+    return lines + [""]
 
 
 def _plot_heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], path: Path,

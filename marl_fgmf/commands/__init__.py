@@ -85,3 +85,38 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
     p.add_argument("--env-kwargs", type=parse_settings, default=None, metavar="K=V,...",
                    help="environment settings (default: the run's)")
+
+
+class CommandFailed(Exception):
+    """A runtime failure (not bad input): the CLI prints the message on one line, exits 1."""
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser, default: str = "a local Ray") -> None:
+    """``--address`` and ``--runtime-env FILE``: where the work runs and what code the nodes
+    get (checked by :func:`cluster_settings` before anything is written)."""
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help=f"Ray cluster: the head's GCS address host:6379, ray://host:10001 "
+                        f"(Ray Client, the 'cluster' extra) or auto (default: {default})")
+    p.add_argument("--runtime-env", default=None, metavar="FILE",
+                   help="Ray runtime_env (YAML/JSON: working_dir, py_modules, pip, env_vars, "
+                        "...) for nodes that lack the package (default: none, the nodes need "
+                        "a shared install)")
+
+
+def cluster_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any] | None]:
+    """``(address, runtime_env)`` from ``--address``/``--runtime-env``, validated: an
+    unreachable address, ``ray://`` without Ray Client, or a bad runtime-env file raise
+    :class:`UsageError` (one line) before anything is written."""
+    from agents.ray_session import check_address, load_runtime_env
+    try:
+        runtime_env = load_runtime_env(getattr(args, "runtime_env", None))
+        address = check_address(getattr(args, "address", None))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return address, runtime_env
+
+
+def run_failure(exc: BaseException) -> CommandFailed:
+    """A :class:`CommandFailed` naming the root cause of an exception from Ray/RLlib work."""
+    from agents.ray_session import describe_error
+    return CommandFailed(describe_error(exc))

@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, parse_eps_list,
-                                parse_settings, positive_int)
+from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, add_cluster_arguments,
+                                cluster_settings, parse_eps_list, parse_settings, positive_int,
+                                run_failure)
 
 NORMS = ("linf", "l2")
 # for --help; the values are checked against attacks.OBJECTIVES
@@ -78,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one policy module for every agent (default: the checkpoint's mapping)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    add_cluster_arguments(p, default="run here, without Ray; with --address or --runtime-env "
+                                     "every run is a Ray task on the cluster")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -258,8 +261,32 @@ def _stats(run: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- command
+def _evaluate_on_cluster(policies: Any, runs: list[tuple[str, Any]], spec: dict[str, Any],
+                         address: str | None, runtime_env: dict[str, Any] | None,
+                         progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The clean run and every attacked run as Ray tasks (weights shipped by the driver)."""
+    from agents.ray_session import ensure_ray
+    from marl_fgmf.workflows.remote import evaluate_job, run_remote
+    started = ensure_ray(address, runtime_env=runtime_env, log=print)
+    try:
+        jobs = [("clean", spec, (policies,))]
+        jobs += [(f"{name} {eps_label(float(attack.eps))}", spec, (policies, attack))
+                 for name, attack in runs]
+        try:
+            values = run_remote(evaluate_job, jobs, log=print, progress=progress)
+        except RuntimeError as exc:
+            raise run_failure(exc) from exc
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    return values["clean"], [values[title] for title, _, _ in jobs[1:]]
+
+
 def run(args: argparse.Namespace) -> int:
     keys, settings = _check_arguments(args)
+    address, runtime_env = cluster_settings(args)
+    on_ray = address is not None or runtime_env is not None
     import torch
     from agents.checkpoint import read_run_config, resolve_module_root
     from attacks import evaluate
@@ -294,12 +321,20 @@ def run(args: argparse.Namespace) -> int:
                      for eps in budgets]
 
         progress = not args.quiet
-        clean = evaluate(policies, env, None, episodes=args.episodes, seed=args.seed,
-                         progress=progress)
+        if on_ray:
+            spec = {"env": env_name, "env_kwargs": env_kwargs, "episodes": args.episodes,
+                    "seed": args.seed}
+            clean, remote = _evaluate_on_cluster(policies, runs, spec, address, runtime_env,
+                                                 progress)
+        else:
+            clean = evaluate(policies, env, None, episodes=args.episodes, seed=args.seed,
+                             progress=progress)
+            remote = None
         results = []
-        for name, attack in runs:
-            run_result = evaluate(policies, env, attack, episodes=args.episodes, seed=args.seed,
-                                  progress=progress, compare_clean=False)
+        for i, (name, attack) in enumerate(runs):
+            run_result = remote[i] if remote is not None else evaluate(
+                policies, env, attack, episodes=args.episodes, seed=args.seed,
+                progress=progress, compare_clean=False)
             eps = float(attack.eps)
             results.append({"name": name, "eps": eps, "eps_label": eps_label(eps),
                             "attack": run_result["attack"], **_stats(run_result)})

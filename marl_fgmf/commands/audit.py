@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from marl_fgmf.commands import UsageError, add_checkpoint_arguments, parse_eps, positive_int
+from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, add_cluster_arguments,
+                                cluster_settings, parse_eps, positive_int, run_failure)
 
 
 def _int_list(text: str) -> list[int]:
@@ -43,7 +44,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="loss of the gradient attacks (margin: Carlini-Wagner, default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="FILE", help="write the reports as JSON")
+    add_cluster_arguments(p, default="run here, without Ray; with --address or --runtime-env "
+                                     "the audit is a Ray task on the cluster")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _audit_on_cluster(args: argparse.Namespace, settings: dict, address: str | None,
+                      runtime_env: dict | None) -> dict:
+    """The audit as one Ray task: the driver loads the policy and ships its weights."""
+    from agents.checkpoint import load_agent_policies, read_run_config
+    from agents.ray_session import ensure_ray
+    from envs import make_env
+    from marl_fgmf.audit import AuditReport
+    from marl_fgmf.workflows.remote import audit_job, run_remote
+    run_cfg = read_run_config(args.checkpoint)
+    env_name = args.env or run_cfg.get("env")
+    if not env_name:
+        raise UsageError(f"--env is required: {args.checkpoint} has no run.json naming its env")
+    env_kwargs = (dict(args.env_kwargs) if args.env_kwargs is not None else
+                  dict(run_cfg.get("env_kwargs") or {}) if env_name == run_cfg.get("env") else {})
+    env = make_env(env_name, **env_kwargs)
+    agents = list(env.possible_agents)
+    env.close()
+    policy = load_agent_policies(str(Path(args.checkpoint).resolve()), agents, args.policy_id,
+                                 device="cpu", single_if_shared=True)
+    spec = {"env": env_name, "env_kwargs": env_kwargs, "policy_id": args.policy_id,
+            "settings": settings}
+    started = ensure_ray(address, runtime_env=runtime_env, log=print)
+    try:
+        values = run_remote(audit_job, [("audit", spec, (policy,))], log=print,
+                            progress=not args.quiet)
+    except RuntimeError as exc:
+        raise run_failure(exc) from exc
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    return {name: AuditReport.from_dict(rep) for name, rep in values["audit"].items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,12 +95,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
     if args.out is not None and Path(args.out).is_dir():
         raise UsageError(f"--out must be a file path, {args.out} is a directory")
-    reports = audit_checkpoint(args.checkpoint, env=args.env, env_kwargs=args.env_kwargs,
-                               policy_id=args.policy_id, eps=args.eps, n_obs=args.n_obs,
-                               episodes=args.episodes, seed=args.seed, progress=not args.quiet,
-                               steps=tuple(args.steps), restarts=tuple(args.restarts),
-                               large_eps=args.large_eps, n_queries=args.n_queries,
-                               objective=args.objective)
+    address, runtime_env = cluster_settings(args)
+    settings = dict(eps=args.eps, n_obs=args.n_obs, episodes=args.episodes, seed=args.seed,
+                    steps=tuple(args.steps), restarts=tuple(args.restarts),
+                    large_eps=args.large_eps, n_queries=args.n_queries, objective=args.objective)
+    if address is None and runtime_env is None:
+        reports = audit_checkpoint(args.checkpoint, env=args.env, env_kwargs=args.env_kwargs,
+                                   policy_id=args.policy_id, progress=not args.quiet,
+                                   **settings)
+    else:
+        reports = _audit_on_cluster(args, settings, address, runtime_env)
     for name, report in reports.items():
         print(f"policy {name}:")
         print(report.to_text())

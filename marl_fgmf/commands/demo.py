@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from marl_fgmf.commands import UsageError
+from marl_fgmf.commands import UsageError, cluster_settings
 
 BUDGETS: dict[str, dict[str, Any]] = {
     "small": {
@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(os.path.abspath(args.out))  # RLlib's checkpoint loader needs absolute paths
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
+    address, _ = cluster_settings(args)  # an unreachable cluster: one line, nothing written
     out.mkdir(parents=True, exist_ok=True)
     budget = BUDGETS[args.budget]
     state = _load_state(out)
@@ -196,17 +197,17 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
 
     import ray
-    started = ensure_ray(args.address)
+    started = ensure_ray(address, log=print)
     try:
         step("training the undefended team (--defense none) on beacon")
-        runs = {"none": train_team(out, "none", budget, state, args.address, progress)}
+        runs = {"none": train_team(out, "none", budget, state, address, progress)}
         _save_state(out, state)
         _say_trained(step, runs["none"])
 
         step("training the FGMF-defended team (--defense fgmf: SCOR-PIO + SGAM)")
         defended = "fgmf"
         try:
-            runs["fgmf"] = train_team(out, "fgmf", budget, state, args.address, progress)
+            runs["fgmf"] = train_team(out, "fgmf", budget, state, address, progress)
         except (KeyboardInterrupt, UsageError):
             raise
         except Exception as exc:
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             notes.append(note)
             step(note, new_step=False)
             defended = "adv"
-            runs["adv"] = train_team(out, "adv", budget, state, args.address, progress)
+            runs["adv"] = train_team(out, "adv", budget, state, address, progress)
         _save_state(out, state)
         _say_trained(step, runs[defended])
 
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                                       defended: out / "runs" / defended}, budget)
         failed: list[str] = []
         try:
-            result = run_tournament(cfg, out / "tournament", address=args.address,
+            result = run_tournament(cfg, out / "tournament", address=address,
                                     progress=progress, log=lambda m: step(m, new_step=False))
             board = result.leaderboard
         except TournamentError as exc:

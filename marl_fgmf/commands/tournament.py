@@ -4,7 +4,9 @@ Examples::
 
     marl-fgmf tournament --config tournament.yaml --out results/t1
     marl-fgmf tournament --config tournament.yaml --out results/t1 --workers 2   # resume
-    marl-fgmf tournament --config t.json --out results/t1 --address ray://head:10001
+    marl-fgmf tournament --config t.json --out results/t1 --address 10.0.0.1:6379
+    marl-fgmf tournament --config t.json --out results/t1 --address 10.0.0.1:6379 \
+        --runtime-env runtime_env.yaml          # nodes without the package
 
 The configuration format is documented in :mod:`marl_fgmf.tournament`. Rerunning the same
 command resumes: finished matches (``DIR/matches.jsonl``) are skipped. Exit codes: 0 done,
@@ -16,15 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from marl_fgmf.commands import positive_int
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
+                                positive_int)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE",
                    help="tournament configuration (YAML or JSON)")
     p.add_argument("--out", required=True, metavar="DIR", help="tournament directory")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: the config's, else a local Ray)")
+    add_cluster_arguments(p, default="the config's address, else a local Ray")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="matches in flight at once (default: the config's max_concurrency, "
                         "else the cluster's CPUs / num_cpus_per_match)")
@@ -46,13 +48,20 @@ def run(args: argparse.Namespace) -> int:
         cfg.check(args.out)  # every problem, before Ray starts
     except ConfigError as exc:
         return _errors(exc.errors)
+    if args.address is None and cfg.address:
+        args.address = cfg.address
+    try:
+        address, runtime_env = cluster_settings(args)  # before anything is written
+    except UsageError as exc:
+        return _errors([str(exc)])
     matches = len(cfg.matches())
     print(f"tournament {cfg.name}: {len(cfg.defenders)} defenders x {len(cfg.attackers)} "
           f"attackers x {len(cfg.eps)} eps x {len(cfg.seeds)} seed(s) + clean = {matches} "
           f"matches, {cfg.episodes} episodes each; results in {args.out}", flush=True)
     try:
-        result = run_tournament(cfg, args.out, address=args.address, workers=args.workers,
-                                progress=not args.quiet, audit=False if args.no_audit else None)
+        result = run_tournament(cfg, args.out, address=address, workers=args.workers,
+                                progress=not args.quiet, audit=False if args.no_audit else None,
+                                runtime_env=runtime_env)
     except ConfigError as exc:
         return _errors(exc.errors)
     except TournamentError as exc:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from marl_fgmf.commands import UsageError, parse_settings, positive_int
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
+                                parse_settings, positive_int, run_failure)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    add_cluster_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -68,12 +69,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.train import train
     cfg = config_from_args(args)
     if not args.resume:
         cfg.validate()  # fail before Ray starts
-    result = train(cfg, args.out, resume=args.resume, address=args.address,
-                   progress=not args.quiet)
+    address, runtime_env = cluster_settings(args)
+    from agents.train import train
+    try:
+        result = train(cfg, args.out, resume=args.resume, address=address,
+                       progress=not args.quiet, runtime_env=runtime_env, log=print)
+    except (ValueError, FileNotFoundError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a lost env runner, a Ray error: the root cause on one line
+        raise run_failure(exc) from exc
     last = result["last"]
     if not last:
         raise UsageError(f"nothing to do: {args.out} already reached {cfg.iterations} iterations")

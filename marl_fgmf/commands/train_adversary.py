@@ -17,8 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from marl_fgmf.commands import (UsageError, non_negative_int, parse_eps, parse_settings,
-                                positive_int)
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
+                                non_negative_int, parse_eps, parse_settings, positive_int,
+                                run_failure)
+
 
 MODES = ("perturb", "pa-ad")  # attacks.learned.MODES, repeated so --help needs no torch import
 
@@ -64,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="episodes of the final clean-vs-attacked evaluation (0 skips it)")
     p.add_argument("--out", required=True, help="the adversary's run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    add_cluster_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -94,9 +96,16 @@ def run(args: argparse.Namespace) -> int:
                               **settings)
         resolve_victim(cfg)
         cfg.validate()
-    result = train_adversary(args.victim, args.out, env=args.env, eps=args.eps, mode=args.mode,
-                             team=args.team, iterations=args.iterations, resume=args.resume,
-                             address=args.address, progress=not args.quiet, **settings)
+    address, runtime_env = cluster_settings(args)
+    try:
+        result = train_adversary(args.victim, args.out, env=args.env, eps=args.eps,
+                                 mode=args.mode, team=args.team, iterations=args.iterations,
+                                 resume=args.resume, address=address, progress=not args.quiet,
+                                 runtime_env=runtime_env, log=print, **settings)
+    except (ValueError, FileNotFoundError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a lost env runner, a Ray error: the root cause on one line
+        raise run_failure(exc) from exc
     last = result["last"]
     if not last:
         raise UsageError(f"nothing to do: {args.out} already reached {args.iterations} iterations")
