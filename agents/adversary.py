@@ -376,7 +376,7 @@ def train_adversary(victim: str | Path | None, out: str | Path, env: str | None 
             row["victim_return_mean"] = -row["agent_return_mean"]
 
         result = run_training_loop(
-            build_adversary_algo_config(cfg), cfg, out, resume=resume, address=address,
+            build_adversary_algo_config(cfg), cfg, out, resume=resume, address=None,
             progress=progress, n_agents=_n_adversaries(cfg), on_row=victim_return,
             postfix_key=("victim", "victim_return_mean"),
             desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")

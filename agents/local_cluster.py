@@ -47,11 +47,14 @@ def can_hide_paths() -> bool:
 
 class LocalCluster:
     """``nodes`` raylets with ``cpus`` CPUs each; ``hide`` paths are invisible to every node
-    but the head (``hide_on`` picks the node indices, default all but the head)."""
+    but the head (``hide_on`` picks the node indices, default all but the head). ``token``:
+    the cluster's auth token (default: a new random one); a driver process caches the token
+    it first used, so give successive clusters of one driver the same token."""
 
     def __init__(self, nodes: int = 2, cpus: int = 1, hide: Sequence[str | os.PathLike] = (),
                  hide_on: Sequence[int] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 60.0):
+                 startup_timeout_s: float = 60.0, token: str | None = None,
+                 client_server: bool = False):
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
         self.nodes = nodes
@@ -63,10 +66,20 @@ class LocalCluster:
         # short: Ray's socket paths must stay under 108 characters
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
         self.address = f"127.0.0.1:{self.port}"
+        # with ray[client] installed every head starts a client server (on 10001 unless told
+        # otherwise): give each cluster its own port so that clusters can run side by side
+        import importlib.util
+        if client_server and importlib.util.find_spec("grpc") is None:
+            raise RuntimeError("client_server=True needs Ray Client: pip install 'ray[client]'")
+        self._wait_client = client_server
+        self.client_port = _free_port() if importlib.util.find_spec("grpc") else None
+        self.client_address = (f"ray://127.0.0.1:{self.client_port}" if client_server
+                               else None)
+        """``ray://`` address of the head's Ray Client server (``client_server=True``)."""
         # Ray's token authentication, with this cluster's own token: every node and every
         # driver must present it (``driver_env``), as on a real cluster
-        token = Path(self.temp_dir) / "auth_token"
-        token.write_text(secrets.token_hex(32))
+        token_value, token = token, Path(self.temp_dir) / "auth_token"
+        token.write_text(token_value or secrets.token_hex(32))
         token.chmod(0o600)
         self.driver_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                            "RAY_USAGE_STATS_ENABLED": "0"}
@@ -84,6 +97,8 @@ class LocalCluster:
             cmd = [self._ray, "start", "--head", f"--port={self.port}",
                    "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
                    "--include-dashboard=false", *common]
+            if self.client_port is not None:
+                cmd.append(f"--ray-client-server-port={self.client_port}")
         else:
             cmd = [self._ray, "start", f"--address={self.address}",
                    "--node-ip-address=127.0.0.1", *common]
@@ -101,6 +116,16 @@ class LocalCluster:
         try:
             for i in range(self.nodes):
                 self._start(i)
+            if self._wait_client:  # the client server starts after `ray start`
+                deadline = time.time() + self.timeout
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", self.client_port), 1).close()
+                        break
+                    except OSError:
+                        if time.time() > deadline:
+                            raise RuntimeError("the Ray Client server did not start") from None
+                        time.sleep(0.5)
         except BaseException:
             self.stop()
             raise
@@ -131,7 +156,9 @@ class LocalCluster:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
             except OSError:
                 continue
-            if self.temp_dir in cmdline or f"127.0.0.1:{self.port}" in cmdline:
+            if self.temp_dir in cmdline or f"127.0.0.1:{self.port}" in cmdline or (
+                    self.client_port is not None and f"{self.client_port}" in cmdline
+                    and "ray_client_server" in cmdline):
                 out.append(int(entry.name))
         return out
 

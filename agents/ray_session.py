@@ -179,7 +179,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     """
     import ray
     if ray.is_initialized():
-        if address and address not in ("auto", "local"):
+        if address and address not in ("auto", "local") and not address.startswith("ray://"):
             current = _current_address()
             if current and _norm_address(current) != _norm_address(address):
                 raise ValueError(f"Ray is already running in this process (at {current}); "
@@ -241,8 +241,13 @@ def cluster_summary() -> dict[str, Any]:
 def format_cluster(summary: dict[str, Any], requested: str | None = None) -> str:
     """``Ray cluster at 10.0.0.1:6379: 2 nodes, 4 CPUs, 0 GPUs`` (or ``local Ray: ...``)."""
     n = len(summary["nodes"])
-    what = (f"Ray cluster at {summary['address'] or requested}" if requested
-            else f"local Ray ({summary['address']})")
+    gcs = summary["address"]
+    if requested and requested.startswith("ray://"):
+        what = f"Ray cluster at {requested} (GCS {gcs})"
+    elif requested:
+        what = f"Ray cluster at {gcs or requested}"
+    else:
+        what = f"local Ray ({gcs})"
     return (f"{what}: {n} node{'s' if n != 1 else ''}, {summary['cpus']:g} CPUs, "
             f"{summary['gpus']:g} GPUs")
 

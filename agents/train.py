@@ -456,7 +456,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
     try:
         cfg = prepare_run(cfg, out, resume, TrainConfig.from_json)
         return run_training_loop(
-            build_algo_config(cfg), cfg, out, resume=resume, address=address,
+            build_algo_config(cfg), cfg, out, resume=resume, address=None,  # Ray runs already
             progress=progress, desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}",
             n_agents=len(env_spaces(cfg)[0]), reference=reference_return(cfg),
             time_budget_s=time_budget_s)

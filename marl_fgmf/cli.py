@@ -56,12 +56,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 # RLlib notices that every run would print and that say nothing about the user's run.
 _NOISY_LOGGERS = ("ray.rllib.algorithms.algorithm_config", "ray._common.deprecation")
+# RLlib's report of a failed env runner (a multi-line traceback); the CLI names the root cause
+# on one line instead (MARL_FGMF_DEBUG=1 shows both)
+_FAILURE_LOGGERS = ("ray.rllib.utils.actor_manager",)
 
 
 def _quiet_library_notices() -> None:
     import logging
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not os.environ.get("MARL_FGMF_DEBUG"):
+        for name in _FAILURE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

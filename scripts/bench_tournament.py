@@ -1,10 +1,18 @@
-"""Tournament wall time with 1 and 2 Ray workers on the same matches (the speed-up of Ray tasks).
+"""Tournament wall time with 1 and 2 Ray workers, or on 1 and 2 Ray nodes, on the same matches.
 
 How to run::
 
     python scripts/bench_tournament.py                       # 2 defenders x 4 attackers x 2 eps
     python scripts/bench_tournament.py --workers 1,2 --repeats 3 --episodes 3
+    python scripts/bench_tournament.py --nodes 1,2           # a local multi-node cluster
     python scripts/bench_tournament.py --quick               # a short check that it works
+
+``--nodes 1,2``: for each node count N, starts a real local Ray cluster of N ``ray start``
+nodes with one CPU each (:class:`agents.local_cluster.LocalCluster`; every node but the head
+in a private mount namespace that cannot see OUT, so the defenders' weights must travel
+through the object store), connects the driver to it, warms one worker per node up, and
+times the same tournament with N matches in flight. Reports matches per minute and the
+speed-up over one node (target >= 1.7x with 2 nodes).
 
 What it does: trains two tiny beacon defenders (undefended and FGMF, one RLlib iteration each;
 not timed; reused from ``--out`` when present, or pass ``--defenders DIR DIR``), starts ONE
@@ -47,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defenders", nargs="*", default=None, metavar="DIR",
                    help="defender checkpoints (default: train two tiny ones into OUT)")
     p.add_argument("--workers", default="1,2", help="worker counts to compare (1,2)")
+    p.add_argument("--nodes", default=None, metavar="N,N",
+                   help="compare Ray node counts on a local multi-node cluster instead "
+                        "(e.g. 1,2; one CPU per node)")
     p.add_argument("--episodes", type=int, default=3, help="episodes per match (3)")
     p.add_argument("--eps", default="4/255,8/255", help="budgets (4/255,8/255)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per worker count (1)")
@@ -75,24 +86,65 @@ def ensure_defenders(out: Path, given: list[str] | None) -> dict[str, Path]:
     return runs
 
 
-def warm_up(defenders: dict[str, Path], n: int) -> float:
-    """Start ``n`` workers concurrently and import/load everything a match needs in each."""
+def warm_up(n: int) -> float:
+    """Run ``n`` concurrent tasks that import everything a match needs (one per CPU), so
+    worker start-up and imports are not what is measured."""
+    import importlib
+
     import ray
 
-    from marl_fgmf.tournament import _load_defender
-
-    def load(paths: list[str]) -> int:
-        import attacks  # noqa: F401
-        for p in paths:
-            _load_defender(p, None, ["agent_0", "agent_1"])
-        time.sleep(1.0)  # keep this worker busy so the next warm-up lands on another one
-        return os.getpid()
-
+    from agents.ray_session import get_result, remote_call
     t0 = time.perf_counter()
-    remote = ray.remote(num_cpus=1)(load)
-    pids = ray.get([remote.remote([str(p) for p in defenders.values()]) for _ in range(n)])
-    print(f"warmed up {len(set(pids))} worker(s) in {time.perf_counter() - t0:.1f}s", flush=True)
+    refs = [remote_call(importlib.import_module, "marl_fgmf.tournament") for _ in range(n)]
+    nodes = {get_result(r)["node"]["node_id"] for r in refs}
+    ray.get([remote_call(time.sleep, 1.0) for _ in range(n)])
+    print(f"warmed up {n} worker(s) on {len(nodes)} node(s) in {time.perf_counter() - t0:.1f}s",
+          flush=True)
     return time.perf_counter() - t0
+
+
+def timed_run(cfg, target: Path, workers: int, address: str | None = None) -> dict:
+    """One timed tournament into a fresh ``target``."""
+    from marl_fgmf.tournament import run_tournament
+    if target.exists():
+        shutil.rmtree(target)
+    t0 = time.perf_counter()
+    run_tournament(cfg, target, workers=workers, address=address, progress=False,
+                   log=lambda m: None)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (target / "matches.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "sum_match_s": sum(r["wall_s"] for r in records),
+            "nodes_used": len({r.get("node_id") for r in records})}
+
+
+def bench_nodes(cfg, out: Path, node_counts: list[int], repeats: int, token: str
+                ) -> list[dict]:
+    """Time the tournament on local clusters of each node count (one CPU per node)."""
+    import ray
+
+    from agents.local_cluster import LocalCluster, can_hide_paths
+    from agents.ray_session import ensure_ray
+    hide = [out] if can_hide_paths() else []
+    if not hide:
+        print("note: cannot start nodes in a private mount namespace here (needs root and "
+              "unshare); the nodes share the driver's files", flush=True)
+    runs = []
+    for n in node_counts:
+        with LocalCluster(nodes=n, cpus=1, hide=hide, token=token) as cluster:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            ensure_ray(cluster.address, log=lambda m: print(m, flush=True))
+            try:
+                warm_up(n)
+                for rep in range(repeats):
+                    run = timed_run(cfg, out / f"run_n{n}_r{rep}", n, cluster.address)
+                    runs.append({"nodes": n, "repeat": rep, **run,
+                                 "matches": len(cfg.matches())})
+                    print(f"nodes={n} repeat={rep}: {run['wall_s']:.1f}s for "
+                          f"{len(cfg.matches())} matches on {run['nodes_used']} node(s)",
+                          flush=True)
+            finally:
+                ray.shutdown()
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,13 +158,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         attackers, eps, episodes = [ATTACKERS[0], ATTACKERS[3]], eps[-1:], 1
 
+    nodes = [int(n) for n in args.nodes.split(",") if n.strip()] if args.nodes else None
+    unit = "nodes" if nodes else "workers"
+    counts = nodes or workers
+    tmp = tempfile.mkdtemp(prefix="rt")
+    token = None
+    if nodes is not None:
+        # a driver process keeps the first auth token it used: the same one for the local
+        # Ray that trains the defenders and for every cluster measured after it
+        import secrets
+        token = secrets.token_hex(32)
+        (Path(tmp) / "auth_token").write_text(token)
+        os.environ.update({"RAY_AUTH_MODE": "token",  # before Ray is imported
+                           "RAY_AUTH_TOKEN_PATH": str(Path(tmp) / "auth_token")})
+
     import ray
 
-    from marl_fgmf.tournament import TournamentConfig, run_tournament
+    from marl_fgmf.tournament import TournamentConfig
 
-    tmp = tempfile.mkdtemp(prefix="rt")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _temp_dir=tmp)
+    warm = 0.0
     try:
         defenders = ensure_defenders(out, args.defenders)
         cfg = TournamentConfig.from_dict({
@@ -122,44 +188,41 @@ def main(argv: list[str] | None = None) -> int:
             "audit": False})
         cfg.check()
         n_matches = len(cfg.matches())
-        warm = warm_up(defenders, max(workers))
         load_before = os.getloadavg()
         runs = []
-        for rep in range(args.repeats):
-            for w in workers:
-                target = out / f"run_w{w}_r{rep}"
-                if target.exists():
-                    shutil.rmtree(target)
-                t0 = time.perf_counter()
-                run_tournament(cfg, target, workers=w, progress=False, log=lambda m: None)
-                wall = time.perf_counter() - t0
-                match_s = sum(json.loads(line)["wall_s"]
-                              for line in (target / "matches.jsonl").read_text().splitlines())
-                runs.append({"workers": w, "repeat": rep, "wall_s": wall,
-                             "sum_match_s": match_s, "matches": n_matches})
-                print(f"workers={w} repeat={rep}: {wall:.1f}s for {n_matches} matches "
-                      f"(sum of match times {match_s:.1f}s)", flush=True)
-        load_after = os.getloadavg()
+        if nodes is None:
+            warm = warm_up(max(workers))
+            for rep in range(args.repeats):
+                for w in workers:
+                    run = timed_run(cfg, out / f"run_w{w}_r{rep}", w)
+                    runs.append({"workers": w, "repeat": rep, **run, "matches": n_matches})
+                    print(f"workers={w} repeat={rep}: {run['wall_s']:.1f}s for {n_matches} "
+                          f"matches (sum of match times {run['sum_match_s']:.1f}s)", flush=True)
     finally:
         ray.shutdown()
+    try:
+        if nodes is not None:
+            runs = bench_nodes(cfg, out, nodes, args.repeats, token)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
 
-    base = statistics.median(r["wall_s"] for r in runs if r["workers"] == workers[0])
+    base = statistics.median(r["wall_s"] for r in runs if r[unit] == counts[0])
     rows = []
-    for w in workers:
-        wall = statistics.median(r["wall_s"] for r in runs if r["workers"] == w)
-        rows.append({"workers": w, "wall_s": wall, "matches_per_s": n_matches / wall,
-                     "speedup": base / wall})
+    for c in counts:
+        wall = statistics.median(r["wall_s"] for r in runs if r[unit] == c)
+        rows.append({unit: c, "wall_s": wall, "matches_per_s": n_matches / wall,
+                     "matches_per_min": 60 * n_matches / wall, "speedup": base / wall})
     print()
-    print(f"{'workers':>7}  {'wall s':>8}  {'matches/s':>9}  {'speed-up':>8}")
+    print(f"{unit:>7}  {'wall s':>8}  {'matches/min':>11}  {'speed-up':>8}")
     for r in rows:
-        print(f"{r['workers']:>7}  {r['wall_s']:>8.1f}  {r['matches_per_s']:>9.3f}  "
+        print(f"{r[unit]:>7}  {r['wall_s']:>8.1f}  {r['matches_per_min']:>11.1f}  "
               f"{r['speedup']:>7.2f}x")
     print(f"({n_matches} matches: {len(defenders)} defenders x {len(attackers)} attackers x "
           f"{len(eps)} eps + clean, {episodes} episodes each; load average before "
           f"{load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"target speed-up >= 1.7x with 2 workers on an idle 2-core machine)")
-    result = {"rows": rows, "runs": runs, "matches": n_matches, "episodes": episodes,
+          f"target speed-up >= 1.7x with 2 {unit} on an idle 2-core machine)")
+    result = {"mode": unit, "rows": rows, "runs": runs, "matches": n_matches, "episodes": episodes,
               "attackers": [a["name"] for a in attackers], "eps": eps,
               "defenders": {k: str(v) for k, v in defenders.items()},
               "num_cpus": args.num_cpus, "cpu_count": os.cpu_count(), "warm_up_s": warm,

@@ -58,7 +58,7 @@ def shared(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(shared):
-    with LocalCluster(nodes=2, cpus=1, hide=[shared]) as c:
+    with LocalCluster(nodes=2, cpus=1, hide=[shared], client_server=True) as c:
         c.env_for_driver = {**os.environ, **c.driver_env, "OMP_NUM_THREADS": "1"}
         yield c
 
@@ -87,10 +87,30 @@ def test_train_with_env_runners_on_both_nodes_and_resume(trained):
     assert (trained / "checkpoints" / "iter_00002").is_dir()
 
 
-def tournament_config(path: Path, run: Path) -> Path:
+@pytest.fixture(scope="module")
+def adversary(cluster, trained, shared) -> Path:
+    """A PA-AD adversary trained on the cluster with two env runners: the victim's checkpoint
+    is invisible to the second node, so its env runner needs the victim's weights shipped."""
+    out = shared / "paad"
+    run = cli("train-adversary", "--victim", str(trained), "--mode", "pa-ad", "--eps", "8/255",
+              "--iterations", "1", "--num-env-runners", "2", "--eval-episodes", "0",
+              "--train-batch-size", "200", "--minibatch-size", "100", "--num-epochs", "1",
+              "--num-envs-per-env-runner", "2", "--out", str(out), "--address",
+              cluster.address, "--quiet", env=cluster.env_for_driver)
+    assert run.returncode == 0, error_lines(run.stderr)[-5:]
+    return out
+
+
+def test_train_adversary_on_both_nodes_without_the_victims_files(adversary):
+    rows = json.loads((adversary / "metrics.json").read_text())
+    assert len(rows) == 1 and rows[0]["env_steps"] > 0
+
+
+def tournament_config(path: Path, run: Path, adversary: Path | None = None) -> Path:
+    learned = [] if adversary is None else [{"name": "paad", "adversary": str(adversary)}]
     conf = {"name": "cluster", "defenders": [{"name": "ppo", "checkpoint": str(run)}],
             "attackers": ["fgsm", "random", {"name": "pgd3", "attack": "pgd",
-                                             "settings": {"steps": 3}}],
+                                             "settings": {"steps": 3}}, *learned],
             "eps": ["4/255", "8/255"], "episodes": 1, "seeds": [0, 1],
             "audit": {"n_obs": 8, "episodes": 1, "steps": [1, 2], "restarts": [1, 2],
                       "n_queries": 10}}
@@ -115,8 +135,8 @@ run_tournament(cfg, out, address=address, progress=False, log=log)
 
 
 def test_tournament_on_two_nodes_equals_local_and_needs_no_checkpoint_files(
-        cluster, trained, shared, tmp_path):
-    cfg = tournament_config(shared / "t.json", trained)
+        cluster, trained, adversary, shared, tmp_path):
+    cfg = tournament_config(shared / "t.json", trained, adversary)
     local = cli("tournament", "--config", str(cfg), "--out", str(shared / "local"), "--quiet",
                 env=local_env())
     assert local.returncode == 0, error_lines(local.stderr)[-5:]
@@ -133,7 +153,7 @@ def test_tournament_on_two_nodes_equals_local_and_needs_no_checkpoint_files(
 
     records = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
     reference = {r["key"]: r for r in jsonl(shared / "local" / "matches.jsonl")}
-    assert set(records) == set(reference) and len(records) == 2 + 3 * 2 * 2
+    assert set(records) == set(reference) and len(records) == 2 + 4 * 2 * 2
     nodes = {r["node_id"] for r in records.values()}
     assert len(nodes) == 2 and None not in nodes, "matches must run on both nodes"
     for key, rec in records.items():
@@ -146,6 +166,22 @@ def test_tournament_on_two_nodes_equals_local_and_needs_no_checkpoint_files(
     board = json.loads((out / "leaderboard.json").read_text())
     assert {n["node_id"] for n in board["nodes"]} == nodes
     shutil.move(str(away / trained.name), str(trained))  # back, for the tests after this one
+
+
+def test_ray_client_address(cluster, trained, tmp_path):
+    """``--address ray://`` (the 'cluster' extra, installed with the test extra): the same
+    tournament through Ray Client, on both nodes."""
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps({"defenders": [{"name": "ppo", "checkpoint": str(trained)}],
+                               "attackers": ["fgsm", "random"], "eps": ["8/255"],
+                               "episodes": 1, "seeds": [0, 1], "audit": False}))
+    out = tmp_path / "out"
+    run = cli("tournament", "--config", str(cfg), "--out", str(out), "--address",
+              cluster.client_address, "--quiet", env=cluster.env_for_driver)
+    assert run.returncode == 0, error_lines(run.stderr)[-5:]
+    assert f"Ray cluster at {cluster.client_address}" in run.stdout and "2 nodes" in run.stdout
+    records = jsonl(out / "matches.jsonl")
+    assert len(records) == 2 + 2 * 2 and all(r["node_id"] for r in records)
 
 
 def test_node_without_the_package_is_named_excluded_and_its_work_replayed(trained, tmp_path):
@@ -163,6 +199,21 @@ def test_node_without_the_package_is_named_excluded_and_its_work_replayed(traine
         out = tmp_path / "out"
         run = cli("tournament", "--config", str(cfg), "--out", str(out), "--address",
                   broken.address, "--quiet", env=env)
+        # the recipe for nodes without the package: ship it with --runtime-env
+        runtime_env = tmp_path / "runtime_env.yaml"
+        runtime_env.write_text(f"py_modules: ['{package}']\n")
+        shipped = cli("tournament", "--config", str(cfg), "--out", str(tmp_path / "shipped"),
+                      "--address", broken.address, "--runtime-env", str(runtime_env),
+                      "--quiet", env=env)
+        # training with an env runner on that node stops with the cause (not exit 0 with a
+        # runner "taken out of service")
+        train = cli("train", "--env", "beacon", "--iterations", "1", "--num-env-runners", "2",
+                    "--out", str(tmp_path / "run"), "--address", broken.address, *TINY,
+                    env=env)
+    assert train.returncode == 1, train.stderr[-2000:]
+    failed = [ln for ln in error_lines(train.stderr) if ln.startswith("marl-fgmf train: failed:")]
+    assert len(failed) == 1 and "No module named 'marl_fgmf" in failed[0], train.stderr[-2000:]
+    assert "Traceback" not in train.stderr
     lines = run.stdout.splitlines()
     excluded = [ln for ln in lines if "excluded after" in ln]
     assert run.returncode == 0, error_lines(run.stderr)[-5:]
@@ -172,6 +223,11 @@ def test_node_without_the_package_is_named_excluded_and_its_work_replayed(traine
     records = jsonl(out / "matches.jsonl")
     assert len(records) == 3 + 3 * 2 * 3
     assert len({r["node_id"] for r in records}) == 1, "only the healthy node plays"
+
+    assert shipped.returncode == 0, error_lines(shipped.stderr)[-5:]
+    assert "excluded" not in shipped.stdout
+    records = jsonl(tmp_path / "shipped" / "matches.jsonl")
+    assert len({r["node_id"] for r in records}) == 2, "with the code shipped both nodes play"
 
 
 # ---------------------------------------------------------------------- bad input, no cluster
