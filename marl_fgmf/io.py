@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "to_jsonable"]
+__all__ = ["DirLock", "atomic_write_bytes", "atomic_write_text", "to_jsonable"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -57,3 +57,38 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
         return to_jsonable(value.tolist())
     return str(value)
+
+
+class DirLock:
+    """An exclusive, non-blocking ``flock`` on ``folder/name`` held for a ``with`` block: one
+    writer per run or tournament directory. The lock dies with its process (a SIGKILL frees
+    it), so a stale lock file never blocks a later run.
+
+    Raises (on entry):
+        ValueError: another process holds the lock; the message names ``what`` and the folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = ".lock",
+                 what: str = "another process is writing"):
+        self.path = Path(folder) / name
+        self.what = what
+        self._fh: Any = None
+
+    def __enter__(self) -> "DirLock":
+        import fcntl
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            self._fh = None
+            raise ValueError(f"{self.what} in {self.path.parent} (lock {self.path} is held); "
+                             f"wait for it to finish or stop it") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
