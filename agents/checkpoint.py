@@ -37,6 +37,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpt if (ckpt / RL_MODULE_SUBDIR).is_dir() else None
 
 
+def newest_complete_checkpoint(run_dir: str | Path) -> Path | None:
+    """The ``checkpoints/iter_NNNNN`` folder with the highest iteration that holds
+    ``learner_group/learner/rl_module`` (whatever ``latest`` says), or None if there is none."""
+    best, best_iter = None, -1
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for ckpt in root.glob("iter_*"):
+        try:
+            iteration = int(ckpt.name[len("iter_"):])
+        except ValueError:
+            continue
+        if iteration > best_iter and (ckpt / RL_MODULE_SUBDIR).is_dir():
+            best, best_iter = ckpt, iteration
+    return best
+
+
 def resolve_module_root(path: str | Path) -> Path:
     """The ``rl_module`` directory (holding one folder per module id) behind ``path``."""
     path = Path(path)
@@ -137,6 +154,26 @@ def load_policies(checkpoint_dir: str | Path, device: str | torch.device | None 
                   ) -> dict[str, nn.Module]:
     """Every policy of a checkpoint, by module id."""
     return {pid: load_policy(checkpoint_dir, pid, device) for pid in policy_ids(checkpoint_dir)}
+
+
+def check_policy_fits_env(policy: nn.Module, env, agent: str, module: str = "policy") -> None:
+    """Raise ``ValueError`` (one line) when ``policy`` was built for another observation shape
+    or number of actions than ``agent`` has in ``env`` (wrong ``--env`` or ``--env-kwargs``),
+    instead of a shape error deep inside torch."""
+    space = env.action_space(agent)
+    n = getattr(space, "n", None)
+    if n is None:
+        raise ValueError(f"the action space of {agent!r} is {space}; this needs Discrete "
+                         f"actions")
+    obs_shape = tuple(env.observation_space(agent).shape or ())
+    want_obs = getattr(policy, "obs_shape", None)
+    if want_obs is not None and tuple(want_obs) != obs_shape:
+        raise ValueError(f"policy {module!r} takes observations of shape {tuple(want_obs)} but "
+                         f"{agent!r} sees {obs_shape}: wrong --env or --env-kwargs?")
+    want_n = getattr(policy, "n_actions", None)
+    if want_n is not None and int(want_n) != int(n):
+        raise ValueError(f"policy {module!r} outputs {int(want_n)} action logits but the action "
+                         f"space of {agent!r} is Discrete({int(n)}): they must match")
 
 
 def read_run_config(path: str | Path) -> dict:

@@ -68,6 +68,45 @@ def _parameters(cls: type) -> list[str]:
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _typed_settings(cls: type, settings: dict[str, Any], key: str) -> dict[str, Any]:
+    """``settings`` checked against the types of ``cls``'s defaults: a boolean setting takes
+    only true/false/1/0/yes/no (``random_start=maybe`` is an error, never truthy), an integer
+    setting only whole numbers (``steps=2.5`` is an error, never truncated), a float setting
+    only finite numbers. Other settings pass unchanged (the attack checks them)."""
+    import math
+    params = inspect.signature(cls.__init__).parameters
+    out = dict(settings)
+    for name, value in settings.items():
+        p = params.get(name)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+            continue
+        default = p.default
+        if isinstance(default, bool):
+            word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+            if isinstance(value, bool):
+                continue
+            if word in _BOOL_WORDS:
+                out[name] = _BOOL_WORDS[word]
+                continue
+            raise ValueError(f"setting {name} of attack {key!r} must be true/false/1/0/yes/no, "
+                             f"got {value!r}")
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"setting {name} of attack {key!r} must be a whole number, "
+                                 f"got {value!r}")
+            out[name] = int(value)
+        elif isinstance(default, float) and not isinstance(value, str):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(float(value)):
+                raise ValueError(f"setting {name} of attack {key!r} must be a finite number, "
+                                 f"got {value!r}")
+    return out
+
+
 def _resolve_name(name: Any) -> str:
     if not isinstance(name, str):
         raise ValueError(f"attack name must be a string; allowed: {', '.join(ATTACKS)}")
@@ -100,7 +139,8 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
     key = _resolve_name(name)
     cls = ATTACKS[key]
     if key in WRAPPERS:
-        own = {k: settings.pop(k) for k in _parameters(cls) if k in settings}
+        own = _typed_settings(cls, {k: settings.pop(k) for k in _parameters(cls)
+                                    if k in settings}, key)
         inner = settings.pop("attack", "pgd")
         if isinstance(inner, Attack):
             if settings:
@@ -141,7 +181,7 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)} for attack {key!r}; "
                          f"allowed: {', '.join(allowed)}")
-    return cls(policy, **settings)
+    return cls(policy, **_typed_settings(cls, settings, key))
 
 
 __all__ = [

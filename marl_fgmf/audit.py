@@ -576,22 +576,25 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
     """
     import os
 
-    from agents.checkpoint import load_agent_policies, read_run_config
+    from agents.checkpoint import check_policy_fits_env, load_agent_policies, read_run_config
     from envs import make_env
     checkpoint = os.path.abspath(checkpoint)  # RLlib's loader rejects relative paths
     run = read_run_config(checkpoint)
     env_name = env or run.get("env")
     if not env_name:
-        raise ValueError(f"{checkpoint} names no env (no run.json): pass env")
+        raise ValueError(f"--env is required: {checkpoint} has no run.json naming its env")
     if env_kwargs is None:
         env_kwargs = dict(run.get("env_kwargs") or {}) if env_name == run.get("env") else {}
     environment = make_env(env_name, **env_kwargs)
     try:
         agents = list(environment.possible_agents)
+        policy = load_agent_policies(checkpoint, agents, policy_id, device="cpu",
+                                     single_if_shared=True)
+        for agent in agents:
+            check_policy_fits_env(policy if not isinstance(policy, dict) else policy[agent],
+                                  environment, agent)
     finally:
         environment.close()
-    policy = load_agent_policies(checkpoint, agents, policy_id, device="cpu",
-                                 single_if_shared=True)
     return audit_policies(policy, env_name, env_kwargs, policy_id=policy_id, eps=eps,
                           n_obs=n_obs, episodes=episodes, seed=seed, progress=progress,
                           **settings)

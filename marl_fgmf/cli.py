@@ -89,13 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"marl-fgmf {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only folder, a permission: a runtime failure
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = exc.strerror or text
+        hint = {28: "; free some space or write elsewhere", 30: "; write elsewhere",
+                13: "; check the permissions or write elsewhere"}.get(exc.errno or 0, "")
+        print(f"marl-fgmf {args.command}: failed: {reason}{where}{hint}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"marl-fgmf {args.command}: failed: out of memory; use smaller settings (env size, "
+              f"batch sizes, --n-obs)", file=sys.stderr)
+        return 1
     except CommandFailed as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"marl-fgmf {args.command}: failed: {msg}", file=sys.stderr)
-        if os.environ.get("MARL_FGMF_DEBUG") and exc.__cause__ is not None:
+        debug = os.environ.get("MARL_FGMF_DEBUG") and exc.__cause__ is not None
+        hint = "" if debug or exc.__cause__ is None else " (MARL_FGMF_DEBUG=1 shows the traceback)"
+        print(f"marl-fgmf {args.command}: failed: {msg}{hint}", file=sys.stderr)
+        if debug:
             traceback.print_exception(exc.__cause__)
-        else:
-            print("(set MARL_FGMF_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"marl-fgmf {args.command}: interrupted", file=sys.stderr)

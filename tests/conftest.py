@@ -85,3 +85,36 @@ def ray_session():
                  _temp_dir=tmp, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def save_untrained_run(root, module_ids: list[str], n_actions: int = 5,
+                       env_kwargs: dict | None = None):
+    """An untrained beacon policy saved in the exact layout ``marl-fgmf train`` writes (run.json,
+    checkpoints/latest, learner_group/learner/rl_module/<module id>): a run directory for CLI
+    tests that needs neither Ray nor training."""
+    import json
+    from pathlib import Path
+
+    from gymnasium import spaces
+
+    from agents.rl_module import FGMFTorchRLModule
+    from agents.train import TrainConfig
+    from envs import make_env
+
+    root = Path(root)
+    env_kwargs = dict(env_kwargs or {"n_agents": 2, "max_steps": 4})
+    env = make_env("beacon", **env_kwargs)
+    agent = env.possible_agents[0]
+    ckpt = root / "checkpoints" / "iter_00001"
+    for i, module_id in enumerate(module_ids):
+        torch.manual_seed(i)
+        module = FGMFTorchRLModule(
+            observation_space=env.observation_space(agent), action_space=spaces.Discrete(n_actions),
+            model_config={"arch": "cnn", "net": {"channels": [4, 8, 8], "hidden": 16},
+                          "sgam": None})
+        module.save_to_path(str(ckpt / "learner_group" / "learner" / "rl_module" / module_id))
+    (root / "checkpoints" / "latest").write_text("iter_00001")
+    cfg = TrainConfig(env_kwargs=env_kwargs, net={"channels": [4, 8, 8], "hidden": 16},
+                      policies="shared" if module_ids == ["shared"] else "per-agent")
+    (root / "run.json").write_text(json.dumps(cfg.to_json()))
+    return root

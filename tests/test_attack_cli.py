@@ -27,27 +27,9 @@ CI_KEYS = {"mean", "ci95", "low", "high", "n"}
 
 
 def _save_run(root: Path, module_ids: list[str], n_actions: int = 5) -> Path:
-    """An untrained policy saved as a `marl-fgmf train` run directory."""
-    from gymnasium import spaces
-
-    from agents.rl_module import FGMFTorchRLModule
-    from agents.train import TrainConfig
-
-    env = make_env("beacon", **ENV_KWARGS)
-    agent = env.possible_agents[0]
-    ckpt = root / "checkpoints" / "iter_00001"
-    for i, module_id in enumerate(module_ids):
-        torch.manual_seed(i)
-        module = FGMFTorchRLModule(
-            observation_space=env.observation_space(agent), action_space=spaces.Discrete(n_actions),
-            model_config={"arch": "cnn", "net": {"channels": [4, 8, 8], "hidden": 16},
-                          "sgam": None})
-        module.save_to_path(str(ckpt / "learner_group" / "learner" / "rl_module" / module_id))
-    (root / "checkpoints" / "latest").write_text("iter_00001")
-    cfg = TrainConfig(env_kwargs=dict(ENV_KWARGS), net={"channels": [4, 8, 8], "hidden": 16},
-                      policies="shared" if module_ids == ["shared"] else "per-agent")
-    (root / "run.json").write_text(json.dumps(cfg.to_json()))
-    return root
+    """An untrained policy saved as a `marl-fgmf train` run directory (tests/conftest.py)."""
+    from conftest import save_untrained_run
+    return save_untrained_run(root, module_ids, n_actions, ENV_KWARGS)
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ def test_demo_tiny_end_to_end_and_rerun_reuses(tmp_path):
                     "## 3. Gradient-masking audit", "## 4. Explanation"):
         assert section in report
     state = json.loads((out / "demo_state.json").read_text())
-    defended = "fgmf" if "fgmf" in state["runs"] else "adv"
-    assert defended == "fgmf" or "adversarial-training baseline" in report
+    defended = "fgmf"  # no fallback: the defended team is FGMF or the demo fails
+    assert set(state["runs"]) == {"none", "fgmf"}
     matches = (out / "tournament" / "matches.jsonl").read_text().splitlines()
     assert len(matches) == 2 * (4 * 2 + 1), "2 defenders x (4 attackers x 2 eps + clean)"
     board = json.loads((out / "tournament" / "leaderboard.json").read_text())
@@ -46,9 +46,8 @@ def test_demo_tiny_end_to_end_and_rerun_reuses(tmp_path):
                  "robust_vs_eps.png", "report.md"):
         assert (out / "tournament" / name).is_file(), name
     explain = state["explain"]
-    assert explain["status"] in ("ok", "skipped"), explain
-    if explain["status"] == "ok":
-        assert explain["files"], "explain ran but wrote nothing"
+    assert explain["status"] == "ok" and explain["files"], explain
+    assert any(f.endswith(".gif") for f in explain["files"]), explain["files"]
 
     # a rerun reuses the trained teams and every finished match
     again = _demo(out, env)

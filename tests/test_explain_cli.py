@@ -103,8 +103,8 @@ def test_cli_bad_input_one_line_exit_2(tiny_run, tmp_path, capsys, case):
             "env": (["--checkpoint", str(tiny_run), "--env", "nope"],
                     "unknown env 'nope'; allowed: beacon, "),
             "shape": (["--checkpoint", str(tiny_run), "--env-kwargs", "grid=9"],
-                      "env 'beacon' gives 'agent_0' observations of shape (27, 27, 3), but the "
-                      "policy was trained on (21, 21, 3)")}[case]
+                      "takes observations of shape (21, 21, 3) but 'agent_0' sees (27, 27, 3): "
+                      "wrong --env or --env-kwargs?")}[case]
     argv = [*args[0], "--out", str(out), "--quiet"]
     if case in IN_PROCESS:  # torch is imported already: the same CLI entry point, seconds faster
         code = main(["explain", *argv])

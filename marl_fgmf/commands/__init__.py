@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 
@@ -49,8 +51,10 @@ def non_negative_int(text: str) -> int:
 
 
 def parse_settings(text: str) -> dict[str, Any]:
-    """``key=value,key=value`` (values parsed as JSON where possible, e.g. numbers, true)
-    or a JSON object."""
+    """``key=value,key=value`` (values parsed as JSON where possible, e.g. numbers, true;
+    ``True``/``False``/``yes``/``no`` in any case as booleans; fractions such as ``8/255`` as
+    numbers) or a JSON object. Whether a value fits its setting is checked where the setting
+    is used (a boolean setting refuses ``maybe``)."""
     text = text.strip()
     if not text:
         return {}
@@ -67,6 +71,9 @@ def parse_settings(text: str) -> dict[str, Any]:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"settings must look like key=value,key=value; got {item!r}")
         key, raw = item.split("=", 1)
+        if raw.strip().lower() in ("true", "yes", "false", "no"):
+            out[key.strip()] = raw.strip().lower() in ("true", "yes")
+            continue
         try:
             out[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
@@ -120,3 +127,56 @@ def run_failure(exc: BaseException) -> CommandFailed:
     """A :class:`CommandFailed` naming the root cause of an exception from Ray/RLlib work."""
     from agents.ray_session import describe_error
     return CommandFailed(describe_error(exc))
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The training run directory (a folder with ``run.json``) that ``path`` is or lies in."""
+    p = Path(os.path.abspath(path))
+    for candidate in (p, *p.parents):
+        if (candidate / "run.json").is_file():
+            return candidate
+    return None
+
+
+def check_output(path: str | Path, flag: str = "--out", kind: str = "file",
+                 allow_run: bool = False) -> Path:
+    """Check an output path before any work: ``kind`` "file" or "dir"; not inside a training
+    run directory (a command never writes into a run it was not asked to train; with
+    ``allow_run`` the path may BE a run, as for ``train --out``); the nearest existing folder
+    writable. Returns the absolute path; raises :class:`UsageError` (one line) otherwise."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    run = enclosing_run(p)
+    if run is not None and not (allow_run and run == p):
+        raise UsageError(f"{flag} {path} is inside the training run {run}; write results "
+                         f"elsewhere (a command never writes into a run it did not train)")
+    if kind == "file" and p.is_dir():
+        raise UsageError(f"{flag} must be a file path, {path} is a directory")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a directory")
+    existing = p if p.exists() else next(q for q in p.parents if q.exists())
+    if not existing.is_dir() and existing != p:
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{flag} {path}: {folder} is not writable (read-only or no "
+                         f"permission); choose another path")
+    return p
+
+
+def check_device(text: str | None) -> str | None:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` where such a GPU is visible (one-line
+    :class:`UsageError` otherwise); None keeps the default (CUDA if available, else CPU)."""
+    if text is None:
+        return None
+    value = str(text).strip().lower()
+    import re
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise UsageError(f"unknown --device {text!r}; allowed: cpu, cuda, cuda:N")
+    if value.startswith("cuda"):
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= n:
+            raise UsageError(f"--device {text}: no such GPU visible to torch ({n} found); "
+                             f"use --device cpu")
+    return value

@@ -34,9 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from marl_fgmf.tournament import eps_label  # "8/255", or the number itself ("1e-30")
+
 from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, add_cluster_arguments,
-                                cluster_settings, parse_eps_list, parse_settings, positive_int,
-                                run_failure)
+                                check_device, check_output, cluster_settings, parse_eps_list,
+                                parse_settings, positive_int, run_failure)
 
 NORMS = ("linf", "l2")
 # for --help; the values are checked against attacks.OBJECTIVES
@@ -162,26 +164,10 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[str], dict[str, dic
     settings = _route_settings(keys, _attack_settings(args))
     if not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    if args.out is not None and Path(args.out).is_dir():
-        raise UsageError(f"--out must be a file path, {args.out} is a directory")
+    if args.out is not None:
+        check_output(args.out, "--out", "file")
+    args.device = check_device(args.device)
     return keys, settings
-
-
-def _check_policy_fits_env(policy: Any, env: Any, agent: str, module: str) -> None:
-    """One-line errors for a policy built for another observation or action space."""
-    obs_shape = tuple(env.observation_space(agent).shape or ())
-    n = getattr(env.action_space(agent), "n", None)
-    if n is None:
-        raise UsageError(f"the action space of {agent!r} is {env.action_space(agent)}; "
-                         f"attacks need Discrete actions")
-    want_obs = getattr(policy, "obs_shape", None)
-    if want_obs is not None and tuple(want_obs) != obs_shape:
-        raise UsageError(f"policy {module!r} takes observations of shape {tuple(want_obs)} but "
-                         f"{agent!r} sees {obs_shape}: wrong --env or --env-kwargs?")
-    want_n = getattr(policy, "n_actions", None)
-    if want_n is not None and int(want_n) != int(n):
-        raise UsageError(f"policy {module!r} outputs {int(want_n)} action logits but the action "
-                         f"space of {agent!r} is Discrete({int(n)}): they must match")
 
 
 def _load_policies(args: argparse.Namespace, agents: list[str]) -> tuple[dict, dict[str, str]]:
@@ -248,12 +234,6 @@ def _markdown(rows: list[tuple]) -> str:
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
 
 
-def eps_label(eps: float) -> str:
-    """``8/255`` for multiples of 1/255, else the number."""
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
-
-
 def _stats(run: dict[str, Any]) -> dict[str, Any]:
     keep = ("team_return", "agent_return", "team_returns", "success_rate", "mean_linf",
             "mean_l2", "agent_steps", "time_s")
@@ -288,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     address, runtime_env = cluster_settings(args)
     on_ray = address is not None or runtime_env is not None
     import torch
-    from agents.checkpoint import read_run_config, resolve_module_root
+    from agents.checkpoint import check_policy_fits_env, read_run_config, resolve_module_root
     from attacks import evaluate
     from envs import list_envs, make_env
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -312,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         agents = list(env.possible_agents)
         policies, mapping = _load_policies(args, agents)
         for agent in agents:
-            _check_policy_fits_env(policies[agent], env, agent, mapping[agent])
+            check_policy_fits_env(policies[agent], env, agent, mapping[agent])
         first = policies[agents[0]]
         runs = []  # (name, attack): every attack is built before any episode is played
         for key in keys:
@@ -358,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.out:
         from marl_fgmf.io import atomic_write_text
-        out = Path(args.out)
+        out = check_output(args.out, "--out", "file")  # again: the run may have changed
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(result, indent=2))
         print(f"\nwrote {out}")

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, add_cluster_arguments,
-                                cluster_settings, parse_eps, positive_int, run_failure)
+                                check_output, cluster_settings, parse_eps, positive_int,
+                                run_failure)
 
 
 def _int_list(text: str) -> list[int]:
@@ -93,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown env {args.env!r}; allowed: {', '.join(list_envs())}")
     if not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    if args.out is not None and Path(args.out).is_dir():
-        raise UsageError(f"--out must be a file path, {args.out} is a directory")
+    if args.out is not None:
+        check_output(args.out, "--out", "file")
     address, runtime_env = cluster_settings(args)
     settings = dict(eps=args.eps, n_obs=args.n_obs, episodes=args.episodes, seed=args.seed,
                     steps=tuple(args.steps), restarts=tuple(args.restarts),
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"not flagged: no gradient-masking symptom in {args.checkpoint}")
     if args.out:
+        check_output(args.out, "--out", "file")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         data = {"checkpoint": str(args.checkpoint), "flagged": bool(flagged),
                 "policies": {name: r.to_dict() for name, r in reports.items()}}

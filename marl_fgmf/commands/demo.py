@@ -8,37 +8,35 @@ Examples::
 What it does, with progress all along:
 
 1. trains an undefended team (``--defense none``) and an FGMF-defended team
-   (``--defense fgmf``; if FGMF training fails, e.g. SCOR-PIO/SGAM unavailable, the
-   adversarial-training baseline ``--defense adv`` instead, and the report says so) on beacon
-   into ``DIR/runs/``; each run has an iteration cap and a wall-time budget, so the demo fits
-   its time on a slow machine too;
+   (``--defense fgmf``) on beacon into ``DIR/runs/``; each run has an iteration cap and a
+   wall-time budget, so the demo fits its time on a slow machine too;
 2. plays a tournament (FGSM, PGD, Square, random noise at eps 4/255 and 8/255, plus clean) with
    the gradient-masking audit into ``DIR/tournament/``;
-3. explains one episode of the defended team with ``marl-fgmf explain`` when that command is
-   installed (skipped with a note otherwise);
+3. explains one episode of the defended team with ``marl-fgmf explain``;
 4. writes ``DIR/report.md``.
 
 Reruns reuse what exists: a finished training run is reused as is, an interrupted one is
-resumed, and the tournament skips finished matches.
+resumed, and the tournament skips finished matches. Nothing falls back: if a step fails (FGMF
+training, the tournament, the explanation) the demo stops with that step's cause (exit 1);
+it never deletes anything.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from marl_fgmf.commands import UsageError, cluster_settings
+from marl_fgmf.commands import CommandFailed, check_output, cluster_settings
 
 BUDGETS: dict[str, dict[str, Any]] = {
     "small": {
         "train": {},  # TrainConfig defaults (2000 agent steps per iteration, 4 epochs)
         # iteration caps for a quiet machine; the wall-time budgets bound a loaded one
-        "iterations": {"none": 40, "fgmf": 30, "adv": 30},
-        "time_budget_s": {"none": 170.0, "fgmf": 360.0, "adv": 360.0},
+        "iterations": {"none": 40, "fgmf": 30},
+        "time_budget_s": {"none": 170.0, "fgmf": 360.0},
         "episodes": 5,
         "attackers": [{"name": "fgsm", "attack": "fgsm"},
                       {"name": "pgd", "attack": "pgd", "settings": {"steps": 10}},
@@ -50,8 +48,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "train": {"train_batch_size": 200, "minibatch_size": 100, "num_epochs": 1,
                   "num_envs_per_env_runner": 2},
-        "iterations": {"none": 1, "fgmf": 1, "adv": 1},
-        "time_budget_s": {"none": 60.0, "fgmf": 60.0, "adv": 60.0},
+        "iterations": {"none": 1, "fgmf": 1},
+        "time_budget_s": {"none": 60.0, "fgmf": 60.0},
         "episodes": 1,
         "attackers": [{"name": "fgsm", "attack": "fgsm"},
                       {"name": "pgd", "attack": "pgd", "settings": {"steps": 3}},
@@ -116,10 +114,9 @@ def train_team(out: Path, defense: str, budget: dict[str, Any], state: dict[str,
         return {**done, "reused": True}
     cfg = TrainConfig(env="beacon", defense=defense, iterations=budget["iterations"][defense],
                       **budget["train"])
-    resume = (run_dir / "run.json").is_file() and latest_checkpoint(run_dir) is not None
-    if (run_dir / "run.json").is_file() and not resume:  # a run that never checkpointed
-        import shutil
-        shutil.rmtree(run_dir)
+    # an interrupted run of an earlier demo is resumed (from its newest complete checkpoint,
+    # or from the start if it never saved one); the demo never deletes a run
+    resume = (run_dir / "run.json").is_file()
     t0 = time.time()
     result = train(cfg, run_dir, resume=resume, address=address, progress=progress,
                    time_budget_s=budget["time_budget_s"][defense])
@@ -137,35 +134,24 @@ def train_team(out: Path, defense: str, budget: dict[str, Any], state: dict[str,
 
 
 def _explain(out: Path, checkpoint: Path, max_steps: int | None, quiet: bool) -> dict[str, Any]:
-    """Run ``marl-fgmf explain`` on one episode of the defended team, if that command exists."""
-    if importlib.util.find_spec("marl_fgmf.commands.explain") is None:
-        return {"status": "skipped", "note": "`marl-fgmf explain` is not available in this "
-                "installation yet (marl_fgmf/commands/explain.py); no explanation was made"}
+    """``marl-fgmf explain`` on one episode of the defended team, into ``out/explain``.
+    A failure fails the demo (no fallback hides it)."""
     from marl_fgmf.commands import explain as explain_cmd
     explain_dir = out / "explain"
     parser = argparse.ArgumentParser(prog="marl-fgmf explain")
-    try:
-        explain_cmd.add_arguments(parser)
-        known = {s for action in parser._actions for s in action.option_strings}
-        argv = ["--checkpoint", str(checkpoint), "--out", str(explain_dir)]
-        if "--episodes" in known:
-            argv += ["--episodes", "1"]
-        if max_steps is not None and "--max-steps" in known:
-            argv += ["--max-steps", str(max_steps)]
-        if quiet and "--quiet" in known:
-            argv.append("--quiet")
-        args = parser.parse_args(argv)
-        code = explain_cmd.run(args)
-    except SystemExit as exc:  # its arguments differ from what the demo expects
-        return {"status": "skipped", "note": f"`marl-fgmf explain` rejected the demo's "
-                f"arguments (exit {exc.code}); run it by hand on {checkpoint}"}
-    except Exception as exc:  # an explanation must not lose the rest of the demo
-        return {"status": "failed", "note": f"`marl-fgmf explain` failed: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"}
-    files = sorted(str(p.relative_to(out)) for p in explain_dir.rglob("*") if p.is_file()) \
-        if explain_dir.is_dir() else []
-    return {"status": "ok" if not code else "failed", "exit": code, "dir": str(explain_dir),
-            "files": files, "note": "" if not code else f"`marl-fgmf explain` exited {code}"}
+    explain_cmd.add_arguments(parser)
+    argv = ["--checkpoint", str(checkpoint), "--out", str(explain_dir), "--episodes", "1"]
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps)]
+    if quiet:
+        argv.append("--quiet")
+    code = explain_cmd.run(parser.parse_args(argv))
+    if code:
+        raise CommandFailed(f"marl-fgmf explain exited {code} on {checkpoint}")
+    files = sorted(str(p.relative_to(out)) for p in explain_dir.rglob("*") if p.is_file())
+    if not files:
+        raise CommandFailed(f"marl-fgmf explain wrote nothing into {explain_dir}")
+    return {"status": "ok", "exit": code, "dir": str(explain_dir), "files": files, "note": ""}
 
 
 def tournament_config(out: Path, defenders: dict[str, Path], budget: dict[str, Any]):
@@ -184,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
     from marl_fgmf.io import atomic_write_text
     from marl_fgmf.tournament import TournamentError, format_leaderboard, run_tournament
     out = Path(os.path.abspath(args.out))  # RLlib's checkpoint loader needs absolute paths
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    check_output(out, "--out", "dir")
     address, _ = cluster_settings(args)  # an unreachable cluster: one line, nothing written
     out.mkdir(parents=True, exist_ok=True)
     budget = BUDGETS[args.budget]
@@ -205,19 +190,8 @@ def run(args: argparse.Namespace) -> int:
         _say_trained(step, runs["none"])
 
         step("training the FGMF-defended team (--defense fgmf: SCOR-PIO + SGAM)")
-        defended = "fgmf"
-        try:
-            runs["fgmf"] = train_team(out, "fgmf", budget, state, address, progress)
-        except (KeyboardInterrupt, UsageError):
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            note = (f"FGMF training failed ({reason}); the adversarial-training baseline "
-                    f"(--defense adv) is the defended team instead")
-            notes.append(note)
-            step(note, new_step=False)
-            defended = "adv"
-            runs["adv"] = train_team(out, "adv", budget, state, address, progress)
+        defended = "fgmf"  # no fallback: if FGMF training fails, the demo fails and says why
+        runs["fgmf"] = train_team(out, "fgmf", budget, state, address, progress)
         _save_state(out, state)
         _say_trained(step, runs[defended])
 
@@ -247,9 +221,6 @@ def run(args: argparse.Namespace) -> int:
             explanation = _explain(out, out / "runs" / defended, budget["explain_max_steps"],
                                    args.quiet)
             explanation["team"] = defended
-        if explanation["status"] != "ok":
-            notes.append(explanation["note"])
-            step(f"explain {explanation['status']}: {explanation['note']}", new_step=False)
 
         step("writing the report")
         state["explain"] = explanation

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from marl_fgmf.commands import UsageError, add_checkpoint_arguments, parse_settings, positive_int
+from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, check_output, parse_settings,
+                                positive_int)
 
 METHOD_NAMES = ("pgca", "ig", "smoothgrad", "occlusion", "gradcampp", "rise")
 """The explainers ``--method`` accepts (the keys of :data:`marl_fgmf.attribution.METHODS`)."""
@@ -187,6 +188,7 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
         raise UsageError(f"checkpoint not found: {checkpoint}")
+    out = check_output(out, "--out", "dir")
     if method not in METHOD_NAMES:
         raise UsageError(f"unknown method {method!r}; allowed: {', '.join(METHOD_NAMES)}")
     for name, value in (("episodes", episodes), ("every", every), ("metric_steps", metric_steps)):
@@ -201,14 +203,16 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     import torch
     from tqdm.auto import tqdm
 
-    from agents.checkpoint import load_agent_policies, read_run_config
+    from agents.checkpoint import check_policy_fits_env, load_agent_policies, read_run_config
     from marl_fgmf.io import atomic_write_text
     from envs import list_envs, make_env
     from marl_fgmf import metrics as M
     from marl_fgmf import viz
 
     run_cfg = read_run_config(checkpoint)
-    env_name = env or run_cfg.get("env") or "beacon"
+    env_name = env or run_cfg.get("env")
+    if not env_name:
+        raise UsageError(f"--env is required: {checkpoint} has no run.json naming its env")
     if env_name not in list_envs():
         raise UsageError(f"unknown env {env_name!r}; allowed: {', '.join(list_envs())}")
     if env_kwargs is None:
@@ -218,11 +222,7 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     # absolute: RLlib's loader rejects some relative paths; agents sharing a module share it
     policies = load_agent_policies(checkpoint.resolve(), agents, policy_id)
     for a in agents:
-        want = getattr(policies[a], "obs_shape", None)
-        have = tuple(environment.observation_space(a).shape)
-        if want is not None and tuple(want) != have:
-            raise UsageError(f"env {env_name!r} gives {a!r} observations of shape {have}, "
-                             f"but the policy was trained on {tuple(want)}")
+        check_policy_fits_env(policies[a], environment, a)
     action_names = viz.BEACON_ACTIONS if env_name == "beacon" else None
     env_len = getattr(environment, "max_steps", None) or getattr(
         getattr(environment, "unwrapped", None), "max_steps", None)

@@ -9,17 +9,18 @@ Examples::
         --runtime-env runtime_env.yaml          # nodes without the package
 
 The configuration format is documented in :mod:`marl_fgmf.tournament`. Rerunning the same
-command resumes: finished matches (``DIR/matches.jsonl``) are skipped. Exit codes: 0 done,
-1 some matches failed (the others and the leaderboard are written), 2 bad input (every
-problem of the configuration on its own line), 130 interrupted.
+command resumes: finished matches (``DIR/matches.jsonl``) are reused while everything that
+decides them (weights, env, episodes, attack settings) is unchanged, else replayed. Exit
+codes: 0 done, 1 some matches failed (the others and the leaderboard are written), 2 bad
+input (every problem of the configuration on its own line), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
-                                positive_int)
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, check_output,
+                                cluster_settings, positive_int)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.address is None and cfg.address:
         args.address = cfg.address
     try:
+        check_output(args.out, "--out", "dir")
         address, runtime_env = cluster_settings(args)  # before anything is written
     except UsageError as exc:
         return _errors([str(exc)])
@@ -75,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
     flagged = [r["defender"] for r in result.leaderboard["defenders"] if r["flagged"]]
     if flagged:
         print(f"FLAGGED by the gradient-masking audit: {', '.join(flagged)}")
-    print(f"\n{result.played} matches played, {result.skipped} reused, "
-          f"{result.seconds:.0f}s; report: {result.files['report.md']}")
+    print(f"\n{result.reused} matches reused, {result.replayed} replayed (settings changed), "
+          f"{result.new} new, {result.seconds:.0f}s; report: {result.files['report.md']}")
     return 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
-                                parse_settings, positive_int, run_failure)
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, check_output,
+                                cluster_settings, parse_settings, positive_int, run_failure)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    check_output(args.out, "--out", "dir", allow_run=True)
     if not args.resume:
         cfg.validate()  # fail before Ray starts
     address, runtime_env = cluster_settings(args)

@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
-                                non_negative_int, parse_eps, parse_settings, positive_int,
-                                run_failure)
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, check_output,
+                                cluster_settings, non_negative_int, parse_eps, parse_settings,
+                                positive_int, run_failure)
 
 
 MODES = ("perturb", "pa-ad")  # attacks.learned.MODES, repeated so --help needs no torch import
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every)
     if args.env_kwargs is None:
         settings.pop("env_kwargs")
+    check_output(args.out, "--out", "dir", allow_run=True)
     if not args.resume:
         if not args.victim:
             raise UsageError("--victim DIR is required (the victim's run directory)")
