@@ -8,19 +8,33 @@ unattacked return. Each match is one Ray task (DESIGN.md section 2: local Ray by
 ``address=`` for a cluster, no home-made scheduler); the driver keeps at most
 ``max_concurrency`` of them in flight and, as results arrive (``ray.wait``), appends each
 finished match to ``DIR/matches.jsonl`` as ONE line, written with a single ``os.write`` on an
-``O_APPEND`` descriptor and ``fsync`` ed. Rerunning the same tournament skips every match whose
-key is already in the file, so a killed tournament loses at most the matches in flight. A
-corrupt or truncated line (a crash mid-write on a filesystem without atomic appends) is
-reported with its line number, moved to ``DIR/matches.corrupt.txt`` (never silently dropped)
-and its match is played again.
+``O_APPEND`` descriptor and ``fsync`` ed.
+
+Reruns: every record carries a **fingerprint**, a sha256 over everything that decides the
+match: the defender's weights (``defender_hash``: every module's class and ``state_dict``, as
+loaded, so a retrained defender differs even in the same checkpoint folder), its
+``policy_id``, the env and its settings, ``episodes``, seed, eps, and the attacker (kind,
+attack, settings; a learned adversary's weights and settings). Rerunning a tournament reuses a
+finished record only if its fingerprint equals the current one, so a killed tournament loses
+at most the matches in flight. A record with another fingerprint (settings or weights
+changed), or none (an older log), is replayed: it is first moved from ``matches.jsonl`` to
+``DIR/matches.stale.jsonl`` (never silently dropped; the log holds one record per match). One
+line reports ``N reused, M replayed (settings changed), K new``. Records of defenders or
+attackers no longer in the config stay in the log untouched and are not shown. A corrupt or
+truncated line (a crash mid-write on a filesystem without atomic appends) is reported with its
+line number, moved to ``DIR/matches.corrupt.txt`` and its match is played again.
 
 Then, per defender, the gradient-masking audit (:func:`marl_fgmf.audit.audit`, also a Ray
 task) on observations from the defender's own environment, stored in
-``DIR/audit_<defender>.json``, and the leaderboard: defenders ranked by **robust return**, the
-minimum over the attack ensemble of the mean team return (DESIGN.md section 3), per eps, with
-the clean return beside it and flagged defenders marked. Outputs (all written atomically)::
+``DIR/audit_<defender>.json`` with its own fingerprint (the defender's weights, env, env
+settings, ``policy_id`` and the audit settings): it is rerun when that changes, and an audit of
+other weights or settings is never shown. Last the leaderboard: defenders ranked by **robust
+return**, the minimum over the attack ensemble of the mean team return (DESIGN.md section 3),
+per eps, with the clean return beside it and flagged defenders marked. Outputs (all written
+atomically)::
 
     DIR/matches.jsonl          one JSON object per finished match
+    DIR/matches.stale.jsonl    records replaced because their fingerprint changed
     DIR/audit_<defender>.json  the audit of each defender
     DIR/leaderboard.json/.md   the ranking, per-eps robust returns, every cell
     DIR/heatmap_<eps>.png      defenders x attackers team return, one per eps
@@ -65,6 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -676,6 +691,33 @@ class MatchLog:
             atomic_write_bytes(self.path, clean_text)
         return records
 
+    def set_aside(self, keys: Iterable[str]) -> int:
+        """Move the records of ``keys`` to ``matches.stale.jsonl`` (appended there and
+        ``fsync`` ed first), then rewrite the log atomically without them, so that the log
+        never holds two records of one match and no record is lost. Returns how many moved."""
+        keys = set(keys)
+        if not keys or not self.path.exists():
+            return 0
+        self.close()  # the rewrite replaces the file: never append to the old one
+        keep: list[bytes] = []
+        moved: list[bytes] = []
+        for line in self.path.read_bytes().split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                key = json.loads(line.decode("utf-8")).get("key")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                key = None  # not a record of ours: left for load() to report
+            (moved if key in keys else keep).append(line)
+        if moved:
+            stale = self.path.with_name(f"{self.path.stem}.stale.jsonl")
+            with open(stale, "ab") as fh:
+                fh.write(b"".join(line + b"\n" for line in moved))
+                fh.flush()
+                os.fsync(fh.fileno())
+            atomic_write_bytes(self.path, b"".join(line + b"\n" for line in keep))
+        return len(moved)
+
     def append(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line: a single ``os.write`` of the whole line + ``fsync``."""
         data = (json.dumps(to_jsonable(record), sort_keys=True, allow_nan=False) + "\n").encode()
@@ -732,7 +774,8 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
 
     Args:
         spec: ``key, defender, attacker, kind (clean|analytic|learned), attack, settings, eps,
-            seed, episodes, env, env_kwargs, checkpoint``.
+            seed, episodes, env, env_kwargs, checkpoint`` (:func:`_match_spec`; its
+            ``fingerprint`` and ``defender_hash`` are added to the record by the driver).
         policy: the defender (one module, or ``{agent: module}``), shipped by the driver.
         adversary: for ``kind == "learned"``, the adversary attack shipped by the driver
             (rebound here to the defender, ``eps`` and ``seed``).
@@ -790,7 +833,7 @@ def audit_defender(spec: dict[str, Any], policy: Any) -> dict[str, Any]:
                              policy_id=spec.get("policy_id"), eps=a["eps"], n_obs=a["n_obs"],
                              episodes=a["episodes"], seed=a["seed"], **kwargs)
     return {"status": "ok", "defender": spec["defender"], "env": spec["env"],
-            "checkpoint": spec["stamp"], "audit_settings": a,
+            "checkpoint": spec["checkpoint"], "audit_settings": a,
             "flagged": any(r.flagged for r in reports.values()),
             "policies": {pid: r.to_dict() for pid, r in reports.items()}}
 
@@ -798,7 +841,12 @@ def audit_defender(spec: dict[str, Any], policy: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the driver
 @dataclass
 class TournamentResult:
-    """What :func:`run_tournament` did and wrote."""
+    """What :func:`run_tournament` did and wrote.
+
+    ``reused`` matches had a record with the current fingerprint, ``replayed`` ones a record
+    with another fingerprint or none (moved to ``matches.stale.jsonl``), ``new`` ones no record;
+    ``played`` = replayed + new, ``skipped`` = reused.
+    """
 
     out: Path
     leaderboard: dict[str, Any]
@@ -807,41 +855,92 @@ class TournamentResult:
     warnings: list[str]
     files: dict[str, Path]
     seconds: float
+    reused: int
+    replayed: int
+    new: int
 
 
-def _match_spec(cfg: TournamentConfig, m: Match, out: Path,
-                defender_env: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def _fingerprint(fields: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of ``fields`` and :data:`RECORD_VERSION`."""
+    data = to_jsonable({"version": RECORD_VERSION, **fields})
+    return hashlib.sha256(json.dumps(data, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _weights_hash(modules: Any, extra: Any = None) -> str:
+    """sha256 (hex) of what a policy computes with: one module or ``{name: module}``. Per name
+    (sorted), each distinct module once: its class qualname and every ``state_dict`` entry
+    (name, dtype, shape, bytes); a name sharing an earlier module records that instead.
+    ``extra`` (plain data, e.g. an attack's settings) is hashed after the modules."""
+    import torch
+    named = sorted(modules.items()) if isinstance(modules, dict) else [("", modules)]
+    h = hashlib.sha256()
+    seen: dict[int, str] = {}
+    for name, module in named:
+        h.update(f"module {name!r}\n".encode())
+        if id(module) in seen:
+            h.update(f"same as {seen[id(module)]!r}\n".encode())
+            continue
+        seen[id(module)] = name
+        h.update(f"class {type(module).__qualname__}\n".encode())
+        for key, tensor in module.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
+            try:
+                h.update(t.numpy().tobytes())
+            except TypeError:  # a dtype numpy lacks (bfloat16): hash its raw bytes
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if extra is not None:
+        h.update(json.dumps(to_jsonable(extra), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _Shipped:
+    """What the driver loaded and put in Ray's object store, by defender / attacker name, and
+    the content hashes of those weights (:func:`_weights_hash`)."""
+
+    policies: dict[str, Any]
+    adversaries: dict[str, Any]
+    envs: dict[str, tuple[str, dict[str, Any]]]
+    defender_hash: dict[str, str] = field(default_factory=dict)
+    adversary_hash: dict[str, str] = field(default_factory=dict)
+
+
+def _match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: _Shipped
+                ) -> dict[str, Any]:
+    """The task spec of a match (see :func:`play_match`), with its ``defender_hash`` and its
+    ``fingerprint``: the hash of everything that decides its result (module docstring)."""
     d = next(x for x in cfg.defenders if x.name == m.defender)
-    env_name, env_kwargs = defender_env[d.name]
+    env_name, env_kwargs = shipped.envs[d.name]
     spec: dict[str, Any] = {
         "key": m.key, "defender": m.defender, "attacker": m.attacker, "eps": m.eps,
         "seed": m.seed, "episodes": cfg.episodes, "checkpoint": str(d.run_dir(out)),
         "env": env_name, "env_kwargs": env_kwargs, "kind": "clean",
+        "defender_hash": shipped.defender_hash[d.name],
     }
     if m.attacker != CLEAN:
         a = next(x for x in cfg.attackers if x.name == m.attacker)
         spec.update(kind=a.kind, attack=a.attack, settings=dict(a.settings),
                     adversary=None if a.adversary is None else str(a.adversary))
+    spec["fingerprint"] = _fingerprint({
+        "defender_hash": spec["defender_hash"], "policy_id": d.policy_id, "env": env_name,
+        "env_kwargs": env_kwargs, "episodes": cfg.episodes, "seed": m.seed, "eps": m.eps,
+        "kind": spec["kind"], "attack": spec.get("attack"),
+        "settings": spec.get("settings") if spec["kind"] == "analytic" else None,
+        "adversary_hash": shipped.adversary_hash.get(m.attacker)
+        if spec["kind"] == "learned" else None})
     return spec
-
-
-@dataclass
-class _Shipped:
-    """What the driver loaded and put in Ray's object store, by defender / attacker name."""
-
-    policies: dict[str, Any]
-    adversaries: dict[str, Any]
-    envs: dict[str, tuple[str, dict[str, Any]]]
 
 
 def _load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -> _Shipped:
     """Load every defender and learned adversary ONCE on the driver, check it against its
-    env, and ship it through Ray's object store (workers never read these paths)."""
+    env, hash its weights (:func:`_weights_hash`) and ship it through Ray's object store
+    (workers never read these paths)."""
     from agents.adversary import load_adversary
     from agents.checkpoint import load_agent_policies
     from agents.ray_session import ship
     from envs import make_env
-    policies, adversaries, envs = {}, {}, {}
+    shipped = _Shipped({}, {}, {})
     for d in cfg.defenders:
         env_name, env_kwargs = _defender_env(cfg, d, out)
         env = make_env(env_name, **env_kwargs)
@@ -851,14 +950,20 @@ def _load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) 
             env.close()
         policy = load_agent_policies(str(d.run_dir(out)), agents, d.policy_id, device="cpu",
                                      single_if_shared=True)
-        envs[d.name] = (env_name, env_kwargs)
-        policies[d.name] = ship(policy)
+        shipped.envs[d.name] = (env_name, env_kwargs)
+        shipped.defender_hash[d.name] = _weights_hash(policy)
+        shipped.policies[d.name] = ship(policy)
     for a in cfg.attackers:
         if a.adversary is not None:
-            adversaries[a.name] = ship(load_adversary(str(a.adversary), device="cpu"))
-    log(f"loaded {len(policies)} defender(s) and {len(adversaries)} learned adversary(ies) "
-        f"on the driver; their weights travel through Ray's object store")
-    return _Shipped(policies, adversaries, envs)
+            adversary = load_adversary(str(a.adversary), device="cpu")
+            log_std = None if adversary.log_std is None else adversary.log_std.tolist()
+            shipped.adversary_hash[a.name] = _weights_hash(
+                {"adversary": adversary.adversary},
+                extra={"settings": adversary.settings(), "log_std": log_std})
+            shipped.adversaries[a.name] = ship(adversary)
+    log(f"loaded {len(shipped.policies)} defender(s) and {len(shipped.adversaries)} learned "
+        f"adversary(ies) on the driver; their weights travel through Ray's object store")
+    return shipped
 
 
 def _audit_settings(cfg: TournamentConfig) -> dict[str, Any]:
@@ -867,22 +972,36 @@ def _audit_settings(cfg: TournamentConfig) -> dict[str, Any]:
     return a
 
 
-def _audit_stamp(cfg: TournamentConfig, d: DefenderSpec, out: Path) -> str:
+def _audit_spec(cfg: TournamentConfig, d: DefenderSpec, out: Path, shipped: _Shipped
+                ) -> dict[str, Any]:
+    """The task spec of a defender's audit (see :func:`audit_defender`), with its
+    ``defender_hash`` and its ``fingerprint`` (weights, env, env settings, ``policy_id``,
+    audit settings). ``checkpoint`` (the latest checkpoint's path) is for humans only."""
     from agents.checkpoint import latest_checkpoint
-    path = d.run_dir(out)
-    ckpt = latest_checkpoint(path)
-    return str(ckpt if ckpt is not None else Path(path).resolve())
+    env_name, env_kwargs = shipped.envs[d.name]
+    settings = _audit_settings(cfg)
+    decisive = {k: v for k, v in settings.items() if k != "enabled"}
+    ckpt = latest_checkpoint(d.run_dir(out))
+    spec = {"defender": d.name, "policy_id": d.policy_id, "env": env_name,
+            "env_kwargs": env_kwargs, "audit": settings,
+            "checkpoint": str(ckpt if ckpt is not None else Path(d.run_dir(out)).resolve()),
+            "defender_hash": shipped.defender_hash[d.name]}
+    spec["fingerprint"] = _fingerprint({
+        "audit": decisive, "defender_hash": spec["defender_hash"], "policy_id": d.policy_id,
+        "env": env_name, "env_kwargs": env_kwargs})
+    return spec
 
 
-def _audit_is_current(path: Path, settings: dict[str, Any], stamp: str) -> bool:
+def _audit_is_current(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` holds a finished audit with this fingerprint."""
     if not path.is_file():
         return False
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (data.get("status") == "ok" and data.get("checkpoint") == stamp
-            and to_jsonable(data.get("audit_settings")) == to_jsonable(settings))
+    return (isinstance(data, dict) and data.get("status") == "ok"
+            and data.get("fingerprint") == fingerprint)
 
 
 def _train_defenders(cfg: TournamentConfig, out: Path, address: str | None, progress: bool,
@@ -938,7 +1057,8 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
                    runtime_env: dict[str, Any] | None = None,
                    max_node_failures: int = 3,
                    _fail_after: int | None = None) -> TournamentResult:
-    """Play every match not yet in ``DIR/matches.jsonl``, audit, and write the leaderboard.
+    """Play every match without a current record in ``DIR/matches.jsonl`` (one with the
+    match's fingerprint; see the module docstring), audit, and write the leaderboard.
 
     Args:
         config: the tournament (validated here first; nothing runs if it is invalid).
@@ -957,7 +1077,8 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
             this run (simulates a crash with matches in flight).
 
     Returns:
-        A :class:`TournamentResult` (leaderboard dict, counts, warnings, written files).
+        A :class:`TournamentResult` (leaderboard dict, counts of reused, replayed and new
+        matches, warnings, written files).
 
     Raises:
         ConfigError: invalid configuration (every problem, one line each).
@@ -987,32 +1108,34 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
             atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
             _train_defenders(config, out, address, progress, log)
             shipped = _load_weights(config, out, log)
+            specs = {m.key: _match_spec(config, m, out, shipped) for m in config.matches()}
             match_log = MatchLog(out / "matches.jsonl")
             finished = match_log.load(warn)
-            matches = config.matches()
-            pending = [m for m in matches if m.key not in finished]
-            skipped = len(matches) - len(pending)
-            if skipped:
-                log(f"resuming: {skipped} of {len(matches)} matches already finished")
-            audit_jobs: list[dict[str, Any]] = []
-            if run_audit:
-                settings = _audit_settings(config)
-                for d in config.defenders:
-                    stamp = _audit_stamp(config, d, out)
-                    if _audit_is_current(out / f"audit_{d.name}.json", settings, stamp):
-                        continue
-                    env_name, env_kwargs = shipped.envs[d.name]
-                    audit_jobs.append({"defender": d.name, "policy_id": d.policy_id,
-                                       "env": env_name, "env_kwargs": env_kwargs,
-                                       "audit": settings, "stamp": stamp})
+            reused = {k for k, spec in specs.items()
+                      if k in finished and finished[k].get("fingerprint") == spec["fingerprint"]}
+            stale = {k for k in specs if k in finished and k not in reused}
+            match_log.set_aside(stale)  # before anything is appended: one record per match
+            pending = [spec for k, spec in specs.items() if k not in reused]
+            if reused:
+                log(f"resuming: {len(reused)} of {len(specs)} matches already finished")
+            log(f"{len(reused)} reused, {len(stale)} replayed (settings changed), "
+                f"{len(pending) - len(stale)} new" + (
+                    f"; the replaced records are in {match_log.path.stem}.stale.jsonl"
+                    if stale else ""))
+            audit_specs = {d.name: _audit_spec(config, d, out, shipped) for d in config.defenders}
+            audit_jobs = [spec for name, spec in audit_specs.items() if run_audit and not
+                          _audit_is_current(out / f"audit_{name}.json", spec["fingerprint"])]
             try:
                 errors = _play(config, out, pending, audit_jobs, shipped, match_log, workers,
                                progress, _fail_after, log, max_node_failures)
             finally:
                 match_log.close()
             nodes = cluster_summary()["nodes"]
-            records = MatchLog(out / "matches.jsonl").load(warn)
-            audits = _read_audits(config, out, warn)
+            # only this config's matches with the current fingerprint are shown (others stay
+            # in the log untouched)
+            records = {k: r for k, r in MatchLog(out / "matches.jsonl").load(warn).items()
+                       if k in specs and r.get("fingerprint") == specs[k]["fingerprint"]}
+            audits = _read_audits(config, out, audit_specs, warn)
             leaderboard = build_leaderboard(config, records, audits)
             leaderboard["nodes"] = _node_table(records, audits, nodes)
             files = write_outputs(config, out, leaderboard, records, audits, warn)
@@ -1022,8 +1145,9 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
     if errors:
         raise TournamentError(errors)
     return TournamentResult(out=out, leaderboard=leaderboard, played=len(pending),
-                            skipped=skipped, warnings=warnings, files=files,
-                            seconds=time.perf_counter() - t0)
+                            skipped=len(reused), warnings=warnings, files=files,
+                            seconds=time.perf_counter() - t0, reused=len(reused),
+                            replayed=len(stale), new=len(pending) - len(stale))
 
 
 def _node_table(records: dict[str, dict[str, Any]], audits: dict[str, dict[str, Any]],
@@ -1042,18 +1166,19 @@ def _node_table(records: dict[str, dict[str, Any]], audits: dict[str, dict[str, 
     return sorted(table.values(), key=lambda r: (-r["matches"], r["node_id"]))
 
 
-def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: list[dict],
-          shipped: _Shipped, match_log: MatchLog, workers: int | None, progress: bool,
-          fail_after: int | None, log: Callable[[str], None], max_node_failures: int
-          ) -> list[str]:
-    """Submit the matches and audits as Ray tasks (:func:`agents.ray_session.run_jobs`);
-    append each finished match to the log as it arrives. Returns the failures, one line each."""
+def _play(cfg: TournamentConfig, out: Path, specs: list[dict[str, Any]],
+          audit_jobs: list[dict[str, Any]], shipped: _Shipped, match_log: MatchLog,
+          workers: int | None, progress: bool, fail_after: int | None,
+          log: Callable[[str], None], max_node_failures: int) -> list[str]:
+    """Submit the matches (:func:`_match_spec`) and audits (:func:`_audit_spec`) as Ray tasks
+    (:func:`agents.ray_session.run_jobs`); append each finished match to the log as it arrives,
+    stamped with its spec's ``fingerprint`` and ``defender_hash``. Returns the failures, one
+    line each."""
     from agents.ray_session import Job, run_jobs
     # longest first (audits, then by estimated cost): the short matches fill the gaps at the
     # end, which keeps the last worker from finishing long after the others
     jobs = [Job(audit_defender, a, (shipped.policies[a["defender"]],),
                 title=f"audit of {a['defender']}", tag="audit") for a in audit_jobs]
-    specs = [_match_spec(cfg, m, out, shipped.envs) for m in pending]
     for spec in sorted(specs, key=_cost_estimate, reverse=True):
         objs = (shipped.policies[spec["defender"]],)
         if spec["kind"] == "learned":
@@ -1069,7 +1194,9 @@ def _play(cfg: TournamentConfig, out: Path, pending: list[Match], audit_jobs: li
         nonlocal written
         node = result.get("node") or {}
         record = {**result["value"], "node_id": node.get("node_id"), "node_ip": node.get("ip"),
-                  "host": node.get("host"), "pid": node.get("pid"), "wall_s": result["wall_s"]}
+                  "host": node.get("host"), "pid": node.get("pid"), "wall_s": result["wall_s"],
+                  "fingerprint": job.spec["fingerprint"],
+                  "defender_hash": job.spec["defender_hash"]}
         if job.tag == "match":
             match_log.append(record)
             written += 1
@@ -1117,8 +1244,10 @@ def _match_title(spec: dict[str, Any]) -> str:
     return f"{spec['defender']} vs {spec['attacker']} @{eps_label(spec['eps'])} s{spec['seed']}"
 
 
-def _read_audits(cfg: TournamentConfig, out: Path, warn: Callable[[str], None]
-                 ) -> dict[str, dict[str, Any]]:
+def _read_audits(cfg: TournamentConfig, out: Path, audit_specs: dict[str, dict[str, Any]],
+                 warn: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The finished audits of the config's defenders whose fingerprint is the current one
+    (``audit_specs``: :func:`_audit_spec` by defender); another audit is reported, not shown."""
     audits = {}
     for d in cfg.defenders:
         path = out / f"audit_{d.name}.json"
@@ -1129,8 +1258,13 @@ def _read_audits(cfg: TournamentConfig, out: Path, warn: Callable[[str], None]
         except (OSError, json.JSONDecodeError) as exc:
             warn(f"cannot read {path.name}: {_first_line(exc)}")
             continue
-        if data.get("status") == "ok":
-            audits[d.name] = data
+        if not isinstance(data, dict) or data.get("status") != "ok":
+            continue
+        if data.get("fingerprint") != audit_specs[d.name]["fingerprint"]:
+            warn(f"{path.name} audited other weights or settings than defender {d.name} has "
+                 f"now; not shown (run the audit to replace it)")
+            continue
+        audits[d.name] = data
     return audits
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 
 from agents.train import TrainConfig, train
 from marl_fgmf.tournament import (ConfigError, Match, MatchLog, TournamentConfig,
-                                  build_leaderboard, format_leaderboard, run_tournament)
+                                  TournamentResult, build_leaderboard, format_leaderboard,
+                                  run_tournament)
 
 TINY = dict(train_batch_size=200, minibatch_size=100, num_epochs=1, num_envs_per_env_runner=2,
             iterations=1)
@@ -153,6 +155,145 @@ def test_killed_cli_tournament_resumes(defenders, tmp_path):
     assert len(keys) == len(set(keys))
     assert set(keys) == expected_keys(TournamentConfig.from_file(cfg_path))
     assert "rank" in rerun.stdout and "robust@8/255" in rerun.stdout
+
+
+# ---------------------------------------------------------------------- reruns: fingerprints
+PGD3 = {"name": "pgd3", "attack": "pgd", "settings": {"steps": 3}}
+
+
+def small_config(defenders: dict[str, Path], **extra) -> dict:
+    """Two defenders x (fgsm, pgd3) + clean = 6 matches of one episode, no audit."""
+    return tiny_config(defenders, **{"attackers": ["fgsm", PGD3], "episodes": 1, **extra})
+
+
+def play(conf: dict, out: Path) -> tuple[TournamentResult, str]:
+    """Run the tournament quietly; returns the result and its counts line."""
+    lines: list[str] = []
+    result = run_tournament(TournamentConfig.from_dict(conf), out, workers=2, progress=False,
+                            log=lines.append)
+    counts = [line for line in lines if " reused, " in line]
+    assert len(counts) == 1, lines
+    return result, counts[0]
+
+
+def test_rerun_unchanged_reuses_every_match_and_replays_a_record_without_fingerprint(
+        defenders, tmp_path):
+    out = tmp_path / "t"
+    conf = small_config(defenders)
+    first, line = play(conf, out)
+    assert line == "0 reused, 0 replayed (settings changed), 6 new"
+    assert (first.reused, first.replayed, first.new, first.played) == (0, 0, 6, 6)
+    records = jsonl(out / "matches.jsonl")
+    assert all(len(r["fingerprint"]) == 64 for r in records)
+    assert len({r["fingerprint"] for r in records}) == 6
+    hashes = {r["defender"]: r["defender_hash"] for r in records}
+    assert len(hashes) == 2 and len(set(hashes.values())) == 2
+    assert all(r["defender_hash"] == hashes[r["defender"]] for r in records)
+
+    # (a) nothing changed: everything reused, the log untouched
+    before = (out / "matches.jsonl").read_bytes()
+    again, line = play(conf, out)
+    assert line == "6 reused, 0 replayed (settings changed), 0 new"
+    assert (again.reused, again.replayed, again.new) == (6, 0, 0)
+    assert (again.played, again.skipped) == (0, 6)
+    assert (out / "matches.jsonl").read_bytes() == before
+    assert not (out / "matches.stale.jsonl").exists()
+
+    # a defender left out of the config: its records stay in the log but are not shown
+    alone, line = play({**conf, "defenders": conf["defenders"][:1]}, out)
+    assert line == "3 reused, 0 replayed (settings changed), 0 new"
+    assert (out / "matches.jsonl").read_bytes() == before
+    assert [r["defender"] for r in alone.leaderboard["defenders"]] == ["none"]
+    assert alone.leaderboard["complete"] and alone.leaderboard["matches_total"] == 3
+
+    # (e) an old log: a record without a fingerprint is replayed, and reported
+    old = records[2]
+    rewritten = [{k: v for k, v in r.items() if k not in ("fingerprint", "defender_hash")}
+                 if r["key"] == old["key"] else r for r in records]
+    (out / "matches.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rewritten))
+    replay, line = play(conf, out)
+    assert line.startswith("5 reused, 1 replayed (settings changed), 0 new")
+    assert "matches.stale.jsonl" in line
+    assert (replay.replayed, replay.played, replay.skipped) == (1, 1, 5)
+    assert jsonl(out / "matches.stale.jsonl") == [rewritten[2]]
+    now = jsonl(out / "matches.jsonl")
+    assert sorted(r["key"] for r in now) == sorted(r["key"] for r in records)
+    assert now[-1]["key"] == old["key"] and now[-1]["fingerprint"] == old["fingerprint"]
+    assert now[:-1] == records[:2] + records[3:], "the other records must stay as they were"
+
+
+def test_changed_settings_replay_exactly_the_matches_they_decide(defenders, tmp_path):
+    out = tmp_path / "t"
+    conf = small_config(defenders)
+    play(conf, out)
+    first = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
+
+    # (c) one attacker's settings: only its matches are replayed
+    pgd4 = {**PGD3, "settings": {"steps": 4}}
+    changed = small_config(defenders, attackers=["fgsm", pgd4])
+    result, line = play(changed, out)
+    assert line.startswith("4 reused, 2 replayed (settings changed), 0 new"), line
+    pgd_keys = {k for k, r in first.items() if r["attacker"] == "pgd3"}
+    stale = jsonl(out / "matches.stale.jsonl")
+    assert stale == [first[k] for k in first if k in pgd_keys]
+    now = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
+    assert len(now) == len(jsonl(out / "matches.jsonl")) == 6, "one record per match"
+    assert all(now[k] == first[k] for k in first if k not in pgd_keys)
+    assert all(now[k]["attack_settings"]["steps"] == 4 for k in pgd_keys)
+    assert all(now[k]["fingerprint"] != first[k]["fingerprint"] for k in pgd_keys)
+
+    # (b) episodes: every match is replayed, the leaderboard shows the new episodes only
+    more = small_config(defenders, attackers=["fgsm", pgd4], episodes=2)
+    result, line = play(more, out)
+    assert line.startswith("0 reused, 6 replayed (settings changed), 0 new"), line
+    assert (result.played, result.skipped) == (6, 0)
+    records = jsonl(out / "matches.jsonl")
+    assert len(records) == 6 and {r["key"] for r in records} == set(first)
+    assert all(r["episodes"] == 2 and len(r["team_returns"]) == 2 for r in records)
+    board = result.leaderboard
+    assert board["episodes"] == 2 and board["complete"]
+    for row in board["defenders"]:
+        assert row["clean"]["n_episodes"] == 2
+        assert all(cell["n_episodes"] == 2 for cell in row["cells"]["8/255"].values())
+    stale = jsonl(out / "matches.stale.jsonl")
+    assert len(stale) == 2 + 6 and all(r["episodes"] == 1 for r in stale)
+    assert {r["key"] for r in stale[2:]} == set(first)
+
+
+def test_further_trained_defender_is_replayed_with_its_audit(defenders, tmp_path):
+    copy = tmp_path / "none"
+    shutil.copytree(defenders["none"], copy)
+    conf = {"name": "retrain", "episodes": 1, "eps": ["8/255"], "audit": AUDIT,
+            "defenders": [{"name": "copy", "checkpoint": str(copy)},
+                          {"name": "fgmf", "checkpoint": str(defenders["fgmf"])}],
+            "attackers": ["fgsm"]}
+    out = tmp_path / "t"
+    play(conf, out)
+    first = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
+    audit_copy = json.loads((out / "audit_copy.json").read_text())
+    audit_fgmf = (out / "audit_fgmf.json").read_bytes()
+    assert audit_copy["defender_hash"] == first["copy|clean|-|0"]["defender_hash"]
+    assert len(audit_copy["fingerprint"]) == 64 and audit_copy["checkpoint"]
+
+    # one more training iteration, same run folder: other weights under the same path
+    train(TrainConfig(defense="none", **{**TINY, "iterations": 2}), copy, resume=True,
+          progress=False)
+    result, line = play(conf, out)
+    assert line.startswith("2 reused, 2 replayed (settings changed), 0 new"), line
+    now = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
+    for key, rec in first.items():
+        if rec["defender"] == "copy":
+            assert now[key]["defender_hash"] != rec["defender_hash"]
+            assert now[key]["fingerprint"] != rec["fingerprint"]
+        else:
+            assert now[key] == rec
+    assert sorted(r["key"] for r in jsonl(out / "matches.stale.jsonl")) == sorted(
+        k for k, r in first.items() if r["defender"] == "copy")
+    audit_again = json.loads((out / "audit_copy.json").read_text())
+    assert audit_again["defender_hash"] == now["copy|clean|-|0"]["defender_hash"]
+    assert audit_again["fingerprint"] != audit_copy["fingerprint"]
+    assert (out / "audit_fgmf.json").read_bytes() == audit_fgmf, "fgmf's audit is current"
+    assert all(row["audited"] for row in result.leaderboard["defenders"])
 
 
 # ---------------------------------------------------------------------- configuration errors
