@@ -18,8 +18,9 @@ diagonal Gaussian head, discrete ones (``pa-ad``) a categorical head (multi-cate
 team).
 
 A run directory has the layout of :mod:`agents.train` (``run.json``, ``checkpoints/latest``,
-``metrics.csv``/``metrics.json`` with one row per iteration, ``tb/``, ``learning_curve.png``)
-and is written by the same helpers, atomically; ``run.json`` has ``"kind": "adversary"`` and
+``metrics.jsonl`` with one row per iteration and its ``metrics.csv``/``metrics.json`` views,
+``tb/``, ``learning_curve.png``, the ``.run.lock``) and is written by the same helpers,
+atomically, with the same resume and locking rules; ``run.json`` has ``"kind": "adversary"`` and
 freezes the victim's checkpoint path (``victim_modules``), so continuing the victim's training
 later does not change what the adversary was trained against. Metrics rows add
 ``victim_return_mean``, the victims' mean per-agent return under attack during training
@@ -57,8 +58,9 @@ from agents.checkpoint import (
 )
 from agents.rl_module import FGMFTorchRLModule, build_network
 from agents.ray_session import ensure_ray
-from agents.train import (TrainConfig, build_algo_config, check_run_dir, prepare_run,
-                          run_training_loop)
+from agents.train import (SettingError, TrainConfig, build_algo_config, check_cluster_gpus,
+                          check_int_setting, check_number_setting, check_run_dir,
+                          load_run_settings, prepare_run, run_lock, run_training_loop)
 from attacks.base import parse_budget
 from attacks.learned import MODES, TEAM_AGENT, UPSAMPLING, AdversaryEnv, LearnedAdversary
 
@@ -162,22 +164,37 @@ class AdversaryConfig(TrainConfig):
     """perturb: initial log standard deviation of the Gaussian (pre-tanh units)"""
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting (and ``CheckpointError`` for a
-        missing victim)."""
-        check_mode_value(self.mode)
-        self.eps = parse_budget(self.eps)
-        if self.upsample not in UPSAMPLING:
-            raise ValueError(f"unknown upsample {self.upsample!r}; allowed: {', '.join(UPSAMPLING)}")
+        """Raise :class:`agents.train.SettingError` (a ``ValueError``) naming the first bad
+        setting; writes nothing."""
+        try:
+            check_mode_value(self.mode)
+        except ValueError as exc:
+            raise SettingError("mode", str(exc)) from None
+        try:
+            self.eps = parse_budget(self.eps)
+        except (ValueError, TypeError) as exc:
+            raise SettingError("eps", str(exc)) from None
+        if not isinstance(self.upsample, str) or self.upsample not in UPSAMPLING:
+            raise SettingError("upsample", f"unknown upsample {self.upsample!r}; allowed: "
+                               f"{', '.join(UPSAMPLING)}")
         for name in ("grid", "pa_ad_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_int_setting(name, getattr(self, name), 1)
+        check_number_setting("log_std_init", self.log_std_init)
+        for name in ("team", "victim_greedy"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(name, f"{name} must be true or false, got "
+                                   f"{getattr(self, name)!r}")
+        if self.attacked is not None and (not isinstance(self.attacked, (list, tuple)) or not all(
+                isinstance(a, str) for a in self.attacked)):
+            raise SettingError("attacked", f"attacked must be a list of agent ids, got "
+                               f"{self.attacked!r}")
         if self.defense != "none":
-            raise ValueError(f"adversaries train without defenses; defense must be 'none', "
-                             f"got {self.defense!r}")
+            raise SettingError("defense", f"adversaries train without defenses; defense must "
+                               f"be 'none', got {self.defense!r}")
         if not self.victim:
-            raise ValueError("no victim given: pass the victim's run directory")
+            raise SettingError("victim", "no victim given: pass the victim's run directory")
         if not self.env:
-            raise ValueError("the victim's env is unknown (no run.json); pass env")
+            raise SettingError("env", "the victim's env is unknown (no run.json); pass env")
         super().validate()
 
     def game_settings(self) -> dict[str, Any]:
@@ -367,19 +384,24 @@ def train_adversary(victim: str | Path | None, out: str | Path, env: str | None 
                           team=team, iterations=iterations, **settings)
     if not resume:
         resolve_victim(cfg)
+    # every check before anything is written: the folder, the settings (the saved run.json
+    # with resume), then Ray, then the run lock (held to the end) and run.json
     check_run_dir(out, resume)
-    started = ensure_ray(address, runtime_env=runtime_env, log=log)  # before anything is written
+    cfg = load_run_settings(cfg, out, resume, AdversaryConfig.from_json, kind=RUN_KIND)
+    started = ensure_ray(address, runtime_env=runtime_env, log=log)
     try:
-        cfg = prepare_run(cfg, out, resume, AdversaryConfig.from_json, kind=RUN_KIND)
+        check_cluster_gpus(cfg)
+        with run_lock(out):
+            cfg = prepare_run(cfg, out, resume, AdversaryConfig.from_json, kind=RUN_KIND)
 
-        def victim_return(row: dict[str, Any]) -> None:
-            row["victim_return_mean"] = -row["agent_return_mean"]
+            def victim_return(row: dict[str, Any]) -> None:
+                row["victim_return_mean"] = -row["agent_return_mean"]
 
-        result = run_training_loop(
-            build_adversary_algo_config(cfg), cfg, out, resume=resume, address=None,
-            progress=progress, n_agents=_n_adversaries(cfg), on_row=victim_return,
-            postfix_key=("victim", "victim_return_mean"),
-            desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")
+            result = run_training_loop(
+                build_adversary_algo_config(cfg), cfg, out, resume=resume, address=None,
+                progress=progress, n_agents=_n_adversaries(cfg), on_row=victim_return,
+                postfix_key=("victim", "victim_return_mean"),
+                desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")
     finally:
         if started:
             import ray

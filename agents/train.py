@@ -11,22 +11,27 @@ What a run directory holds::
     run.json                settings (env, arch, policies, defense, PPO settings)
     checkpoints/latest      name of the newest complete checkpoint (written atomically)
     checkpoints/iter_NNNNN  RLlib checkpoints (Algorithm.save_to_path); the last `keep` kept
-    metrics.csv, metrics.json   one row per iteration (env steps, returns, losses, FGMF terms)
+    metrics.jsonl           one JSON line per iteration: the source of truth, append-only
+    metrics.csv, metrics.json   the same rows, regenerated (atomically) from metrics.jsonl
+    metrics.corrupt.txt     damaged metrics.jsonl lines set aside on --resume (if any)
     tb/                     TensorBoard event files
     learning_curve.png      mean agent return vs env steps (with the reference return if known)
+    .run.lock               flock held by the process training the run (one writer per run)
 
-A checkpoint is written to a temporary folder and renamed into place, and ``latest`` is only
-updated after that: an interrupted run (Ctrl-C, a crash) always leaves the last complete
-checkpoint loadable, and ``--resume`` continues from it.
+A checkpoint is written to a temporary folder (with the metrics rows it completes) and renamed
+into place, and ``latest`` is only updated after that; the rows are then appended to
+``metrics.jsonl`` (one write + fsync). An interrupted run (Ctrl-C, a crash, SIGKILL) always
+leaves the last complete checkpoint loadable, and ``--resume`` continues from it with every
+metrics row up to it: from the newest complete checkpoint when ``latest`` is missing or
+dangling (with a warning), refusing when the run logged iterations but has no complete
+checkpoint left. Settings are checked (:meth:`TrainConfig.validate`, the saved ``run.json``
+on ``--resume``) before anything is written.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,11 @@ from typing import Any, Callable
 
 from agents.networks import ARCHS
 from agents.ray_session import ensure_ray  # noqa: F401  (re-exported: agents.train.ensure_ray)
+from agents.run_files import (  # noqa: F401  (re-exported for callers of agents.train)
+    RUN_LOCK, _save_checkpoint, append_metrics, check_run_dir, read_metrics, restore_metrics,
+    resume_checkpoint, run_lock, warn, write_metric_views)
+from agents.settings import (  # noqa: F401  (re-exported for callers of agents.train)
+    SettingError, check_env_settings, check_int_setting, check_number_setting)
 from marl_fgmf.io import atomic_write_text
 
 DEFENSES = ("none", "adv", "scorpio", "sgam", "fgmf", "fgmf+adv")
@@ -86,29 +96,57 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting and its allowed values."""
+        """Raise :class:`SettingError` (a ``ValueError``) naming the first bad setting, its
+        value and what is allowed. Checks every setting, builds the environment once with
+        ``env_kwargs`` (cached per settings), and writes nothing."""
         from envs import list_envs
-        if self.env not in list_envs():
-            raise ValueError(f"unknown env {self.env!r}; allowed: {', '.join(list_envs())}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; allowed: {', '.join(ARCHS)}")
-        if self.policies not in POLICY_MODES:
-            raise ValueError(f"unknown policies mode {self.policies!r}; allowed: {', '.join(POLICY_MODES)}")
-        if self.defense not in DEFENSES:
-            raise ValueError(f"unknown defense {self.defense!r}; allowed: {', '.join(DEFENSES)}")
-        for name in ("iterations", "train_batch_size", "minibatch_size", "num_epochs",
-                     "num_envs_per_env_runner", "checkpoint_every", "keep_checkpoints"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_env_runners", "num_learners", "num_gpus_per_learner"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        for name, allowed in (("env", list_envs()), ("arch", list(ARCHS)),
+                              ("policies", list(POLICY_MODES)), ("defense", list(DEFENSES))):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                what = "policies mode" if name == "policies" else name
+                raise SettingError(name, f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+        for name, minimum in (("iterations", 1), ("train_batch_size", 1), ("minibatch_size", 1),
+                              ("num_epochs", 1), ("num_envs_per_env_runner", 1),
+                              ("checkpoint_every", 1), ("keep_checkpoints", 1),
+                              ("num_env_runners", 0), ("num_learners", 0), ("seed", 0)):
+            check_int_setting(name, getattr(self, name), minimum)
         if self.minibatch_size > self.train_batch_size:
-            raise ValueError(f"minibatch_size ({self.minibatch_size}) must not exceed "
-                             f"train_batch_size ({self.train_batch_size})")
-        defense_learner_settings(self)  # validates component settings
+            raise SettingError("minibatch_size", f"minibatch_size ({self.minibatch_size}) must "
+                               f"not exceed train_batch_size ({self.train_batch_size})")
+        check_number_setting("lr", self.lr, 0, 1, low_open=True, high_open=True)
+        check_number_setting("gamma", self.gamma, 0, 1)
+        check_number_setting("lambda_", self.lambda_, 0, 1)
+        for name in ("entropy_coeff", "vf_loss_coeff"):
+            check_number_setting(name, getattr(self, name), 0)
+        check_number_setting("clip_param", self.clip_param, 0, low_open=True)
+        if self.grad_clip is not None:  # None: no gradient clipping (RLlib's setting)
+            check_number_setting("grad_clip", self.grad_clip, 0)
+        check_number_setting("num_gpus_per_learner", self.num_gpus_per_learner, 0)
+        if self.num_gpus_per_learner > 0 and self.num_learners == 0:
+            import torch
+            if not torch.cuda.is_available():
+                raise SettingError("num_gpus_per_learner", f"num_gpus_per_learner is "
+                                   f"{self.num_gpus_per_learner:g} but no GPU is visible here "
+                                   f"(torch.cuda.is_available() is False); use 0")
+        for name in ("net", "defense_settings"):
+            if not isinstance(getattr(self, name), dict):
+                raise SettingError(name, f"{name} must be a JSON object of settings, got "
+                                   f"{getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # run.json must hold them exactly
+            try:
+                json.dumps(getattr(self, f.name), allow_nan=False)
+            except (TypeError, ValueError):
+                raise SettingError(f.name, f"{f.name} must be plain JSON data (numbers, "
+                                   f"strings, lists, objects; no NaN), got "
+                                   f"{getattr(self, f.name)!r}") from None
+        check_env_settings(self.env, self.env_kwargs)
+        try:
+            defense_learner_settings(self)  # validates component settings
+        except SettingError:
+            raise
+        except ValueError as exc:
+            raise SettingError("defense_settings", str(exc)) from None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,52 +274,6 @@ def _f(x) -> float:
         return float("nan")
 
 
-def _load_records(out: Path) -> list[dict[str, Any]]:
-    f = out / "metrics.json"
-    if not f.is_file():
-        return []
-    try:
-        return list(json.loads(f.read_text()))
-    except json.JSONDecodeError:
-        return []
-
-
-def _write_metrics(out: Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_text(out / "metrics.json", json.dumps(records, indent=1))
-    keys: list[str] = []
-    for r in records:
-        keys += [k for k in r if k not in keys]
-    tmp = out / f".metrics.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(records)
-    os.replace(tmp, out / "metrics.csv")
-
-
-def _save_checkpoint(algo, out: Path, iteration: int, keep: int) -> Path:
-    ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"iter_{iteration:05d}"
-    for stale in ckpt_root.glob(".tmp_*"):  # left by a hard kill mid-save (one writer per run)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = ckpt_root / f".tmp_{name}"
-    try:
-        algo.save_to_path(str(tmp.resolve()))
-    except BaseException:  # Ctrl-C or an error mid-save: leave no partial checkpoint behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    final = ckpt_root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(ckpt_root / "latest", name)
-    done = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def _plot(out: Path, records: list[dict[str, Any]], ref: float | None) -> None:
     try:
         from marl_fgmf.viz import plot_learning_curve
@@ -293,45 +285,75 @@ def _plot(out: Path, records: list[dict[str, Any]], ref: float | None) -> None:
         print(f"warning: learning curve not written: {exc}")
 
 
-# --------------------------------------------------------------------------- main loop
-def check_run_dir(out: Path, resume: bool) -> None:
-    """The checks of :func:`prepare_run` that need no settings: a run to resume exists, or
-    ``out`` holds none (before Ray starts or anything is written)."""
-    if resume and not (out / "run.json").is_file():
-        raise ValueError(f"--resume: no run to resume in {out} (run.json missing)")
-    if not resume and ((out / "run.json").exists() or (out / "checkpoints").exists()):
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                         "choose another --out")
+def load_run_settings(cfg, out: Path, resume: bool, load: Callable[[dict[str, Any]], Any],
+                      kind: str | None = None):
+    """The validated settings of a run, writing nothing: ``cfg`` for a new run; with
+    ``resume`` the saved ``run.json`` (``load(saved)``) with only ``iterations`` from ``cfg``,
+    re-validated: a bad saved setting names itself and ``run.json``."""
+    if not resume:
+        cfg.validate()
+        return cfg
+    run_file = Path(out) / "run.json"
+    iterations = check_int_setting("iterations", cfg.iterations, 1)
+    fix = f"edit {run_file} to fix it, or start a new run with another --out"
+    try:
+        saved = json.loads(run_file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--resume: no run to resume in {out} (run.json missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{run_file} is damaged (not JSON: {str(exc).splitlines()[0]}); "
+                         f"{fix}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{run_file} does not hold a settings object; {fix}")
+    if saved.get("kind") != kind:
+        raise ValueError(f"{out} holds a run of kind {saved.get('kind') or 'train'!r}, "
+                         f"not {kind or 'train'!r}")
+    try:
+        cfg = load(saved)
+        cfg.iterations = iterations
+        cfg.validate()
+    except (ValueError, TypeError) as exc:
+        setting = getattr(exc, "setting", None)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        what = f"setting {setting!r}" if setting else "setting"
+        raise ValueError(f"{run_file} holds a bad {what} ({msg}); {fix}") from None
+    return cfg
 
 
 def prepare_run(cfg, out: Path, resume: bool, load: Callable[[dict[str, Any]], Any],
                 kind: str | None = None):
-    """Check ``out`` for ``train``/``resume`` and write ``run.json``; returns the settings.
+    """Check ``out`` and the settings for ``train``/``resume``, then (holding the run lock)
+    write ``run.json``; returns the settings.
 
-    With ``resume`` the saved settings win (``load(saved_json)``) and only ``iterations`` is
-    taken from ``cfg``. Without it, ``out`` must not hold a run: nothing there is touched.
+    With ``resume`` the saved settings win (``load(saved_json)``, re-validated) and only
+    ``iterations`` is taken from ``cfg``. Without it, ``out`` must be new or empty. Nothing
+    is written (no folder created) unless every check passes.
     """
-    run_file = out / "run.json"
-    if resume:
-        if not run_file.is_file():
-            raise ValueError(f"--resume: no run to resume in {out} (run.json missing)")
-        saved = json.loads(run_file.read_text())
-        if saved.get("kind") != kind:
-            raise ValueError(f"{out} holds a run of kind {saved.get('kind') or 'train'!r}, "
-                             f"not {kind or 'train'!r}")
-        iterations = cfg.iterations
-        cfg = load(saved)
-        cfg.iterations = int(iterations)
-    elif run_file.exists() or (out / "checkpoints").exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                         "choose another --out")
-    cfg.validate()
-    out.mkdir(parents=True, exist_ok=True)
-    payload = cfg.to_json() if kind is None else {"kind": kind, **cfg.to_json()}
-    atomic_write_text(run_file, json.dumps(payload, indent=2))
+    out = Path(out)
+    check_run_dir(out, resume)
+    cfg = load_run_settings(cfg, out, resume, load, kind)
+    with run_lock(out):
+        check_run_dir(out, resume)  # again under the lock: another process may have been first
+        cfg = load_run_settings(cfg, out, resume, load, kind)
+        payload = cfg.to_json() if kind is None else {"kind": kind, **cfg.to_json()}
+        atomic_write_text(out / "run.json", json.dumps(payload, indent=2))
     return cfg
 
 
+def check_cluster_gpus(cfg) -> None:
+    """Remote learners asking for GPUs the Ray cluster does not have would wait forever:
+    refuse (one line) once Ray runs, before anything is written."""
+    need = int(cfg.num_learners) * float(cfg.num_gpus_per_learner)
+    if cfg.num_learners > 0 and need > 0:
+        import ray
+        have = float(ray.cluster_resources().get("GPU", 0.0))
+        if have < need:
+            raise SettingError("num_gpus_per_learner", f"num_learners={cfg.num_learners} x "
+                               f"num_gpus_per_learner={cfg.num_gpus_per_learner:g} need "
+                               f"{need:g} GPUs but the Ray cluster has {have:g}; use 0")
+
+
+# --------------------------------------------------------------------------- main loop
 def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str | None,
                       progress: bool, desc: str, n_agents: int,
                       reference: float | None = None,
@@ -342,36 +364,51 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The resumable RLlib loop shared by every trainer of this package.
 
-    Builds the algorithm from ``algo_config`` (restoring ``out/checkpoints/latest`` with
-    ``resume``), runs ``cfg.iterations`` iterations with a progress bar, logs one metrics row
-    per iteration (``on_row`` may add fields) to ``metrics.csv/json`` and TensorBoard, writes
-    atomic checkpoints every ``cfg.checkpoint_every`` iterations, and on any exit (Ctrl-C
-    included) leaves the metrics consistent with the last complete checkpoint.
+    Holds the run lock (``out/.run.lock``) throughout. Builds the algorithm from
+    ``algo_config`` (restoring the checkpoint :func:`resume_checkpoint` picks with ``resume``,
+    with the metrics rows up to it: :func:`restore_metrics`), runs ``cfg.iterations``
+    iterations with a progress bar, logs one metrics row per iteration (``on_row`` may add
+    fields) to TensorBoard and, with each atomic checkpoint (every ``cfg.checkpoint_every``
+    iterations), to ``metrics.jsonl`` (appended) and ``metrics.csv/json`` (regenerated). On
+    any exit (Ctrl-C, SIGKILL included) the metrics files hold exactly the rows up to the last
+    complete checkpoint.
 
     Returns:
         ``{"last": last row, "out", "records", "reference_return"}``.
     """
+    out = Path(out)
+    started_ray = ensure_ray(address, runtime_env=runtime_env, log=log)
+    try:
+        with run_lock(out):
+            return _run_locked(algo_config, cfg, out, resume=resume, progress=progress,
+                               desc=desc, n_agents=n_agents, reference=reference, on_row=on_row,
+                               postfix_key=postfix_key, time_budget_s=time_budget_s)
+    finally:
+        if started_ray:
+            import ray
+            ray.shutdown()
+
+
+def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, desc: str,
+                n_agents: int, reference: float | None,
+                on_row: Callable[[dict[str, Any]], None] | None,
+                postfix_key: tuple[str, str], time_budget_s: float | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    started_ray = ensure_ray(address, runtime_env=runtime_env, log=log)
-    algo = None
-    records: list[dict[str, Any]] = []
-    writer = bar = None
-    last: dict[str, Any] = {}
+    ckpt, start_iter = resume_checkpoint(out, say=warn) if resume else (None, 0)
+    records: list[dict[str, Any]] = restore_metrics(out, start_iter) if resume else []
+    committed = start_iter  # records up to here are in a checkpoint and in metrics.jsonl
+    pending: list[dict[str, Any]] = []  # rows since the last checkpoint
+    algo = writer = bar = None
+    last: dict[str, Any] = records[-1] if records else {}
     try:
         algo = algo_config.build_algo()
-        start_iter = 0
-        if resume:
-            from agents.checkpoint import latest_checkpoint
-            ckpt = latest_checkpoint(out)
-            if ckpt is not None:
-                algo.restore_from_path(str(ckpt.resolve()))
-                start_iter = int(ckpt.name.split("_")[-1])
-            records = [r for r in _load_records(out) if r.get("iteration", 0) <= start_iter]
+        if ckpt is not None:
+            algo.restore_from_path(str(ckpt.resolve()))
         writer = _tb_writer(out)
         t0 = time.time()
-        elapsed_before = records[-1].get("wall_time_s", 0.0) if records else 0.0
-        last = records[-1] if records else {}
+        elapsed_before = _f(records[-1].get("wall_time_s", 0.0)) if records else 0.0
+        elapsed_before = elapsed_before if math.isfinite(elapsed_before) else 0.0
         bar = tqdm(total=cfg.iterations, initial=start_iter, disable=not progress, desc=desc,
                    unit="it")
         for it in range(start_iter + 1, cfg.iterations + 1):
@@ -387,6 +424,7 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
             if on_row is not None:
                 on_row(row)
             records.append(row)
+            pending.append(row)
             last = row
             for key, value in row.items():
                 if isinstance(value, float) and math.isfinite(value):
@@ -394,8 +432,10 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
             writer.flush()
             out_of_time = time_budget_s is not None and time.time() - t0 >= time_budget_s
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time:
-                _save_checkpoint(algo, out, it, cfg.keep_checkpoints)
-                _write_metrics(out, records)
+                _save_checkpoint(algo, out, it, cfg.keep_checkpoints, rows=pending)
+                append_metrics(out, pending)
+                committed, pending = it, []
+                write_metric_views(out, records)
             label, key = postfix_key
             bar.set_postfix({"steps": row["env_steps"], label: f"{row[key]:.2f}",
                              "t": f"{row['wall_time_s']:.0f}s"})
@@ -407,14 +447,12 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
             bar.close()
         if writer is not None:
             writer.close()
+        if pending:  # not in a checkpoint: trained again on --resume
+            records = [r for r in records if r["iteration"] <= committed]
         if records:
-            _write_metrics(out, [r for r in records if r["iteration"] <= _last_ckpt_iter(out)])
             _plot(out, records, reference)
         if algo is not None:
             algo.stop()
-        if started_ray:
-            import ray
-            ray.shutdown()
     return {"last": last, "out": str(out), "records": records, "reference_return": reference}
 
 
@@ -436,40 +474,43 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
           log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train (or resume) a run into ``out``; returns the last metrics row and paths.
 
+    Every check comes before anything is written: ``out`` (a new or empty folder, or with
+    ``resume`` a run with a checkpoint to continue from), the settings (``cfg.validate()``,
+    or the saved ``run.json`` re-validated), the Ray cluster; then the run lock is taken and
+    held to the end, and ``run.json`` written.
+
     Args:
         cfg: settings; with ``resume`` the saved ``run.json`` settings win, and only
             ``iterations`` is taken from ``cfg`` (the new total).
         out: run directory.
-        resume: continue from ``out/checkpoints/latest``.
+        resume: continue from ``out/checkpoints/latest`` (or the newest complete checkpoint).
         address: Ray cluster address (default: a local Ray).
         progress: show a progress bar.
         time_budget_s: stop after the iteration that crosses this wall time (benchmarks).
         runtime_env: Ray ``runtime_env`` for the session this call starts (code for the nodes).
         log: receives the line naming the Ray cluster when this call starts Ray.
     Raises:
-        ValueError: bad settings, an existing run without ``resume``, or ``resume`` with no run.
+        ValueError: bad settings, ``out`` not empty or holding a run without ``resume``,
+            ``resume`` with no run or nothing to continue from, another process training it.
     """
     out = Path(out)
     check_run_dir(out, resume)
-    # Ray first (an unreachable cluster writes nothing), then run.json
+    cfg = load_run_settings(cfg, out, resume, TrainConfig.from_json)
+    # Ray first (an unreachable cluster writes nothing), then the lock and run.json
     started = ensure_ray(address, runtime_env=runtime_env, log=log)
     try:
-        cfg = prepare_run(cfg, out, resume, TrainConfig.from_json)
-        return run_training_loop(
-            build_algo_config(cfg), cfg, out, resume=resume, address=None,  # Ray runs already
-            progress=progress, desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}",
-            n_agents=len(env_spaces(cfg)[0]), reference=reference_return(cfg),
-            time_budget_s=time_budget_s)
+        check_cluster_gpus(cfg)
+        with run_lock(out):
+            cfg = prepare_run(cfg, out, resume, TrainConfig.from_json)
+            return run_training_loop(
+                build_algo_config(cfg), cfg, out, resume=resume, address=None,  # Ray runs
+                progress=progress, desc=f"train {cfg.env}/{cfg.arch}/{cfg.defense}",
+                n_agents=len(env_spaces(cfg)[0]), reference=reference_return(cfg),
+                time_budget_s=time_budget_s)
     finally:
         if started:
             import ray
             ray.shutdown()
-
-
-def _last_ckpt_iter(out: Path) -> int:
-    from agents.checkpoint import latest_checkpoint
-    ckpt = latest_checkpoint(out)
-    return int(ckpt.name.split("_")[-1]) if ckpt is not None else 0
 
 
 class _NullWriter:

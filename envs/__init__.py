@@ -43,9 +43,15 @@ def make_env(name: str, **kwargs) -> ParallelEnv:
 
 def check_settings(name: str, constructor: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming env ``name`` and the setting when ``kwargs`` do not fit
-    ``constructor``'s keyword parameters (unknown or positional-only names). A constructor
-    taking ``**kwargs`` accepts anything here and checks its settings itself."""
+    ``constructor``'s keyword parameters: unknown or positional-only names, or a value whose
+    type is not its default's (an integer setting refuses ``7.9`` and ``"abc"`` instead of
+    truncating them; a boolean one takes only true/false). A constructor taking ``**kwargs``
+    accepts any name here and checks its settings itself."""
     params = inspect.signature(constructor).parameters
+    for key, value in kwargs.items():
+        p = params.get(key)
+        if p is not None and p.default is not inspect.Parameter.empty:
+            _check_type(name, key, p.default, value)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     valid = [k for k, p in params.items()
@@ -55,6 +61,27 @@ def check_settings(name: str, constructor: Callable[..., Any], kwargs: dict[str,
     if unknown:
         raise ValueError(f"env {name!r} has no setting {', '.join(map(repr, unknown))}; "
                          f"its settings: {', '.join(valid)}")
+
+
+def _check_type(env: str, key: str, default: Any, value: Any) -> None:
+    import math
+    import numbers
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = is_int, "an integer"
+    elif isinstance(default, float):
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+              and math.isfinite(value))
+        want = "a finite number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"env {env!r}: setting {key} must be {want} (default {default!r}), "
+                         f"got {value!r}")
 
 
 def _lazy(name: str, module: str, attr: str) -> Callable[..., ParallelEnv]:

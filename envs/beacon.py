@@ -32,6 +32,8 @@ Version history: v0 (marl-fgmf 0.1).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,34 @@ BEACON_COLOUR = (40, 255, 40)
 OTHER_AGENT_COLOUR = (120, 40, 160)
 OTHER_BEACON_COLOUR = (40, 120, 160)
 MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # stay, up, down, left, right
+MAX_FRAME_BYTES = 64 * 2**20
+"""Bound on one step's observations (n_agents images of (grid*cell)^2 RGB pixels): larger
+settings are refused up front instead of allocating until the machine runs out of memory."""
+
+
+def _check_int(name: str, value: Any, minimum: int, unit: str = "") -> None:
+    """An integer setting (not a bool, not a float such as 7.9 that ``int`` would truncate)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{unit}, got {value!r}")
+
+
+def _check_size(n_agents: int, grid: int, cell: int, n_distractors: int) -> None:
+    """Every agent and beacon needs a cell of its own, and one step's frames must fit
+    :data:`MAX_FRAME_BYTES` (checked with integer arithmetic: nothing is allocated)."""
+    if 2 * n_agents > grid * grid:
+        raise ValueError(f"n_agents={n_agents} do not fit a {grid} x {grid} grid (each agent and "
+                         f"its beacon need a cell: at most {grid * grid // 2} agents)")
+    if n_distractors > grid * grid:
+        raise ValueError(f"n_distractors={n_distractors} exceeds the {grid * grid} cells of a "
+                         f"{grid} x {grid} grid")
+    side = grid * cell
+    frame_bytes = n_agents * side * side * 3
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise ValueError(f"grid={grid}, cell={cell}, n_agents={n_agents} give {side} x {side} "
+                         f"pixel frames, {frame_bytes / 2**20:,.0f} MiB of observations per step "
+                         f"(limit {MAX_FRAME_BYTES // 2**20} MiB); use a smaller grid, cell or "
+                         f"n_agents")
 
 
 class BeaconEnv(ParallelEnv):
@@ -64,18 +94,19 @@ class BeaconEnv(ParallelEnv):
     def __init__(self, n_agents: int = 2, grid: int = 7, cell: int = 3, n_distractors: int = 2,
                  max_steps: int = 50, shaping: float = 0.1, shared_reward: bool = False,
                  render_mode: str | None = None):
-        if int(n_agents) < 1:
-            raise ValueError(f"n_agents must be >= 1, got {n_agents}")
-        if int(grid) < 3:
-            raise ValueError(f"grid must be >= 3 cells, got {grid}")
-        if int(cell) < 1:
-            raise ValueError(f"cell must be >= 1 pixel, got {cell}")
-        if int(n_distractors) < 0:
-            raise ValueError(f"n_distractors must be >= 0, got {n_distractors}")
-        if int(max_steps) < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        _check_int("n_agents", n_agents, 1)
+        _check_int("grid", grid, 3, " cells")
+        _check_int("cell", cell, 1, " pixel")
+        _check_int("n_distractors", n_distractors, 0)
+        _check_int("max_steps", max_steps, 1)
+        if isinstance(shaping, bool) or not isinstance(shaping, numbers.Real) \
+                or not math.isfinite(shaping):
+            raise ValueError(f"shaping must be a finite number, got {shaping!r}")
+        if not isinstance(shared_reward, (bool, np.bool_)):
+            raise ValueError(f"shared_reward must be true or false, got {shared_reward!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        _check_size(int(n_agents), int(grid), int(cell), int(n_distractors))
         self.n_agents, self.grid, self.cell = int(n_agents), int(grid), int(cell)
         self.n_distractors, self.max_steps = int(n_distractors), int(max_steps)
         self.shaping, self.shared_reward, self.render_mode = float(shaping), bool(shared_reward), render_mode

@@ -7,7 +7,8 @@ Each subcommand lives in ``marl_fgmf/commands/<name>.py`` with two functions,
 
 Errors: bad input raises :class:`marl_fgmf.commands.UsageError` (or ``ValueError`` /
 ``FileNotFoundError``); the CLI prints one line ``marl-fgmf <cmd>: error: <message>`` and exits
-with code 2, with no traceback. A runtime failure (a Ray task or env runner that failed on a
+with code 2, with no traceback (``--debug`` anywhere on the line, or ``MARL_FGMF_DEBUG=1``,
+shows it). A runtime failure (a Ray task or env runner that failed on a
 node) raises :class:`marl_fgmf.commands.CommandFailed`: one line naming the root cause, exit
 1. Ctrl-C exits with 130 after the command's own clean-up.
 """
@@ -72,6 +73,9 @@ def _quiet_library_notices() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # anywhere on the line: tracebacks of failures are shown
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["MARL_FGMF_DEBUG"] = "1"
     _quiet_library_notices()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"marl-fgmf {args.command}: error: {msg}", file=sys.stderr)
+        if os.environ.get("MARL_FGMF_DEBUG"):
+            traceback.print_exception(exc)
         return 2
     except OSError as exc:  # a full disk, a read-only folder, a permission: a runtime failure
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = {28: "; free some space or write elsewhere", 30: "; write elsewhere",
                 13: "; check the permissions or write elsewhere"}.get(exc.errno or 0, "")
         print(f"marl-fgmf {args.command}: failed: {reason}{where}{hint}", file=sys.stderr)
+        if os.environ.get("MARL_FGMF_DEBUG"):
+            traceback.print_exception(exc)
         return 1
     except MemoryError:
         print(f"marl-fgmf {args.command}: failed: out of memory; use smaller settings (env size, "
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandFailed as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         debug = os.environ.get("MARL_FGMF_DEBUG") and exc.__cause__ is not None
-        hint = "" if debug or exc.__cause__ is None else " (MARL_FGMF_DEBUG=1 shows the traceback)"
+        hint = "" if debug or exc.__cause__ is None else " (--debug shows the traceback)"
         print(f"marl-fgmf {args.command}: failed: {msg}{hint}", file=sys.stderr)
         if debug:
             traceback.print_exception(exc.__cause__)

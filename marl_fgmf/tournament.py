@@ -461,7 +461,7 @@ class TournamentConfig:
                         errors.append(f"defender {d.name}: unknown env {run_env!r} in its "
                                       f"run.json; allowed: {', '.join(list_envs())}")
             elif d.train is not None:
-                errors += _check_train_spec(d)
+                errors += _check_train_spec(d, out)
         return errors
 
     def _validate_attackers(self) -> list[str]:
@@ -616,16 +616,37 @@ def _check_checkpoint(d: DefenderSpec) -> list[str]:
     return []
 
 
-def _check_train_spec(d: DefenderSpec) -> list[str]:
+def _check_train_spec(d: DefenderSpec, out: str | os.PathLike | None = None) -> list[str]:
+    """A training spec's settings, and, when ``out`` already holds this defender's run, that
+    the run was trained with the same settings (a changed spec is never resumed silently on
+    top of the old run, and the old run is never deleted)."""
     from agents.train import TrainConfig
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d.train) - names)
     if unknown:
         return [f"defender {d.name}: unknown training setting(s) {', '.join(unknown)}"]
     try:
-        TrainConfig.from_json(d.train).validate()
+        cfg = TrainConfig.from_json(d.train)
+        cfg.validate()
     except (ValueError, TypeError) as exc:
         return [f"defender {d.name}: bad training spec: {_first_line(exc)}"]
+    if out is None:
+        return []
+    run_file = d.run_dir(Path(out)) / "run.json"
+    if not run_file.is_file():
+        return []
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"defender {d.name}: cannot read {run_file}: {_first_line(exc)}"]
+    wanted = to_jsonable(cfg.to_json())
+    changed = sorted(k for k in wanted if k != "iterations"
+                     and to_jsonable(saved.get(k)) != wanted[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in changed[:4])
+        return [f"defender {d.name}: its training spec changed since {run_file.parent} was "
+                f"trained ({diff}); move that run away (it is never deleted) or restore the "
+                f"spec"]
     return []
 
 
@@ -783,7 +804,6 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
         The match record (``status`` "ok"); exceptions propagate (the task wrapper reports
         them with the node).
     """
-    t0 = time.perf_counter()
     from attacks import evaluate, make_attack
     from attacks.base import parse_budget
     from envs import make_env

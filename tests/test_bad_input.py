@@ -266,3 +266,14 @@ def test_a_checkpoint_without_run_json_needs_env(run, tmp_path, capsys, command)
     code, err, _ = call(capsys, command, "--checkpoint", str(bare), *extra)
     assert code == 2
     one_line(err, "--env is required")
+
+
+def test_debug_shows_the_traceback(run, capsys, monkeypatch):
+    monkeypatch.delenv("MARL_FGMF_DEBUG", raising=False)
+    code, err, _ = call(capsys, "attack", "--checkpoint", str(run), "--attack", "pgd",
+                        "--settings", "random_start=maybe")
+    assert code == 2 and len(err) == 1
+    code = main(["attack", "--debug", "--checkpoint", str(run), "--attack", "pgd",
+                 "--settings", "random_start=maybe"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" in err and "random_start" in err

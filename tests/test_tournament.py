@@ -457,3 +457,20 @@ def test_training_spec_defender_and_learned_adversary(defenders, tmp_path):
     bad = TournamentConfig.from_dict({**conf, "attackers": [
         {"name": "rl", "adversary": str(defenders["none"])}]})
     assert any("attacker rl: not an adversary run" in e for e in bad.validate())
+    # a changed training spec is refused before anything runs: never resumed on top of the
+    # run trained with the old spec, which stays as it was
+    run_json = (out / "defenders" / "spec" / "run.json").read_bytes()
+    changed = TournamentConfig.from_dict({**conf, "defenders": [
+        {"name": "spec", "train": {"defense": "none", **TINY, "lr": 1e-3}},
+        conf["defenders"][1]]})
+    errors = changed.validate(out)
+    assert errors == [f"defender spec: its training spec changed since "
+                      f"{out / 'defenders' / 'spec'} was trained (lr: 0.0005 -> 0.001); move "
+                      f"that run away (it is never deleted) or restore the spec"], errors
+    with pytest.raises(ConfigError):
+        run_tournament(changed, out, progress=False, log=lambda m: None)
+    assert (out / "defenders" / "spec" / "run.json").read_bytes() == run_json
+    longer = TournamentConfig.from_dict({**conf, "defenders": [
+        {"name": "spec", "train": {"defense": "none", **{**TINY, "iterations": 2}}},
+        conf["defenders"][1]]})
+    assert longer.validate(out) == [], "more iterations of the same spec resume the run"
