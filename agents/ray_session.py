@@ -298,13 +298,17 @@ def describe_error(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- remote calls
+SHIPPED = "marl-fgmf/shipped"
+"""Tag of the ``(tag, pickled bytes)`` pairs :func:`ship` puts in the object store."""
+
+
 def ship(obj: Any) -> Any:
     """Put ``obj`` (a policy, a dict of policies, an attack) into Ray's object store as
-    pickled bytes; pass the returned reference to :func:`remote_call`. Unpickled on the
-    worker inside the task, so a node that cannot import its classes reports that as the
-    task's error."""
+    ``(SHIPPED, pickled bytes)``; pass the returned reference to :func:`remote_call`.
+    Unpickled on the worker inside the task, so a node that cannot import its classes reports
+    that as the task's error."""
     import ray
-    return ray.put(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    return ray.put((SHIPPED, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)))
 
 
 def _make_node_call() -> Callable[..., dict[str, Any]]:
@@ -331,8 +335,8 @@ def _make_node_call() -> Callable[..., dict[str, Any]]:
             session = importlib.import_module("agents.ray_session")
             session.set_threads(num_cpus)
             fn = getattr(importlib.import_module(module), name)
-            objects = [_pickle.loads(b) if isinstance(b, (bytes, bytearray, memoryview)) else b
-                       for b in blobs]
+            objects = [_pickle.loads(b[1]) if isinstance(b, tuple) and len(b) == 2
+                       and b[0] == session.SHIPPED else b for b in blobs]
             value = fn(spec, *objects)
             return {"status": "ok", "value": value, "node": node,
                     "wall_s": _time.perf_counter() - t0}
@@ -353,8 +357,8 @@ def remote_call(fn: Callable[..., Any], spec: Any, *shipped: Any, num_cpus: floa
     """Submit ``fn(spec, *objects)`` as a Ray task; returns its ``ObjectRef``.
 
     ``fn`` is a module-level function of this package (imported on the worker by name);
-    ``spec`` is plain data; ``shipped`` are references from :func:`ship` (or plain picklable
-    values). The task's result is ``{"status": "ok", "value", "node", "wall_s"}`` or
+    ``spec`` is plain data; ``shipped`` are references from :func:`ship` (unpickled in the
+    task) or plain values (passed as they are). The task's result is ``{"status": "ok", "value", "node", "wall_s"}`` or
     ``{"status": "error", "error": "Type: message", "node", "wall_s"}``, where ``node`` holds
     the Ray node id, host, IP and pid that ran it. ``torch`` uses ``num_cpus`` threads there.
     """

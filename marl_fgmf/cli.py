@@ -58,25 +58,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 # RLlib notices that every run would print and that say nothing about the user's run.
 _NOISY_LOGGERS = ("ray.rllib.algorithms.algorithm_config", "ray._common.deprecation")
 # RLlib's report of a failed env runner (a multi-line traceback); the CLI names the root cause
-# on one line instead (MARL_FGMF_DEBUG=1 shows both)
+# on one line instead (--debug shows both)
 _FAILURE_LOGGERS = ("ray.rllib.utils.actor_manager",)
 
 
-def _quiet_library_notices() -> None:
+def _quiet_library_notices(debug: bool = False) -> None:
     import logging
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    if not os.environ.get("MARL_FGMF_DEBUG"):
+    if not debug:
         for name in _FAILURE_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv:  # anywhere on the line: tracebacks of failures are shown
-        argv = [a for a in argv if a != "--debug"]
-        os.environ["MARL_FGMF_DEBUG"] = "1"
-    _quiet_library_notices()
+    # --debug anywhere on the line (or MARL_FGMF_DEBUG=1): tracebacks of failures are shown
+    debug = "--debug" in argv or bool(os.environ.get("MARL_FGMF_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    _quiet_library_notices(debug)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
         print(f"marl-fgmf: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}",
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"marl-fgmf {args.command}: error: {msg}", file=sys.stderr)
-        if os.environ.get("MARL_FGMF_DEBUG"):
+        if debug:
             traceback.print_exception(exc)
         return 2
     except OSError as exc:  # a full disk, a read-only folder, a permission: a runtime failure
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = {28: "; free some space or write elsewhere", 30: "; write elsewhere",
                 13: "; check the permissions or write elsewhere"}.get(exc.errno or 0, "")
         print(f"marl-fgmf {args.command}: failed: {reason}{where}{hint}", file=sys.stderr)
-        if os.environ.get("MARL_FGMF_DEBUG"):
+        if debug:
             traceback.print_exception(exc)
         return 1
     except MemoryError:
@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except CommandFailed as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        debug = os.environ.get("MARL_FGMF_DEBUG") and exc.__cause__ is not None
         hint = "" if debug or exc.__cause__ is None else " (--debug shows the traceback)"
         print(f"marl-fgmf {args.command}: failed: {msg}{hint}", file=sys.stderr)
-        if debug:
+        if debug and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__)
         return 1
     except KeyboardInterrupt:

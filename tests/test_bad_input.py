@@ -277,3 +277,7 @@ def test_debug_shows_the_traceback(run, capsys, monkeypatch):
                  "--settings", "random_start=maybe"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" in err and "random_start" in err
+    assert "MARL_FGMF_DEBUG" not in os.environ, "--debug must not leak into later calls"
+    code, err, _ = call(capsys, "attack", "--checkpoint", str(run), "--attack", "pgd",
+                        "--settings", "random_start=maybe")
+    assert code == 2 and len(err) == 1
