@@ -26,11 +26,13 @@ container image that has it (see the README, "On a cluster").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -198,11 +200,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError) as exc:
-        raise ValueError(f"cannot connect to Ray at {address or 'local'}: "
-                         f"{describe_error(exc)}") from None
+    # Ray Client starts a server per connection on the head; its start-up fails now and then
+    # ("Initialization failure from server"): a ray:// connection gets three tries
+    tries = 3 if address and address.startswith("ray://") else 1
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(**kwargs)
+            break
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            if attempt < tries and isinstance(exc, ConnectionAbortedError):
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                time.sleep(2.0 * attempt)
+                continue
+            raise ValueError(f"cannot connect to Ray at {address or 'local'}: "
+                             f"{describe_error(exc)}") from None
     if log is not None:
         log(format_cluster(cluster_summary(), address))
     return True
@@ -292,6 +304,10 @@ def describe_error(exc: BaseException) -> str:
     if cause is exc and lines and lines[0].startswith("ray::"):
         # a RayTaskError without a usable cause: its last line is "Type: message"
         lines = lines[-1:]
+    elif len(lines) > 1 and lines[0].endswith(":"):
+        # "Initialization failure from server:" + a server-side traceback: keep the headline
+        # and the traceback's last line (the server's exception)
+        lines = [f"{lines[0]} {lines[-1]}"]
     message = lines[0] if lines else ""
     name = type(cause).__name__
     return f"{name}: {message}" if message and not message.startswith(name) else (message or name)

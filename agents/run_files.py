@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
-import datetime
 import os
 import shutil
 import sys
