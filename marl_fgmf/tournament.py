@@ -957,7 +957,7 @@ def _load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) 
     env, hash its weights (:func:`_weights_hash`) and ship it through Ray's object store
     (workers never read these paths)."""
     from agents.adversary import load_adversary
-    from agents.checkpoint import load_agent_policies
+    from agents.checkpoint import check_policy_fits_env, load_agent_policies
     from agents.ray_session import ship
     from envs import make_env
     shipped = _Shipped({}, {}, {})
@@ -966,10 +966,15 @@ def _load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) 
         env = make_env(env_name, **env_kwargs)
         try:
             agents = list(env.possible_agents)
+            policy = load_agent_policies(str(d.run_dir(out)), agents, d.policy_id,
+                                         device="cpu", single_if_shared=True)
+            for agent in agents:
+                check_policy_fits_env(policy[agent] if isinstance(policy, dict) else policy,
+                                      env, agent)
+        except ValueError as exc:
+            raise ConfigError([f"defender {d.name}: {_first_line(exc)}"]) from None
         finally:
             env.close()
-        policy = load_agent_policies(str(d.run_dir(out)), agents, d.policy_id, device="cpu",
-                                     single_if_shared=True)
         shipped.envs[d.name] = (env_name, env_kwargs)
         shipped.defender_hash[d.name] = _weights_hash(policy)
         shipped.policies[d.name] = ship(policy)

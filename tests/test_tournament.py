@@ -353,6 +353,19 @@ def test_cli_config_errors_one_line_each_exit_2(defenders, tmp_path):
     assert missing.returncode == 2 and "config file not found" in missing.stderr
 
 
+def test_defender_that_does_not_fit_the_env_is_one_error(defenders, tmp_path):
+    """A checkpoint trained on 21x21 frames against an env override giving 27x27: one line
+    naming the defender and the shapes, before any match (not a torch shape error per match)."""
+    cfg = TournamentConfig.from_dict(tiny_config({"none": defenders["none"]}, env="beacon",
+                                                 env_kwargs={"grid": 9}))
+    with pytest.raises(ConfigError) as info:
+        run_tournament(cfg, tmp_path / "t", progress=False, log=lambda m: None)
+    assert info.value.errors == [
+        "defender none: policy 'policy' takes observations of shape (21, 21, 3) but 'agent_0' "
+        "sees (27, 27, 3): wrong --env or --env-kwargs?"], info.value.errors
+    assert not (tmp_path / "t" / "matches.jsonl").exists()
+
+
 def test_yaml_config_and_relative_paths(defenders, tmp_path, monkeypatch):
     (tmp_path / "runs").symlink_to(defenders["none"].parent)
     cfg_path = tmp_path / "t.yml"
