@@ -176,6 +176,20 @@ def check_policy_fits_env(policy: nn.Module, env, agent: str, module: str = "pol
                          f"space of {agent!r} is Discrete({int(n)}): they must match")
 
 
+def run_env(checkpoint: str | Path, env: str | None = None,
+            env_kwargs: dict | None = None) -> tuple[str, dict]:
+    """The env a checkpoint is evaluated on: ``env`` (default: the one its run's ``run.json``
+    names) and ``env_kwargs`` (default: the run's settings when the env is the run's own, else
+    none). Raises ``ValueError`` when neither names an env: there is no default env."""
+    run = read_run_config(checkpoint)
+    name = env or run.get("env")
+    if not name:
+        raise ValueError(f"--env is required: {checkpoint} has no run.json naming its env")
+    if env_kwargs is not None:
+        return name, dict(env_kwargs)
+    return name, dict(run.get("env_kwargs") or {}) if name == run.get("env") else {}
+
+
 def read_run_config(path: str | Path) -> dict:
     """``run.json`` of the run that produced ``path`` (a run dir or one of its checkpoints),
     or ``{}`` when there is none."""

@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["LocalCluster", "can_hide_paths"]
+__all__ = ["LocalCluster", "can_hide_paths", "free_port"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -62,7 +63,7 @@ class LocalCluster:
         self.hide = [str(Path(p).resolve()) for p in hide]
         self.hide_on = set(range(1, nodes) if hide_on is None else hide_on)
         self.timeout = startup_timeout_s
-        self.port = _free_port()
+        self.port = free_port()
         # short: Ray's socket paths must stay under 108 characters
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
         self.address = f"127.0.0.1:{self.port}"
@@ -72,7 +73,7 @@ class LocalCluster:
         if client_server and importlib.util.find_spec("grpc") is None:
             raise RuntimeError("client_server=True needs Ray Client: pip install 'ray[client]'")
         self._wait_client = client_server
-        self.client_port = _free_port() if importlib.util.find_spec("grpc") else None
+        self.client_port = free_port() if importlib.util.find_spec("grpc") else None
         self.client_address = (f"ray://127.0.0.1:{self.client_port}" if client_server
                                else None)
         """``ray://`` address of the head's Ray Client server (``client_server=True``)."""

@@ -456,32 +456,28 @@ def run_jobs(jobs: list[Job], *, num_cpus: float = 1.0, limit: int | None = None
                 for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in excluded
                 and float(n.get("Resources", {}).get("CPU", 0.0)) >= num_cpus}
 
-    def submit(job: Job) -> None:
+    def submit(job: Job, nodes: dict[str, float] | None) -> None:
+        """``nodes``: the healthy nodes while some are excluded (None: Ray places the task)."""
         strategy, pinned = None, None
-        if excluded:
-            nodes = healthy_nodes()
-            if nodes:
-                load = {nid: 0 for nid in nodes}
-                for _, where in in_flight.values():
-                    if where in load:
-                        load[where] += 1
-                pinned = min(nodes, key=lambda nid: (load[nid] / max(nodes[nid], 1e-9), nid))
-                strategy = NodeAffinitySchedulingStrategy(node_id=pinned, soft=False)
+        if nodes:  # pinned to the least loaded healthy node
+            load = {nid: 0 for nid in nodes}
+            for _, where in in_flight.values():
+                if where in load:
+                    load[where] += 1
+            pinned = min(nodes, key=lambda nid: (load[nid] / max(nodes[nid], 1e-9), nid))
+            strategy = NodeAffinitySchedulingStrategy(node_id=pinned, soft=False)
         job.attempts += 1
         ref = remote_call(job.fn, job.spec, *job.shipped, num_cpus=num_cpus,
                           scheduling_strategy=strategy)
         in_flight[ref] = (job, pinned)
 
-    def capacity() -> int:
-        if not excluded:
-            return limit
-        spare = sum(healthy_nodes().values())
-        return max(1, min(limit, int(spare // num_cpus)))
-
     try:
         while queue or in_flight:
-            while queue and len(in_flight) < capacity():
-                submit(queue.pop(0))
+            nodes = healthy_nodes() if excluded else None  # one GCS query per round
+            capacity = limit if nodes is None else max(
+                1, min(limit, int(sum(nodes.values()) // num_cpus)))
+            while queue and len(in_flight) < capacity:
+                submit(queue.pop(0), nodes)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 job, _ = in_flight.pop(ref)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from agents.settings import is_int
-from marl_fgmf.io import DirLock, atomic_write_text
+from marl_fgmf.io import DirLock, append_synced, atomic_write_text
 
 # --------------------------------------------------------------------------- metrics
 METRICS = "metrics.jsonl"
@@ -67,10 +67,7 @@ def append_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
     """Append ``rows`` to ``out/metrics.jsonl`` in one write, flushed to disk."""
     if not rows:
         return
-    with open(out / METRICS, "ab") as fh:
-        fh.write(_encode_rows(rows).encode("utf-8"))
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_synced(out / METRICS, _encode_rows(rows).encode("utf-8"))
 
 
 def write_metric_views(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -76,7 +76,7 @@ from marl_fgmf.io import to_jsonable
 from attacks.base import Attack, check_obs, parse_budget, policy_device, policy_mode
 
 __all__ = ["AuditCheck", "AuditReport", "audit", "audit_checkpoint", "audit_policies",
-           "collect_observations",
+           "collect_observations", "load_audit_target",
            "mcnemar_greater", "is_stochastic", "has_input_filter", "CHECK_NAMES"]
 
 CHECK_NAMES = ("gradient_free_vs_white_box", "noise_vs_fgsm", "steps_and_restarts",
@@ -574,17 +574,24 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
         agents.checkpoint.CheckpointError: missing or unreadable checkpoint.
         ValueError: unknown env, env setting or policy id.
     """
+    policy, env_name, env_kwargs = load_audit_target(checkpoint, env, env_kwargs, policy_id)
+    return audit_policies(policy, env_name, env_kwargs, policy_id=policy_id, eps=eps,
+                          n_obs=n_obs, episodes=episodes, seed=seed, progress=progress,
+                          **settings)
+
+
+def load_audit_target(checkpoint: Any, env: str | None = None,
+                      env_kwargs: dict[str, Any] | None = None, policy_id: str | None = None
+                      ) -> tuple[Any, str, dict[str, Any]]:
+    """``(policy, env name, env settings)`` of a checkpoint on CPU, checked against its env
+    (:func:`agents.checkpoint.run_env` picks the env): what :func:`audit_checkpoint` audits,
+    and what ``marl-fgmf audit --address`` ships to the cluster."""
     import os
 
-    from agents.checkpoint import check_policy_fits_env, load_agent_policies, read_run_config
+    from agents.checkpoint import check_policy_fits_env, load_agent_policies, run_env
     from envs import make_env
     checkpoint = os.path.abspath(checkpoint)  # RLlib's loader rejects relative paths
-    run = read_run_config(checkpoint)
-    env_name = env or run.get("env")
-    if not env_name:
-        raise ValueError(f"--env is required: {checkpoint} has no run.json naming its env")
-    if env_kwargs is None:
-        env_kwargs = dict(run.get("env_kwargs") or {}) if env_name == run.get("env") else {}
+    env_name, env_kwargs = run_env(checkpoint, env, env_kwargs)
     environment = make_env(env_name, **env_kwargs)
     try:
         agents = list(environment.possible_agents)
@@ -595,9 +602,7 @@ def audit_checkpoint(checkpoint: Any, env: str | None = None,
                                   environment, agent)
     finally:
         environment.close()
-    return audit_policies(policy, env_name, env_kwargs, policy_id=policy_id, eps=eps,
-                          n_obs=n_obs, episodes=episodes, seed=seed, progress=progress,
-                          **settings)
+    return policy, env_name, env_kwargs
 
 
 def audit_policies(policy: Any, env: str, env_kwargs: dict[str, Any] | None = None,

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DirLock", "atomic_write_bytes", "atomic_write_text", "to_jsonable"]
+__all__ = ["DirLock", "append_synced", "atomic_write_bytes", "atomic_write_text", "to_jsonable"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -31,6 +31,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def append_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` to ``path`` in one write and ``fsync`` it (logs that only grow:
+    metrics rows, set-aside records)."""
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

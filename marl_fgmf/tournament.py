@@ -89,7 +89,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from marl_fgmf.io import atomic_write_bytes, atomic_write_text, to_jsonable
+from marl_fgmf.io import (DirLock, append_synced, atomic_write_bytes, atomic_write_text,
+                          to_jsonable)
 
 __all__ = [
     "AttackerSpec", "AuditSpec", "ConfigError", "DefenderSpec", "Match", "MatchLog",
@@ -704,11 +705,8 @@ class MatchLog:
         clean_text = b"".join(line + b"\n" for line in keep)
         if bad or clean_text != raw:
             if bad:
-                corrupt = self.path.with_name(f"{self.path.stem}.corrupt.txt")
-                with open(corrupt, "ab") as fh:
-                    fh.write(b"".join(b + b"\n" for b in bad))
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                append_synced(self.path.with_name(f"{self.path.stem}.corrupt.txt"),
+                              b"".join(b + b"\n" for b in bad))
             atomic_write_bytes(self.path, clean_text)
         return records
 
@@ -731,11 +729,8 @@ class MatchLog:
                 key = None  # not a record of ours: left for load() to report
             (moved if key in keys else keep).append(line)
         if moved:
-            stale = self.path.with_name(f"{self.path.stem}.stale.jsonl")
-            with open(stale, "ab") as fh:
-                fh.write(b"".join(line + b"\n" for line in moved))
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_synced(self.path.with_name(f"{self.path.stem}.stale.jsonl"),
+                          b"".join(line + b"\n" for line in moved))
             atomic_write_bytes(self.path, b"".join(line + b"\n" for line in keep))
         return len(moved)
 
@@ -777,17 +772,12 @@ def _record_problem(rec: Any) -> str | None:
 def _defender_env(cfg: "TournamentConfig", d: "DefenderSpec", out: Path
                   ) -> tuple[str, dict[str, Any]]:
     """The defender's env and settings (on the driver): the config's override, else its run's."""
-    from agents.checkpoint import read_run_config
-    run = read_run_config(d.run_dir(out))
-    name = cfg.env or run.get("env")
-    if not name:
+    from agents.checkpoint import run_env
+    try:
+        return run_env(d.run_dir(out), cfg.env, cfg.env_kwargs)
+    except ValueError:
         raise ConfigError([f"defender {d.name}: its checkpoint names no env (no run.json); "
-                           f"set env in the config"])
-    if cfg.env_kwargs is not None:
-        kwargs = dict(cfg.env_kwargs)
-    else:
-        kwargs = dict(run.get("env_kwargs") or {}) if name == run.get("env") else {}
-    return name, kwargs
+                           f"set env in the config"]) from None
 
 
 def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict[str, Any]:
@@ -1050,31 +1040,6 @@ def _train_defenders(cfg: TournamentConfig, out: Path, address: str | None, prog
         train(tcfg, run_dir, resume=resume, address=None, progress=progress)
 
 
-class _DirLock:
-    """An exclusive ``flock`` on ``DIR/.tournament.lock``: one tournament per directory."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".tournament.lock"
-        self.fh = None
-
-    def __enter__(self) -> "_DirLock":
-        import fcntl
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
-            raise ValueError(f"another tournament is running in {self.path.parent} "
-                             f"(lock {self.path} is held)") from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import fcntl
-        if self.fh is not None:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-            self.fh.close()
-
-
 def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
                    address: str | None = None, workers: int | None = None,
                    progress: bool = True, audit: bool | None = None,
@@ -1129,7 +1094,7 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
     started = ensure_ray(address, runtime_env=runtime_env, log=log)  # before anything is written
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with _DirLock(out):
+        with DirLock(out, ".tournament.lock", "another tournament is running"):
             atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
             _train_defenders(config, out, address, progress, log)
             shipped = _load_weights(config, out, log)

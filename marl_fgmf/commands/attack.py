@@ -268,24 +268,15 @@ def run(args: argparse.Namespace) -> int:
     address, runtime_env = cluster_settings(args)
     on_ray = address is not None or runtime_env is not None
     import torch
-    from agents.checkpoint import check_policy_fits_env, read_run_config, resolve_module_root
+    from agents.checkpoint import check_policy_fits_env, resolve_module_root, run_env
     from attacks import evaluate
     from envs import list_envs, make_env
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
     resolve_module_root(args.checkpoint)  # CheckpointError (one line) if missing or partial
-    run_cfg = read_run_config(args.checkpoint)
-    env_name = args.env or run_cfg.get("env")
-    if not env_name:
-        raise UsageError(f"--env is required: {args.checkpoint} has no run.json naming its env")
+    env_name, env_kwargs = run_env(args.checkpoint, args.env, args.env_kwargs)
     if env_name not in list_envs():
         raise UsageError(f"unknown env {env_name!r}; allowed: {', '.join(list_envs())}")
-    if args.env_kwargs is not None:
-        env_kwargs = dict(args.env_kwargs)
-    elif env_name == run_cfg.get("env"):
-        env_kwargs = dict(run_cfg.get("env_kwargs") or {})
-    else:
-        env_kwargs = {}
     env = make_env(env_name, **env_kwargs)
     t0 = time.perf_counter()
     try:

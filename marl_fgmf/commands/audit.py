@@ -53,22 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _audit_on_cluster(args: argparse.Namespace, settings: dict, address: str | None,
                       runtime_env: dict | None) -> dict:
     """The audit as one Ray task: the driver loads the policy and ships its weights."""
-    from agents.checkpoint import load_agent_policies, read_run_config
     from agents.ray_session import ensure_ray
-    from envs import make_env
-    from marl_fgmf.audit import AuditReport
+    from marl_fgmf.audit import AuditReport, load_audit_target
     from marl_fgmf.workflows.remote import audit_job, run_remote
-    run_cfg = read_run_config(args.checkpoint)
-    env_name = args.env or run_cfg.get("env")
-    if not env_name:
-        raise UsageError(f"--env is required: {args.checkpoint} has no run.json naming its env")
-    env_kwargs = (dict(args.env_kwargs) if args.env_kwargs is not None else
-                  dict(run_cfg.get("env_kwargs") or {}) if env_name == run_cfg.get("env") else {})
-    env = make_env(env_name, **env_kwargs)
-    agents = list(env.possible_agents)
-    env.close()
-    policy = load_agent_policies(str(Path(args.checkpoint).resolve()), agents, args.policy_id,
-                                 device="cpu", single_if_shared=True)
+    policy, env_name, env_kwargs = load_audit_target(args.checkpoint, args.env,
+                                                     args.env_kwargs, args.policy_id)
     spec = {"env": env_name, "env_kwargs": env_kwargs, "policy_id": args.policy_id,
             "settings": settings}
     started = ensure_ray(address, runtime_env=runtime_env, log=print)

@@ -203,20 +203,15 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     import torch
     from tqdm.auto import tqdm
 
-    from agents.checkpoint import check_policy_fits_env, load_agent_policies, read_run_config
+    from agents.checkpoint import check_policy_fits_env, load_agent_policies, run_env
     from marl_fgmf.io import atomic_write_text
     from envs import list_envs, make_env
     from marl_fgmf import metrics as M
     from marl_fgmf import viz
 
-    run_cfg = read_run_config(checkpoint)
-    env_name = env or run_cfg.get("env")
-    if not env_name:
-        raise UsageError(f"--env is required: {checkpoint} has no run.json naming its env")
+    env_name, env_kwargs = run_env(checkpoint, env, env_kwargs)
     if env_name not in list_envs():
         raise UsageError(f"unknown env {env_name!r}; allowed: {', '.join(list_envs())}")
-    if env_kwargs is None:
-        env_kwargs = dict(run_cfg.get("env_kwargs") or {}) if env_name == run_cfg.get("env") else {}
     environment = make_env(env_name, **env_kwargs)
     agents = list(environment.possible_agents)
     # absolute: RLlib's loader rejects some relative paths; agents sharing a module share it
