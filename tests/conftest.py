@@ -118,3 +118,17 @@ def save_untrained_run(root, module_ids: list[str], n_actions: int = 5,
                       policies="shared" if module_ids == ["shared"] else "per-agent")
     (root / "run.json").write_text(json.dumps(cfg.to_json()))
     return root
+
+
+def tree_hash(folder) -> str:
+    """sha256 over every file's relative path and bytes under ``folder``: equal before and
+    after a refused command means it changed nothing there."""
+    import hashlib
+    from pathlib import Path
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -7,7 +7,6 @@ tests/test_run_safety.py; cluster addresses and runtime-env files in tests/test_
 and tests/test_cluster.py; tournament reruns in tests/test_tournament.py."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,18 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import save_untrained_run
+from conftest import save_untrained_run, tree_hash
 from marl_fgmf.cli import main
-
-
-def tree_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes under ``folder``."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

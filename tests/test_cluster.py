@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import marl_fgmf
-from agents.local_cluster import LocalCluster, can_hide_paths
+from agents.local_cluster import LocalCluster, can_hide_paths, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow,
               pytest.mark.skipif(not can_hide_paths(), reason="needs root and unshare -m to "
@@ -231,13 +231,6 @@ def test_node_without_the_package_is_named_excluded_and_its_work_replayed(traine
 
 
 # ---------------------------------------------------------------------- bad input, no cluster
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", ["train", "tournament", "attack", "audit",
                                      "train-adversary"])
 def test_unreachable_address_one_line_exit_2_nothing_written(command, trained, tmp_path):

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import operator
-import socket
 
 import pytest
 
+from agents.local_cluster import free_port
 from agents.ray_session import (Job, check_address, describe_error, get_result,
                                 load_runtime_env, remote_call, run_jobs, ship)
 from marl_fgmf.cli import main
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- runtime env files

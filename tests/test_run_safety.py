@@ -10,7 +10,6 @@ nothing may change the run directory's content hash.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import pytest
 from agents.checkpoint import latest_checkpoint
 from agents.train import (TrainConfig, _flatten_result, append_metrics, read_metrics,
                           resume_checkpoint, train, write_metric_views)
+from conftest import tree_hash
 from marl_fgmf.cli import main
 from marl_fgmf.io import DirLock
 
@@ -34,16 +34,6 @@ TINY = dict(env="beacon", train_batch_size=200, minibatch_size=100, num_epochs=1
             num_envs_per_env_runner=2)
 TINY_ARGS = ["--train-batch-size", "200", "--minibatch-size", "100", "--num-epochs", "1",
              "--num-envs-per-env-runner", "2", "--quiet"]
-
-
-def tree_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes under ``folder``."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def call(capsys, *argv: str) -> tuple[int, list[str]]:
