@@ -8,7 +8,7 @@ How to run::
     marl-fgmf train-adversary --victim runs/victim --mode pa-ad --team --out runs/adv-paad
     marl-fgmf train-adversary --out runs/adv-perturb --iterations 40 --resume
 
-The game is :class:`attacks.learned.AdversaryEnv` (ATLA, Zhang et al. ICLR 2021; PA-AD, Sun et
+The game is :class:`agents.adversary_env.AdversaryEnv` (ATLA, Zhang et al. ICLR 2021; PA-AD, Sun et
 al. ICLR 2022): the victims of the checkpoint are frozen inside the environment and the only
 RLlib agents are the adversaries (``adv_<victim>``, or ``adv_team``), rewarded with minus the
 victims' reward. By default every adversary agent maps to ONE shared module ``adversary``
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from gymnasium import spaces
 from ray.rllib.core.columns import Columns
@@ -46,7 +47,13 @@ from ray.rllib.core.distribution.torch.torch_distribution import (
     TorchDiagGaussian,
     TorchMultiCategorical,
 )
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
+from ray.tune.registry import register_env
 from torch import nn
+
+from agents.adversary_env import TEAM_AGENT, AdversaryEnv
 
 from agents.checkpoint import (
     CheckpointError,
@@ -59,10 +66,13 @@ from agents.checkpoint import (
 from agents.rl_module import FGMFTorchRLModule, build_network
 from agents.ray_session import ensure_ray
 from agents.train import (SettingError, TrainConfig, build_algo_config, check_cluster_gpus,
-                          check_int_setting, check_number_setting, check_run_dir,
+                          check_int_setting, check_number_setting, check_run_dir, env_spaces,
                           load_run_settings, prepare_run, run_lock, run_training_loop)
-from attacks.base import parse_budget
-from attacks.learned import MODES, TEAM_AGENT, UPSAMPLING, AdversaryEnv, LearnedAdversary
+from attacks.evaluate import evaluate
+from attacks.learned import UPSAMPLING, LearnedAdversary, check_mode
+from envs import make_env
+from envs.rllib import rllib_env_name
+from marl_fgmf.protocol import obs_scale, parse_budget
 
 SHARED_MODULE = "adversary"
 RUN_KIND = "adversary"
@@ -85,8 +95,7 @@ class AdversaryTorchRLModule(FGMFTorchRLModule):
     """
 
     def setup(self):
-        high = np.asarray(self.observation_space.high, dtype=np.float64)
-        self.obs_scale = 1.0 / float(high.max()) if np.isfinite(high).all() and high.max() > 1 else 1.0
+        self.obs_scale = obs_scale(self.observation_space.high)
         space = self.action_space
         config = dict(self.model_config or {})
         self.log_std = None
@@ -167,7 +176,7 @@ class AdversaryConfig(TrainConfig):
         """Raise :class:`agents.train.SettingError` (a ``ValueError``) naming the first bad
         setting; writes nothing."""
         try:
-            check_mode_value(self.mode)
+            check_mode(self.mode)
         except ValueError as exc:
             raise SettingError("mode", str(exc)) from None
         try:
@@ -198,16 +207,10 @@ class AdversaryConfig(TrainConfig):
         super().validate()
 
     def game_settings(self) -> dict[str, Any]:
-        """Keyword settings of :class:`attacks.learned.AdversaryEnv`."""
+        """Keyword settings of :class:`agents.adversary_env.AdversaryEnv`."""
         return {"eps": self.eps, "mode": self.mode, "team": self.team, "grid": self.grid,
                 "upsample": self.upsample, "attacked": self.attacked,
                 "victim_greedy": self.victim_greedy, "pa_ad_steps": self.pa_ad_steps}
-
-
-def check_mode_value(mode: Any) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown adversary mode {mode!r}; allowed: {', '.join(MODES)}")
-    return mode
 
 
 def resolve_victim(cfg: AdversaryConfig) -> AdversaryConfig:
@@ -250,13 +253,12 @@ def load_victims(victim: str | Path, agents: list[str], device: str = "cpu"
 def make_adversary_env(victim: str | Path, env: str | None = None,
                        env_kwargs: dict[str, Any] | None = None, device: str = "cpu",
                        **settings: Any) -> AdversaryEnv:
-    """:class:`attacks.learned.AdversaryEnv` around ``envs.make_env(env)`` with the victims of
+    """:class:`agents.adversary_env.AdversaryEnv` around ``envs.make_env(env)`` with the victims of
     checkpoint ``victim`` (a run directory, checkpoint or rl_module directory).
 
     ``env`` defaults to the victim's ``run.json`` env (and its settings). ``settings`` are
     AdversaryEnv's (``eps``, ``mode``, ``team``, ``grid``, ...).
     """
-    from envs import make_env
     if env is None:
         run = read_run_config(victim)
         if not run.get("env"):
@@ -273,12 +275,6 @@ def register_adversary_env(cfg: AdversaryConfig) -> str:
     The victims are loaded HERE, on the driver, and travel inside the env creator (Ray ships
     it to every env runner by value): env runners on other nodes never open the victim's
     checkpoint path (DESIGN.md section 2: weights travel, paths do not)."""
-    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
-    from ray.tune.registry import register_env
-
-    from envs import make_env
-    from envs.rllib import rllib_env_name
-
     victim, env, env_kwargs = cfg.victim_modules, cfg.env, dict(cfg.env_kwargs)
     game = cfg.game_settings()
     probe = make_env(env, **env_kwargs)
@@ -310,9 +306,6 @@ def build_adversary_algo_config(cfg: AdversaryConfig):
     fields); the environment, the agents-to-modules mapping, ``policies_to_train`` and the
     RLModules are then replaced by the attack game's.
     """
-    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
     resolve_victim(cfg)
     cfg.validate()
     config = build_algo_config(cfg)
@@ -340,7 +333,6 @@ def _n_adversaries(cfg: AdversaryConfig) -> int:
         return 1
     if cfg.attacked:
         return len(cfg.attacked)
-    from agents.train import env_spaces
     return len(env_spaces(cfg)[0])
 
 
@@ -404,7 +396,6 @@ def train_adversary(victim: str | Path | None, out: str | Path, env: str | None 
                 desc=f"adversary {cfg.mode}{'/team' if cfg.team else ''} eps={cfg.eps:.4f}")
     finally:
         if started:
-            import ray
             ray.shutdown()
     return {"last": result["last"], "out": str(out), "records": result["records"],
             "config": cfg.to_json()}
@@ -461,7 +452,6 @@ def load_adversary(run_dir: str | Path, policy: nn.Module | None = None,
 
 
 def _victim_agents(cfg: AdversaryConfig) -> list[str]:
-    from envs import make_env
     env = make_env(cfg.env, **cfg.env_kwargs)
     agents = list(env.possible_agents)
     env.close()
@@ -479,9 +469,6 @@ def evaluate_adversary(run_dir: str | Path, episodes: int = 10, seed: int = 0,
         :func:`attacks.evaluate`'s dict plus ``agent_return_mean`` and
         ``clean_agent_return_mean`` (victims' mean per-agent episodic return).
     """
-    from attacks.evaluate import evaluate
-    from envs import make_env
-
     cfg = read_adversary_config(run_dir)
     env = make_env(cfg.env, **cfg.env_kwargs)
     victims = load_victims(cfg.victim_modules, list(env.possible_agents), "cpu")

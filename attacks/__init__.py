@@ -17,25 +17,29 @@ eot             :class:`EOT` wrapper (Athalye et al. 2018)        the wrapped at
 ensemble        :class:`Ensemble`, per-sample strongest           the members'
 ==============  ===============================================  ==============================
 
-Objectives, targets and the success criterion are defined once in :mod:`attacks.base`.
+Objectives, targets and the success criterion are defined once in :mod:`attacks.objectives`;
+the base class (device, eval mode, seeding, projection) in :mod:`attacks.base`.
+:class:`LearnedAdversary` replays a trained adversary agent (:mod:`attacks.learned`).
 ``make_attack(name, policy, **settings)`` builds any of them by name;
 ``evaluate(policy, env, attack, episodes, seed)`` rolls a PettingZoo env out under attack.
 """
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from torch import nn
 
 from attacks.apgd import APGD, apgd_checkpoints
-from attacks.base import NORMS, OBJECTIVES, Attack, AttackContext, parse_budget
+from attacks.base import NORMS, Attack, AttackContext
 from attacks.bpda import BPDA, StraightThrough
 from attacks.ensemble import Ensemble
 from attacks.eot import EOT
-from attacks.evaluate import evaluate, mean_ci95
+from attacks.evaluate import evaluate
 from attacks.fgsm import FGSM
-from attacks.learned import AdversaryEnv, LearnedAdversary  # noqa: F401 (learned adversaries)
+from attacks.learned import LearnedAdversary
+from attacks.objectives import OBJECTIVES
 from attacks.pgd import PGD
 from attacks.random_noise import RandomNoise
 from attacks.square import Square
@@ -76,7 +80,6 @@ def _typed_settings(cls: type, settings: dict[str, Any], key: str) -> dict[str, 
     only true/false/1/0/yes/no (``random_start=maybe`` is an error, never truthy), an integer
     setting only whole numbers (``steps=2.5`` is an error, never truncated), a float setting
     only finite numbers. Other settings pass unchanged (the attack checks them)."""
-    import math
     params = inspect.signature(cls.__init__).parameters
     out = dict(settings)
     for name, value in settings.items():
@@ -185,7 +188,7 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
 
 
 __all__ = [
-    "APGD", "ATTACKS", "Attack", "AttackContext", "BPDA", "EOT", "Ensemble", "FGSM", "NORMS",
-    "OBJECTIVES", "PGD", "RandomNoise", "Square", "StraightThrough", "apgd_checkpoints",
-    "evaluate", "list_attacks", "make_attack", "mean_ci95", "parse_budget",
+    "ALIASES", "APGD", "ATTACKS", "Attack", "AttackContext", "BPDA", "EOT", "Ensemble", "FGSM",
+    "LearnedAdversary", "NORMS", "OBJECTIVES", "PGD", "RandomNoise", "Square", "StraightThrough",
+    "WRAPPERS", "apgd_checkpoints", "evaluate", "list_attacks", "make_attack",
 ]

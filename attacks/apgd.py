@@ -6,8 +6,9 @@ import math
 import torch
 from torch import nn
 
-from attacks.base import (Attack, AttackContext, BestIterate, TargetSpec, check_fraction,
+from attacks.base import (Attack, AttackContext, BestIterate, check_fraction,
                           check_positive_int)
+from attacks.objectives import TargetSpec
 
 
 def apgd_checkpoints(steps: int) -> list[int]:

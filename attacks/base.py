@@ -1,102 +1,47 @@
 """The :class:`Attack` base class: everything an observation attack needs except its maths.
 
-Every attack works on the policy protocol (DESIGN.md section 1): ``policy(obs) -> logits`` with
-``obs`` float in [0, 1] shaped ``(B, H, W, C)``, and optionally ``policy.value(obs) -> (B,)``.
-``B`` is any batch: every agent of a frame, several frames, or both.
+Every attack works on the policy protocol (DESIGN.md section 1, :mod:`marl_fgmf.protocol`):
+``policy(obs) -> logits``, ``obs`` float in [0, 1] shaped ``(B, H, W, C)`` (``B`` any batch:
+every agent of a frame, several frames, or both), and optionally ``policy.value(obs) -> (B,)``.
 
 The base class owns (in the spirit of torchattacks' ``Attack``, written for policies):
 
 * the device (taken from the policy's parameters, never hard-coded) and the dtype;
 * eval mode during the attack and the exact restoration of every submodule's previous
-  train/eval flag afterwards;
-* input validation with one-line ``ValueError`` s that name the value and what is allowed;
-* the objectives (below), the success criterion and the per-sample "is this better" rule;
+  train/eval flag afterwards (:func:`marl_fgmf.protocol.eval_mode`);
+* input validation with one-line ``ValueError`` s that name the value and what is allowed
+  (:func:`marl_fgmf.protocol.check_obs`, :func:`marl_fgmf.protocol.parse_budget`);
+* the per-sample best iterate (:class:`BestIterate`: success first, then the larger loss);
 * seeding: ``seed=`` makes a :class:`torch.Generator`; a fresh attack built with the same seed
   produces the same sequence of perturbations (``set_seed`` rewinds it); the policy's own
   randomness (dropout, a randomized defence) is drawn inside a forked global RNG seeded from
   that generator, so it is reproducible too and the caller's RNG stream is left untouched;
 * the final projection onto the eps-ball (Linf or L2) intersected with [0, 1].
 
+The objectives (``ce``, ``kl``, ``value``, ``targeted``, ``margin``, ``dlr``), the targets of
+``targeted`` and the success criterion are defined in :mod:`attacks.objectives`.
+
 Subclasses set their paper's defaults in ``__init__`` and write only ``_perturb(ctx)``.
-
-Objectives (``objective=``), each a per-sample loss that the attack MAXIMIZES, with
-``z = policy(x + delta)``, ``pi = softmax(z)``, ``a`` the reference actions (the ``actions``
-argument, by default the clean greedy actions ``argmax pi(x)``):
-
-==========  ==================================================  =====================================
-name        loss (maximized)                                    needs
-==========  ==================================================  =====================================
-ce          ``-log pi(a | x + delta)``                          >= 2 actions
-kl          ``KL(pi(x) || pi(x + delta))`` (MAD, Zhang 2020)    >= 2 actions; ignores ``actions``
-value       ``-V(x + delta)`` (minimize the critic)             ``policy.value``; ignores ``actions``
-targeted    ``log pi(t | x + delta)``, ``t`` the target below   >= 2 actions
-margin      ``max_{i != a} z_i - z_a`` (Carlini-Wagner margin)  >= 2 actions
-dlr         ``-(z_a - max_{i != a} z_i) / (z_1 - z_3)``         >= 3 actions (refused otherwise)
-==========  ==================================================  =====================================
-
-(``z_1 >= z_2 >= z_3`` are the sorted logits; DLR is Croce & Hein 2020's "difference of logits
-ratio". With fewer than 3 actions its denominator does not exist, and with ``z_2`` instead it is
-the constant -1 whenever ``a`` is the top action, so it has no gradient; we REFUSE with a
-ValueError telling the user to pick ``ce`` or ``margin`` instead of silently falling back.)
-
-**Targeted objective.** The target ``t`` is, per sample:
-
-* ``target=None`` (default): the WORST action by value. If the policy exposes action values
-  ``policy.action_values(obs) -> (B, n_actions)`` (a Q-head), ``t = argmin_a Q(x, a)``;
-  otherwise ``t = argmin_a pi(a | x)``, the action the clean policy ranks worst. (A
-  state-value critic ``V(s)`` cannot rank actions without a model; for a policy-gradient
-  policy the logits are ordered like its advantage estimates, so the least likely action is
-  its own estimate of the worst action.)
-* ``target=int``: that action for every sample;
-* ``target=`` a length-``B`` sequence/tensor: one action per sample;
-* ``target=callable``: ``target(obs) -> (B,)`` integer actions (for example an oracle from the
-  environment, such as the action that moves an agent away from its beacon).
-
-**Success** (DESIGN.md section 3): per sample, the perturbed greedy action differs from the
-reference action; for ``targeted`` it equals the target. Attacks that keep the best iterate
-prefer a successful sample, then a larger loss.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
-from fractions import Fraction
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
-SUCCESS_OBJECTIVES = ("ce", "targeted", "margin", "dlr")  # the goal is to flip the action
+from attacks.objectives import (ACTION_OBJECTIVES, OBJECTIVES, SUCCESS_OBJECTIVES, TargetSpec,
+                                better, check_action_count, check_actions, is_success,
+                                loss_dtype, objective_loss, resolve_target)
+from marl_fgmf.protocol import check_obs, eval_mode, parse_budget, policy_device
+
 NORMS = ("linf", "l2")
 
-TargetSpec = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
-def parse_budget(eps: Any, name: str = "eps") -> float:
-    """Return ``eps`` as a float in (0, 1]; accepts numbers and strings such as ``"8/255"``.
-
-    Raises:
-        ValueError: ``eps must be in (0, 1], got ...``.
-    """
-    if isinstance(eps, str):
-        try:
-            value = float(Fraction(eps.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{name} must be a number or a fraction such as 8/255, got {eps!r}") from None
-    elif isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        if torch.is_tensor(eps) and eps.numel() == 1:
-            value = float(eps)
-        else:
-            raise ValueError(f"{name} must be a number in (0, 1], got {eps!r}")
-    else:
-        value = float(eps)
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1] (observations are in [0, 1] units, "
-                         f"e.g. 8/255), got {eps!r}")
-    return value
+__all__ = ["NORMS", "OBJECTIVES", "Attack", "AttackContext", "BestIterate", "TargetSpec",
+           "check_fraction", "check_positive_int"]
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -120,57 +65,10 @@ def check_fraction(value: Any, name: str, low: float = 0.0, high: float = 1.0,
     return v
 
 
-def check_obs(obs: Any) -> None:
-    """Validate a batch against the policy protocol: a float (B, H, W, C) tensor, finite, in [0, 1].
 
-    Raises:
-        ValueError: one line naming the offending type, shape, dtype or values.
-    """
-    if not torch.is_tensor(obs):
-        raise ValueError(f"obs must be a torch.Tensor of shape (B, H, W, C), got {type(obs).__name__}")
-    if obs.dim() != 4:
-        raise ValueError(f"obs must have shape (B, H, W, C), got {tuple(obs.shape)}")
-    if obs.shape[0] == 0:
-        raise ValueError("obs must hold at least one observation, got batch size 0")
-    if not obs.is_floating_point():
-        raise ValueError(f"obs must be floating point in [0, 1] (divide uint8 frames by 255), "
-                         f"got dtype {obs.dtype}")
-    lo, hi = (float(v) for v in torch.aminmax(obs.detach()))  # NaN and inf propagate: one pass
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        n_bad = int((~torch.isfinite(obs)).sum())
-        raise ValueError(f"obs must be finite, got {n_bad} NaN/inf value(s)")
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"obs must lie in [0, 1] (divide uint8 frames by 255), "
-                         f"got values in [{lo:g}, {hi:g}]")
-
-
-def policy_device(policy: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the policy's first parameter (CPU float32 if it has none)."""
-    for p in policy.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    for b in policy.buffers():
-        if b.is_floating_point():
-            return b.device, b.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def loss_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of attack losses: float64 (float32 on Apple MPS, which has no float64)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
-@contextlib.contextmanager
-def policy_mode(policy: nn.Module, train: bool = False) -> Iterator[None]:
-    """Put ``policy`` in eval (or train) mode and restore every submodule's own flag on exit."""
-    saved = [(m, m.training) for m in policy.modules()]
-    policy.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
+def _pick(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+    """``t[index]`` (a sub-batch), or ``t`` itself when ``index`` or ``t`` is None."""
+    return t if t is None or index is None else t[index]
 
 class AttackContext:
     """What ``_perturb`` receives: the clean batch and everything derived from it once.
@@ -242,8 +140,9 @@ class BestIterate:
         self.success = torch.zeros(ctx.batch, dtype=torch.bool, device=ctx.obs.device)
 
     def update(self, x: torch.Tensor, loss: torch.Tensor, success: torch.Tensor) -> None:
-        """Keep ``x`` for the samples where it beats the best so far (see :meth:`Attack.better`)."""
-        improved = Attack.better(loss, success, self.loss, self.success)
+        """Keep ``x`` for the samples where it beats the best so far (see
+        :func:`attacks.objectives.better`)."""
+        improved = better(loss, success, self.loss, self.success)
         # in place: no new (B, H, W, C) tensor per step
         torch.where(improved.view(-1, 1, 1, 1), x, self.x, out=self.x)
         self.loss = torch.where(improved, loss.to(self.loss.dtype), self.loss)
@@ -272,7 +171,7 @@ class BestIterate:
             return
         x_sub = x[index]
         loss, success = attack.evaluate_loss(x_sub, ctx, index)
-        improved = Attack.better(loss, success, self.loss[index], self.success[index])
+        improved = better(loss, success, self.loss[index], self.success[index])
         chosen = index[improved]
         self.x[chosen] = x_sub[improved]
         self.loss[chosen] = loss[improved].to(self.loss.dtype)
@@ -354,7 +253,7 @@ class Attack:
         device, dtype = policy_device(self.policy)
         x = obs.detach().to(device=device, dtype=dtype)
         gen = self._get_generator(device)
-        with policy_mode(self.policy, train=not self._eval_mode), self._forked_rng(device, gen):
+        with eval_mode(self.policy, train=not self._eval_mode), self._forked_rng(device, gen):
             ctx = self._context(x, actions, gen)
             adv = self._perturb(ctx)
             adv = self._final_projection(x, adv.detach())
@@ -415,9 +314,8 @@ class Attack:
         pending = getattr(self, "_unchecked_actions", None)
         if pending is not None:
             self._unchecked_actions = None
-            self._check_action_count(logits.shape[1])
-            self._check_actions(pending, pending.shape[0], logits.shape[1], pending.device,
-                                "actions")
+            check_action_count(self.objective, logits.shape[1])
+            check_actions(pending, pending.shape[0], logits.shape[1], pending.device, "actions")
         return logits
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -438,46 +336,15 @@ class Attack:
     def objective_loss(self, logits: torch.Tensor, values: torch.Tensor | None,
                        ctx: AttackContext, index: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample float64 loss (B,) to maximize; ``index`` selects a sub-batch of ``ctx``."""
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t if t is None or index is None else t[index]
-
-        # float64 on the (B, n_actions) logits: costs nothing, and keeps the CE gradient alive
-        # when the clean action is so confident that 1 - pi(a) rounds to 0 in float32.
-        dt = loss_dtype(logits.device)
-        logits = logits.to(dt)
-        values = None if values is None else values.to(dt)
-
-        actions = pick(ctx.actions)
-        if self.objective == "ce":
-            return F.cross_entropy(logits, actions, reduction="none")
-        if self.objective == "kl":
-            clean_logp = F.log_softmax(pick(ctx.clean_logits), dim=1)
-            logp = F.log_softmax(logits, dim=1)
-            return (clean_logp.exp() * (clean_logp - logp)).sum(dim=1)
-        if self.objective == "value":
-            assert values is not None
-            return -values
-        if self.objective == "targeted":
-            return -F.cross_entropy(logits, pick(ctx.target), reduction="none")
-        onehot = F.one_hot(actions, logits.shape[1]).bool()
-        z_a = logits.gather(1, actions[:, None])[:, 0]
-        z_other = logits.masked_fill(onehot, float("-inf")).amax(dim=1)
-        if self.objective == "margin":
-            return z_other - z_a
-        if self.objective == "dlr":
-            top = logits.sort(dim=1, descending=True).values
-            return -(z_a - z_other) / (top[:, 0] - top[:, 2] + 1e-12)
-        raise AssertionError(self.objective)
+        clean = _pick(ctx.clean_logits, index) if self.objective == "kl" else None  # lazy
+        return objective_loss(self.objective, logits, values, _pick(ctx.actions, index),
+                              clean_logits=clean, target=_pick(ctx.target, index))
 
     def success(self, logits: torch.Tensor, ctx: AttackContext,
                 index: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) bool: the greedy action left the reference action (reached the target)."""
-        greedy = logits.argmax(dim=1)
-        if self.objective == "targeted":
-            target = ctx.target if index is None else ctx.target[index]
-            return greedy == target
-        actions = ctx.actions if index is None else ctx.actions[index]
-        return greedy != actions
+        return is_success(self.objective, logits, _pick(ctx.actions, index),
+                          _pick(ctx.target, index))
 
     def loss_and_grad(self, x: torch.Tensor, ctx: AttackContext
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -568,11 +435,8 @@ class Attack:
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return (grad / norms).mul_(size)
 
-    @staticmethod
-    def better(loss_new: torch.Tensor, success_new: torch.Tensor,
-               loss_best: torch.Tensor, success_best: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the new candidate beats the best so far (success first, then loss)."""
-        return (success_new & ~success_best) | ((success_new == success_best) & (loss_new > loss_best))
+
+    better = staticmethod(better)  # (B,) bool: success first, then the larger loss
 
     # ------------------------------------------------------------------ internals
     def _children(self) -> list["Attack"]:
@@ -617,71 +481,19 @@ class Attack:
                 return self._logits(x).detach()
 
         self._unchecked_actions = None
-        if actions is not None and self.objective in ("ce", "margin", "dlr", "value"):
+        if actions is not None and self.objective in ACTION_OBJECTIVES:
             # The caller's reference actions make the clean forward pass unnecessary: they are
             # checked against the number of actions at the first forward pass of the attack.
-            ref = self._check_actions(actions, x.shape[0], None, x.device, "actions")
+            ref = check_actions(actions, x.shape[0], None, x.device, "actions")
             self._unchecked_actions = ref
             return AttackContext(obs=x, actions=ref, target=None, generator=gen, clean_fn=clean)
         clean_logits = clean()
         b, n_actions = clean_logits.shape
-        self._check_action_count(n_actions)
-        ref = self._check_actions(actions, b, n_actions, x.device, "actions")
+        check_action_count(self.objective, n_actions)
+        ref = check_actions(actions, b, n_actions, x.device, "actions")
         if ref is None:
             ref = clean_logits.argmax(dim=1)
-        target = self._resolve_target(x, clean_logits) if self.objective == "targeted" else None
+        target = (resolve_target(self.target, self.policy, x, clean_logits)
+                  if self.objective == "targeted" else None)
         return AttackContext(obs=x, actions=ref, clean_logits=clean_logits, target=target,
                              generator=gen)
-
-    def _check_action_count(self, n_actions: int) -> None:
-        """Refuse an objective that the policy's number of actions cannot support."""
-        if self.objective in ("ce", "kl", "targeted", "margin") and n_actions < 2:
-            raise ValueError(f"objective {self.objective!r} needs a policy with >= 2 actions, "
-                             f"got {n_actions}")
-        if self.objective == "dlr" and n_actions < 3:
-            raise ValueError(f"objective 'dlr' needs >= 3 actions (it divides by z_1 - z_3, "
-                             f"Croce & Hein 2020); this policy has {n_actions}: "
-                             f"use objective='ce' or 'margin'")
-
-    @staticmethod
-    def _check_actions(actions: Any, batch: int, n_actions: int | None, device: torch.device,
-                       name: str) -> torch.Tensor | None:
-        if actions is None:
-            return None
-        if not torch.is_tensor(actions):
-            try:
-                actions = torch.as_tensor(actions)
-            except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"{name} must be a (B,) integer tensor, "
-                                 f"got {type(actions).__name__}") from None
-        if actions.is_floating_point() or actions.is_complex() or actions.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer action indices, got dtype {actions.dtype}")
-        if actions.dim() == 0:
-            actions = actions.expand(batch)
-        if tuple(actions.shape) != (batch,):
-            raise ValueError(f"{name} must have shape ({batch},) to match obs, "
-                             f"got {tuple(actions.shape)}")
-        if n_actions is None:  # range checked later, once the number of actions is known
-            return actions.to(device=device, dtype=torch.long)
-        lo, hi = (int(v) for v in torch.aminmax(actions))
-        if lo < 0 or hi >= n_actions:
-            raise ValueError(f"{name} must be in 0..{n_actions - 1} (the policy has {n_actions} "
-                             f"actions), got values in [{lo}, {hi}]")
-        return actions.to(device=device, dtype=torch.long)
-
-    def _resolve_target(self, x: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
-        b, n_actions = clean_logits.shape
-        spec = self.target
-        if spec is None:
-            q_fn = getattr(self.policy, "action_values", None)
-            with torch.no_grad():
-                scores = q_fn(x) if callable(q_fn) else clean_logits
-            if tuple(scores.shape) != (b, n_actions):
-                raise ValueError(f"policy.action_values must return ({b}, {n_actions}), "
-                                 f"got {tuple(scores.shape)}")
-            return scores.argmin(dim=1)
-        if callable(spec) and not torch.is_tensor(spec):
-            spec = spec(x)
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            spec = torch.full((b,), spec, dtype=torch.long)
-        return self._check_actions(spec, b, n_actions, x.device, "target")

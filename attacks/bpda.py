@@ -7,7 +7,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackContext
+from attacks.base import Attack
+from attacks.wrappers import Wrapper
 
 
 class StraightThrough(nn.Module):
@@ -72,7 +73,7 @@ def _module_path(policy: nn.Module, preprocess: Any) -> str:
                      f"policy) instead")
 
 
-class BPDA(Attack):
+class BPDA(Wrapper):
     r"""Backward Pass Differentiable Approximation: run any attack through a preprocessing
     step whose gradient is useless (zero, random or undefined).
 
@@ -116,18 +117,14 @@ class BPDA(Attack):
 
     def __init__(self, attack: Attack, preprocess: Any = None,
                  backward: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if not isinstance(attack, Attack):
-            raise ValueError(f"BPDA wraps an Attack instance, got {type(attack).__name__}")
-        super().__init__(attack.policy, attack.eps, norm=attack.norm, objective=attack.objective,
-                         target=attack.target, seed=attack.seed)
-        self.uses_gradients = attack.uses_gradients
-        self.attack = attack
+        super().__init__(attack)
         self._preprocess_spec = preprocess
         self.preprocess_path = _module_path(attack.policy, preprocess)
         self.backward = backward
 
     @contextlib.contextmanager
-    def _swapped(self) -> Iterator[None]:
+    def _around(self) -> Iterator[None]:
+        """The preprocessing swapped for :class:`StraightThrough`, restored on exit."""
         policy = self.attack.policy
         parent_name, _, child = self.preprocess_path.rpartition(".")
         parent = policy.get_submodule(parent_name) if parent_name else policy
@@ -137,17 +134,6 @@ class BPDA(Attack):
             yield
         finally:
             setattr(parent, child, original)
-
-    def _perturb(self, ctx: AttackContext) -> torch.Tensor:
-        with self._swapped():
-            adv = self.attack(ctx.obs, ctx.actions)
-            ctx.success = self.attack.last_success.to(ctx.obs.device)
-            return adv
-
-    def set_seed(self, seed: int | None) -> "BPDA":
-        super().set_seed(seed)
-        self.attack.set_seed(seed)
-        return self
 
     def with_policy(self, policy: nn.Module) -> "BPDA":
         spec = self._preprocess_spec
@@ -159,9 +145,3 @@ class BPDA(Attack):
         return {"attack": self.name, "preprocess": self.preprocess_path,
                 "backward": "identity" if self.backward is None else repr(self.backward),
                 "inner": self.attack.settings()}
-
-    def _children(self) -> list[Attack]:
-        return [self.attack]
-
-    def _final_projection(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-        return self.attack._final_projection(obs, adv)  # the wrapped attack's ball(s)

@@ -6,7 +6,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackContext, TargetSpec
+from attacks.base import Attack, AttackContext
+from attacks.objectives import TargetSpec
 
 
 class Ensemble(Attack):

@@ -4,13 +4,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
-from attacks.base import Attack, AttackContext, check_positive_int
+from attacks.base import Attack, check_positive_int
+from attacks.wrappers import Wrapper
 
 
-class EOT(Attack):
+class EOT(Wrapper):
     r"""Expectation Over Transformation: average the wrapped attack's losses and gradients
     over ``samples`` stochastic forward passes.
 
@@ -50,18 +50,14 @@ class EOT(Attack):
     name = "eot"
 
     def __init__(self, attack: Attack, samples: int = 10, eval_mode: bool = True):
-        if not isinstance(attack, Attack):
-            raise ValueError(f"EOT wraps an Attack instance, got {type(attack).__name__}")
-        super().__init__(attack.policy, attack.eps, norm=attack.norm, objective=attack.objective,
-                         target=attack.target, seed=attack.seed)
-        self.uses_gradients = attack.uses_gradients
-        self.attack = attack
+        super().__init__(attack)
         self.samples = check_positive_int(samples, "samples")
         self.eval_mode = bool(eval_mode)
         self._eval_mode = self.eval_mode
 
     @contextlib.contextmanager
-    def _expectation(self) -> Iterator[None]:
+    def _around(self) -> Iterator[None]:
+        """Every wrapped attack averages over ``samples`` passes, restored on exit."""
         leaves = self._descendants()
         saved = [(a, a._eot_samples, a._eval_mode) for a in leaves]
         for a in leaves:
@@ -72,26 +68,9 @@ class EOT(Attack):
             for a, n, mode in saved:
                 a._eot_samples, a._eval_mode = n, mode
 
-    def _perturb(self, ctx: AttackContext) -> torch.Tensor:
-        with self._expectation():
-            adv = self.attack(ctx.obs, ctx.actions)
-            ctx.success = self.attack.last_success.to(ctx.obs.device)
-            return adv
-
-    def set_seed(self, seed: int | None) -> "EOT":
-        super().set_seed(seed)
-        self.attack.set_seed(seed)
-        return self
-
     def with_policy(self, policy: nn.Module) -> "EOT":
         return EOT(self.attack.with_policy(policy), samples=self.samples, eval_mode=self.eval_mode)
 
     def settings(self) -> dict[str, Any]:
         return {"attack": self.name, "samples": self.samples, "eval_mode": self.eval_mode,
                 "inner": self.attack.settings()}
-
-    def _children(self) -> list[Attack]:
-        return [self.attack]
-
-    def _final_projection(self, obs: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-        return self.attack._final_projection(obs, adv)  # the wrapped attack's ball(s)

@@ -8,44 +8,19 @@ section 3) and the mean Linf / L2 perturbation norms, next to a clean run on the
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Attack, policy_device
+from attacks.base import Attack
+from marl_fgmf.protocol import policy_device, to_unit
+from marl_fgmf.stats import summarize
 
 PolicySpec = Union[nn.Module, Mapping, Callable[[str], nn.Module]]
 AttackSpec = Union[None, Attack, Callable[[nn.Module], Attack]]
-
-# two-sided 95% Student-t quantiles for 1..30 degrees of freedom (1.96 beyond)
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def mean_ci95(values: Any) -> dict[str, float]:
-    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value).
-
-    Returns:
-        ``{"mean", "ci95", "low", "high", "n"}``.
-    """
-    v = np.asarray(list(values), dtype=float)
-    n = len(v)
-    if n == 0:
-        return {"mean": float("nan"), "ci95": float("nan"), "low": float("nan"),
-                "high": float("nan"), "n": 0}
-    mean = float(v.mean())
-    if n == 1:
-        half = 0.0
-    else:
-        t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
-        half = float(t * v.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "ci95": half, "low": mean - half, "high": mean + half, "n": n}
 
 
 def _policy_lookup(policy: PolicySpec) -> Callable[[str], nn.Module]:
@@ -64,14 +39,6 @@ def _policy_lookup(policy: PolicySpec) -> Callable[[str], nn.Module]:
                      f"agent -> nn.Module, got {type(policy).__name__}")
 
 
-def _to_unit(frames: list[np.ndarray]) -> torch.Tensor:
-    """Stack env observations into a float (B, H, W, C) batch in [0, 1]."""
-    arr = np.stack(frames)
-    if arr.dtype == np.uint8:
-        return torch.from_numpy(arr).float().div_(255.0)
-    return torch.from_numpy(arr.astype(np.float32))
-
-
 class _Run:
     """Accumulates one rollout's statistics."""
 
@@ -87,8 +54,8 @@ class _Run:
     def summary(self, attacked: bool) -> dict[str, Any]:
         n = max(self.steps, 1)
         return {
-            "team_return": mean_ci95(self.team_returns),
-            "agent_return": {a: mean_ci95(r) for a, r in self.agent_returns.items()},
+            "team_return": summarize(self.team_returns),
+            "agent_return": {a: summarize(r) for a, r in self.agent_returns.items()},
             "team_returns": list(self.team_returns),
             "success_rate": self.successes / n if attacked else 0.0,
             "mean_linf": self.linf_sum / n if attacked else 0.0,
@@ -122,7 +89,7 @@ def _rollout(lookup: Callable[[str], nn.Module], env: Any, attack: AttackSpec, e
             for key, members in groups.items():
                 p = policies[key]
                 device, dtype = policy_device(p)
-                x = _to_unit([obs[a] for a in members]).to(device=device, dtype=dtype)
+                x = to_unit([obs[a] for a in members]).to(device=device, dtype=dtype)
                 with torch.no_grad():
                     logits = p(x)
                 for agent in members:
@@ -203,7 +170,8 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
 
     Returns:
         A dict with ``attack`` (its settings, or None), ``episodes``, ``seed`` and the attacked
-        run's statistics: ``team_return`` (``{"mean", "ci95", "low", "high", "n"}``; the team
+        run's statistics: ``team_return`` (:func:`marl_fgmf.stats.summarize` of the episodes:
+        ``{"mean", "ci95", "low", "high", "n"}``, ``ci95`` NaN for one episode; the team
         return of an episode is the SUM of all agents' returns), ``agent_return`` (agent ->
         the same), ``team_returns`` (per episode), ``success_rate`` (fraction of agent-steps
         whose perturbed greedy action differs from the clean one), ``mean_linf`` and
@@ -229,7 +197,7 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
     runs = 2 if attack is not None and compare_clean else 1
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: only when a progress bar is asked for
         name = "clean" if attack is None else getattr(attack, "name", "attack")
         bar = tqdm(total=episodes * runs, desc=f"evaluate {name}", unit="ep")
     try:

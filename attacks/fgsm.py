@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackContext, TargetSpec
+from attacks.base import Attack, AttackContext
+from attacks.objectives import TargetSpec
 
 
 class FGSM(Attack):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.base import (Attack, AttackContext, BestIterate, TargetSpec, check_fraction,
+from attacks.base import (Attack, AttackContext, BestIterate, check_fraction,
                           check_positive_int)
+from attacks.objectives import TargetSpec
 
 
 class PGD(Attack):

@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackContext, TargetSpec, check_fraction, check_positive_int
+from attacks.base import Attack, AttackContext, check_fraction, check_positive_int
+from attacks.objectives import TargetSpec
 
 # Iterations (rescaled to a 10,000-query budget) after which the square size fraction halves.
 P_HALVING_AT = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from agents import make_policy_network
-from attacks import FGSM, PGD, RandomNoise, evaluate, mean_ci95
+from attacks import FGSM, PGD, RandomNoise, evaluate
 from envs import make_env
 
 
@@ -102,8 +102,25 @@ def test_evaluate_bad_input():
         evaluate({"agent_0": small_policy()}, env, None, episodes=1, progress=False)
 
 
-def test_mean_ci95():
-    stats = mean_ci95([1.0, 2.0, 3.0])
-    assert stats["mean"] == 2.0 and stats["ci95"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert mean_ci95([5.0])["ci95"] == 0.0
-    assert math.isnan(mean_ci95([])["mean"])
+def test_returns_are_summarized_with_student_t_and_one_episode_has_no_interval():
+    import json
+
+    from marl_fgmf.io import to_jsonable
+
+    policy = small_policy(seed=4)
+    result = evaluate(policy, small_env(), None, episodes=3, seed=1, progress=False)
+    returns = result["team_returns"]
+    mean = sum(returns) / 3
+    sd = math.sqrt(sum((r - mean) ** 2 for r in returns) / 2)
+    team = result["team_return"]
+    assert team["n"] == 3 and team["mean"] == pytest.approx(mean)
+    assert team["ci95"] == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-6)
+    assert team["low"] == pytest.approx(mean - team["ci95"])
+    # one episode: no spread to estimate, so no interval (NaN, written to JSON as null), never 0
+    one = evaluate(policy, small_env(), RandomNoise(policy, eps=2 / 255), episodes=1, seed=1,
+                   progress=False)
+    assert one["team_return"]["mean"] == one["team_returns"][0] and one["team_return"]["n"] == 1
+    assert math.isnan(one["team_return"]["ci95"]) and math.isnan(one["clean"]["team_return"]["ci95"])
+    written = json.loads(json.dumps(to_jsonable(one), allow_nan=False))
+    assert written["team_return"]["ci95"] is None
+    assert written["team_return"]["mean"] == pytest.approx(one["team_returns"][0])

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from agents import make_policy_network
-from attacks.learned import (
-    TEAM_AGENT,
-    AdversaryEnv,
-    LearnedAdversary,
-    perturbation_from_action,
-    split_team,
-    stack_team,
-)
+from agents.adversary_env import TEAM_AGENT, AdversaryEnv
+from attacks.learned import LearnedAdversary, perturbation_from_action, split_team, stack_team
 from envs import make_env
 
 EPS = 8 / 255
