@@ -1,7 +1,7 @@
-"""Faithfulness and robustness metrics of attributions, and return statistics (DESIGN.md s.3).
+"""Faithfulness and robustness metrics of attributions (DESIGN.md section 3).
 
 Every metric takes (B, ...) batches and returns one value per sample, (B,), so that a benchmark
-averages them with :func:`mean_ci95`. :data:`HIGHER_IS_BETTER` states each metric's direction.
+averages them with :func:`marl_fgmf.stats.mean_ci95`. :data:`HIGHER_IS_BETTER` states each metric's direction.
 
 * :func:`deletion_auc` / :func:`insertion_auc` (Petsiuk, Das and Saenko, BMVC 2018, "RISE"):
   pixels are removed from (inserted into) the observation in decreasing order of attribution in
@@ -16,28 +16,28 @@ averages them with :func:`mean_ci95`. :data:`HIGHER_IS_BETTER` states each metri
   attribution of ``x`` and of ``x + delta``, ``delta`` from an L-infinity PGD at ``eps``
   (Ghorbani, Abid and Zou, AAAI 2019 measure the fragility of interpretations this way).
 * :func:`attack_success`: per step, whether the perturbed greedy action differs.
-* :func:`mean_ci95`: mean and Student-t 95 % confidence half-width of returns or metrics.
 
 Attribution maps are (B, H, W); a (B, H, W, C) pixel attribution is reduced to the
 channel-summed magnitude ``sum_c |A_c|`` first. Maps are ranked by value (descending, ties in
 row-major order), so pass magnitudes when negative evidence counts as evidence.
 
-This module depends on torch alone (no scipy, no ``attacks`` package): ASR-M has its own small
-PGD, or takes any perturbation callable (e.g. ``attacks.PGD(policy, eps=...)``).
+This module depends on torch and the torch-only modules alone (no ``attacks`` package): ASR-M
+runs the shared Linf PGD loop (:func:`marl_fgmf.perturbation.linf_pgd`), or takes any
+perturbation callable (e.g. ``attacks.PGD(policy, eps=...)``).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from marl_fgmf.attribution import (DEFAULT_CHUNK, _EvalMode, _check_chunk, _resolve_actions,
-                                   _score, check_finite_obs, make_substrate)
+from marl_fgmf.attribution import (DEFAULT_CHUNK, action_score, check_chunk, make_substrate,
+                                   resolve_actions, spatial_map)
+from marl_fgmf.perturbation import linf_pgd
+from marl_fgmf.protocol import check_obs, eval_mode
 
 __all__ = ["HIGHER_IS_BETTER", "deletion_auc", "insertion_auc", "removal_curve", "ghr",
-           "pointing_game", "asr_m", "pgd_perturbation", "attack_success", "top_k_intersection",
-           "mean_ci95", "t_quantile"]
+           "pointing_game", "asr_m", "pgd_perturbation", "attack_success", "top_k_intersection"]
 
 HIGHER_IS_BETTER: dict[str, bool] = {
     "deletion_auc": False,      # probability should collapse as the top pixels go
@@ -69,7 +69,7 @@ def _as_map(attribution: torch.Tensor, obs_shape: Sequence[int] | None = None) -
             raise ValueError(f"attribution shape {shape} does not match obs {obs_shape}: "
                              f"expected {obs_shape[:3]} or {obs_shape}")
     if attribution.dim() == 4:
-        attribution = attribution.abs().sum(-1)
+        attribution = spatial_map(attribution)
     elif attribution.dim() != 3:
         raise ValueError(f"attribution must be (B, H, W) or (B, H, W, C), got {shape}")
     if not torch.isfinite(attribution).all():
@@ -120,8 +120,8 @@ def removal_curve(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
     ``insertion`` starts from the substrate and puts them back. All ``B * (K + 1)`` observations
     are evaluated in chunks of ``internal_batch_size`` rows.
     """
-    check_finite_obs(obs)
-    _check_chunk(internal_batch_size)
+    check_obs(obs)
+    check_chunk(internal_batch_size)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if int(steps) < 1:
@@ -134,8 +134,8 @@ def removal_curve(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
     rank = _rank(maps)  # (B, N)
     counts = torch.round(torch.arange(k_steps + 1, dtype=torch.float64) * n_pix / k_steps)
     counts = counts.long().to(obs.device)  # (K+1,) pixels changed at each step
-    with _EvalMode(policy):
-        actions = _resolve_actions(policy, obs, actions)
+    with eval_mode(policy):
+        actions = resolve_actions(policy, obs, actions)
         total = b * (k_steps + 1)
         step = total if internal_batch_size is None else int(internal_batch_size)
         out = torch.empty(total, dtype=obs.dtype, device=obs.device)
@@ -147,7 +147,7 @@ def removal_curve(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
                 x = obs[bi] * (1 - changed) + fill[bi] * changed
             else:
                 x = fill[bi] * (1 - changed) + obs[bi] * changed
-            out[start:start + len(idx)] = _score(policy(x), actions[bi], "prob").to(obs.dtype)
+            out[start:start + len(idx)] = action_score(policy(x), actions[bi], "prob").to(obs.dtype)
     return out.view(b, k_steps + 1)
 
 
@@ -248,28 +248,21 @@ def pgd_perturbation(policy: Policy, obs: torch.Tensor, actions: torch.Tensor, e
     """L-infinity PGD (Madry et al. 2018) on ``l(x) = -log pi(a|x)``: ``x + delta``, detached.
 
     ``x_{t+1} = clip_{[0,1]}(Pi_{|x'-x|_inf <= eps}(x_t + alpha sign(grad l(x_t))))`` from a
-    uniform random start, ``alpha = 2.5 eps / steps`` by default. Kept here so that the metrics
-    do not depend on the ``attacks`` package.
+    uniform random start (drawn from a generator seeded with ``seed``), ``alpha = 2.5 eps /
+    steps`` by default, the last iterate: :func:`marl_fgmf.perturbation.linf_pgd`, so that the
+    metrics do not depend on the ``attacks`` package.
     """
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     obs = obs.detach()
-    if eps == 0 or steps < 1:
-        return obs.clone()
-    alpha = 2.5 * eps / steps if alpha is None else float(alpha)
-    x = obs.clone()
-    if random_start:
-        gen = torch.Generator(device=obs.device).manual_seed(int(seed))
-        noise = torch.rand(obs.shape, generator=gen, device=obs.device, dtype=obs.dtype)
-        x = (obs + (2 * noise - 1) * eps).clamp(0, 1)
-    for _ in range(int(steps)):
-        x.requires_grad_(True)
-        with torch.enable_grad():
-            logp = torch.log_softmax(policy(x), -1).gather(1, actions[:, None])
-            grad = torch.autograd.grad(-logp.sum(), x)[0]
-        x = x.detach() + alpha * grad.sign()
-        x = torch.min(torch.max(x, obs - eps), obs + eps).clamp(0, 1)
-    return x.detach()
+    gen = torch.Generator(device=obs.device).manual_seed(int(seed)) if random_start else None
+
+    def objective(x: torch.Tensor) -> torch.Tensor:  # l(x) = -log pi(a|x), to maximize
+        return -torch.log_softmax(policy(x), -1).gather(1, actions[:, None]).squeeze(1)
+
+    with torch.enable_grad():
+        return linf_pgd(objective, obs, eps, int(steps), alpha=alpha, random_start=random_start,
+                        generator=gen)
 
 
 def top_k_intersection(a: torch.Tensor, b: torch.Tensor, k) -> torch.Tensor:
@@ -298,10 +291,10 @@ def asr_m(policy: Policy, obs: torch.Tensor,
             ``lambda x, a: PGCA(policy).attribute(x, a)``.
         eps: L-infinity budget in [0, 1] units (e.g. 4/255).
     """
-    check_finite_obs(obs)
+    check_obs(obs)
     obs = obs.detach()
-    with _EvalMode(policy):
-        actions = _resolve_actions(policy, obs, actions)
+    with eval_mode(policy):
+        actions = resolve_actions(policy, obs, actions)
     adv = (pgd_perturbation(policy, obs, actions, eps, pgd_steps, seed=seed)
            if perturbation is None else perturbation(obs, actions).detach())
     if tuple(adv.shape) != tuple(obs.shape):
@@ -324,60 +317,3 @@ def attack_success(policy: Policy, obs: torch.Tensor, adv_obs: torch.Tensor) -> 
         raise ValueError(f"adv_obs shape {tuple(adv_obs.shape)} does not match obs "
                          f"{tuple(obs.shape)}")
     return (policy(obs).argmax(-1) != policy(adv_obs).argmax(-1)).to(obs.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# statistics
-# ---------------------------------------------------------------------------------------------
-
-def _t_two_sided_mass(t: float, df: int) -> float:
-    """``P(|T| <= t)`` for Student's t with integer ``df`` (Abramowitz and Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2 == 1:  # odd: 2/pi (theta + sin cos (1 + 2/3 c^2 + ... ))
-        total, term = 0.0, 1.0
-        if df > 1:
-            total = 1.0
-            for j in range(1, (df - 3) // 2 + 1):
-                term *= c2 * (2 * j) / (2 * j + 1)
-                total += term
-        return 2.0 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
-    total, term = 1.0, 1.0  # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...)
-    for j in range(1, (df - 2) // 2 + 1):
-        term *= c2 * (2 * j - 1) / (2 * j)
-        total += term
-    return s * total
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Two-sided Student-t critical value: ``t`` with ``P(|T| <= t) = p`` (bisection on the
-    exact CDF), e.g. ``t_quantile(0.95, 2) = 4.303``."""
-    if not 0 < p < 1 or int(df) < 1:
-        raise ValueError(f"need 0 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_mass(hi, int(df)) < p:
-        hi *= 2.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if _t_two_sided_mass(mid, int(df)) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def mean_ci95(values: Iterable[float] | torch.Tensor) -> tuple[float, float]:
-    """Mean and 95 % confidence half-width ``t_{0.975, n-1} * s / sqrt(n)`` (Student t, sample
-    standard deviation ``s``). One value gives a half-width of NaN (no spread to estimate).
-
-    Raises:
-        ValueError: no values, or non-finite values.
-    """
-    vals = [float(v) for v in (values.flatten().tolist() if torch.is_tensor(values) else values)]
-    if not vals:
-        raise ValueError("mean_ci95 needs at least one value, got none")
-    if not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"mean_ci95 got non-finite values: {[v for v in vals if not math.isfinite(v)][:5]}")
-    n = len(vals)
-    mean = sum(vals) / n
-    if n == 1:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    return mean, t_quantile(0.95, n - 1) * sd / math.sqrt(n)

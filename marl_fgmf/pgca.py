@@ -44,12 +44,13 @@ from typing import Any, Callable
 
 import torch
 
-from marl_fgmf.attribution import (DEFAULT_CHUNK, _EvalMode, _check_chunk, _resolve_actions,
-                                   _score, check_finite_obs, integrated_gradients,
+from marl_fgmf.attribution import (DEFAULT_CHUNK, action_score, check_chunk, integrated_gradients,
                                    make_substrate, occlusion_patch_deltas, patch_deltas_to_map,
-                                   patch_masks)
+                                   patch_masks, resolve_actions)
+from marl_fgmf.protocol import check_obs, eval_mode
 
-__all__ = ["PGCAResult", "PGCA", "explain", "consensus_map", "spearman", "DEFAULTS"]
+__all__ = ["PGCAResult", "PGCA", "explain", "consensus_map", "spearman", "normalize_map",
+           "sgam_mask", "DEFAULTS"]
 
 DEFAULTS: dict[str, Any] = {
     "steps": 32,            # IG interpolation points m
@@ -97,12 +98,12 @@ class PGCAResult:
     @property
     def gradient_hat(self) -> torch.Tensor:
         """``G / max G`` per sample, in [0, 1]."""
-        return _normalize(self.gradient)
+        return normalize_map(self.gradient)
 
     @property
     def perturbation_hat(self) -> torch.Tensor:
         """``P / max P`` per sample, in [0, 1]."""
-        return _normalize(self.perturbation)
+        return normalize_map(self.perturbation)
 
     def __len__(self) -> int:
         return int(self.consensus.shape[0])
@@ -117,8 +118,8 @@ class PGCAResult:
             settings=dict(self.settings))
 
 
-def _normalize(maps: torch.Tensor) -> torch.Tensor:
-    """Divide each (H, W) map by its max (all-zero maps stay zero)."""
+def normalize_map(maps: torch.Tensor) -> torch.Tensor:
+    """Divide each (H, W) map of a (B, H, W) batch by its max (all-zero maps stay zero)."""
     peak = maps.flatten(1).amax(1).clamp_min(torch.finfo(maps.dtype).tiny)
     return maps / peak.view(-1, 1, 1)
 
@@ -127,7 +128,7 @@ def consensus_map(gradient: torch.Tensor, perturbation: torch.Tensor, q: float =
     """``C = sqrt(G^ P^) * [G^ >= Q_q(G^)] * [P^ >= Q_q(P^)]`` for (B, H, W) magnitude maps."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
-    g, p = _normalize(gradient), _normalize(perturbation)
+    g, p = normalize_map(gradient), normalize_map(perturbation)
     qg = torch.quantile(g.flatten(1), q, dim=1).view(-1, 1, 1)
     qp = torch.quantile(p.flatten(1), q, dim=1).view(-1, 1, 1)
     keep = (g >= qg) & (p >= qp)
@@ -165,7 +166,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, rho, torch.full_like(rho, float("nan"))).to(a.dtype)
 
 
-def _sgam_mask(policy) -> torch.Tensor | None:
+def sgam_mask(policy) -> torch.Tensor | None:
+    """A copy of the SGAM mask of the policy's last forward (its ``input_filter``'s
+    ``last_mask``), or None when the policy records none."""
     mask = getattr(getattr(policy, "input_filter", None), "last_mask", None)
     return mask.detach().clone() if torch.is_tensor(mask) else None
 
@@ -194,24 +197,24 @@ def explain(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
     Returns:
         :class:`PGCAResult`.
     Raises:
-        ValueError: non-finite or badly shaped ``obs``, a patch larger than the observation,
+        ValueError: non-finite, out-of-range or badly shaped ``obs``, a patch larger than the observation,
             a bad setting.
     """
-    check_finite_obs(obs)
-    _check_chunk(internal_batch_size)
+    check_obs(obs)
+    check_chunk(internal_batch_size)
     if not 0.0 <= float(q) <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
     obs = obs.detach()
     # Validates patch/stride against H x W before any model call.
     masks = patch_masks(obs.shape[1], obs.shape[2], patch, stride, obs.device, obs.dtype)
     fill = make_substrate(obs, substrate, blur_sigma)
-    with _EvalMode(policy):
+    with eval_mode(policy):
         with torch.no_grad():  # the one clean forward: actions, scores, probabilities, mask
             logits = policy(obs)
-            sgam = _sgam_mask(policy)
-            actions = logits.argmax(-1) if actions is None else _resolve_actions(policy, obs, actions)
+            sgam = sgam_mask(policy)
+            actions = logits.argmax(-1) if actions is None else resolve_actions(policy, obs, actions)
             probs = torch.softmax(logits.double(), -1).to(obs.dtype)
-            clean = _score(logits, actions, "log_prob")
+            clean = action_score(logits, actions, "log_prob")
             deltas = occlusion_patch_deltas(policy, obs, actions, clean, fill, masks, "log_prob",
                                             internal_batch_size)  # (B, P)
         ig = integrated_gradients(policy, obs, actions, baseline, steps, internal_batch_size)
@@ -237,7 +240,8 @@ def explain(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
 
 
 class PGCA:
-    """PGCA behind the Captum-like call shared by every explainer of :mod:`marl_fgmf.attribution`.
+    """PGCA behind the Captum-like call shared by every explainer of :mod:`marl_fgmf.attribution`
+    (and registered as ``"pgca"`` in :data:`marl_fgmf.explainers.METHODS`).
 
     ``PGCA(policy).attribute(obs, actions=None, **settings)`` returns the (B, H, W) consensus
     map; :meth:`explain` returns the whole :class:`PGCAResult`. Settings as :func:`explain`.

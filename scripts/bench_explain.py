@@ -229,7 +229,7 @@ def collect(checkpoint: str, n_obs: int, frame_stride: int, seed: int):
 def attribution_fn(method: str, policy, seed: int):
     """``(obs, actions) -> (B, H, W)`` magnitude map of ``method`` (or a reference map)."""
     import torch
-    from marl_fgmf.attribution import attribution_map
+    from marl_fgmf.explainers import attribution_map
 
     if method == "random":
         g = torch.Generator().manual_seed(seed)  # one stream: every call draws a fresh map
@@ -283,7 +283,7 @@ def faithfulness(groups, methods: list[str], eps: float, chunk: int, seed: int,
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
-    from marl_fgmf.metrics import mean_ci95
+    from marl_fgmf.stats import mean_ci95
     mean, half = mean_ci95(values)
     return {"mean": mean, "ci95": half if math.isfinite(half) else None, "n": len(values)}
 
@@ -317,7 +317,7 @@ def timing(archs: list[str], repeats: int, seed: int) -> dict[str, Any]:
     from captum.attr import IntegratedGradients, Occlusion
 
     from agents import make_policy_network
-    from marl_fgmf.attribution import _PerturbationForwards, gaussian_blur
+    from marl_fgmf.attribution import PerturbationForwards, gaussian_blur
     from marl_fgmf.pgca import DEFAULTS, explain
 
     obs = beacon_frame(seed)
@@ -351,8 +351,8 @@ def timing(archs: list[str], repeats: int, seed: int) -> dict[str, Any]:
 
         def run_captum_occlusion_composite_mha():
             # Captum's occlusion on the attention path PGCA's perturbation forwards use on CPU
-            # (marl_fgmf.attribution._PerturbationForwards): isolates that choice's share.
-            with _PerturbationForwards(obs.device):
+            # (marl_fgmf.attribution.PerturbationForwards): isolates that choice's share.
+            with PerturbationForwards(obs.device):
                 return run_captum_occlusion()
 
         calls = {"pgca": run_pgca, "captum_ig": run_captum_ig,

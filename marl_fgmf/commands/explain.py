@@ -9,7 +9,7 @@ Examples::
 Plays ``--episodes`` episodes of the run's environment (or ``--env``) with the greedy policy
 and explains the greedy action of every agent of every ``--every``-th step, all agents of a
 frame in ONE batched call (:func:`marl_fgmf.pgca.explain` for ``pgca``, the explainer of
-:data:`marl_fgmf.attribution.METHODS` otherwise). It writes into ``--out``:
+:data:`marl_fgmf.explainers.METHODS` otherwise). It writes into ``--out``:
 
 * ``frame_XXXX.png``: the first, middle and last explained steps of the first episode, one row
   per agent (observation with the ground-truth relevance outlined when the env gives one, the
@@ -40,7 +40,7 @@ from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, check_outp
                                 positive_int)
 
 METHOD_NAMES = ("pgca", "ig", "smoothgrad", "occlusion", "gradcampp", "rise")
-"""The explainers ``--method`` accepts (the keys of :data:`marl_fgmf.attribution.METHODS`)."""
+"""The explainers ``--method`` accepts (the keys of :data:`marl_fgmf.explainers.METHODS`)."""
 
 METRIC_KEYS = ("ghr", "pointing_game", "deletion_auc", "insertion_auc", "agreement", "action_prob")
 """Per-agent metrics of ``metrics.json`` (GHR and pointing game need relevance masks,
@@ -99,7 +99,7 @@ def _json_number(x: float) -> float | None:
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """``{"mean", "ci95", "n"}`` of the finite values (Student-t 95 % half-width; ``None`` where
     undefined: no values, or one value)."""
-    from marl_fgmf.metrics import mean_ci95
+    from marl_fgmf.stats import mean_ci95
     finite = [float(v) for v in values if math.isfinite(float(v))]
     if not finite:
         return {"mean": None, "ci95": None, "n": 0}
@@ -109,8 +109,8 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
 
 def _check_settings(method: str, settings: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the setting when ``method``'s call does not take it."""
-    from marl_fgmf import attribution, pgca
-    fn = pgca.explain if method == "pgca" else attribution.METHODS[method].attribute
+    from marl_fgmf import explainers, pgca
+    fn = pgca.explain if method == "pgca" else explainers.METHODS[method].attribute
     params = inspect.signature(fn).parameters
     allowed = [k for k, v in params.items() if k not in ("self", "policy", "obs", "actions")
                and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
@@ -129,22 +129,23 @@ def _explain_group(method: str, policy, obs, settings: dict[str, Any]) -> dict[s
     magnitude map the metrics rank.
     """
     import torch
-    from marl_fgmf.attribution import _EvalMode, make_explainer, spatial_map
-    from marl_fgmf.pgca import _normalize, _sgam_mask, explain
+    from marl_fgmf.explainers import make_explainer, spatial_map
+    from marl_fgmf.protocol import eval_mode
+    from marl_fgmf.pgca import explain, normalize_map, sgam_mask
     if method == "pgca":
         res = explain(policy, obs, **settings)
         return {"consensus": res.consensus, "raw": res.consensus, "gradient": res.gradient,
                 "perturbation": res.perturbation, "agreement": res.agreement,
                 "actions": res.actions, "action_prob": res.action_prob, "probs": res.probs,
                 "sgam_mask": res.sgam_mask}
-    with _EvalMode(policy), torch.no_grad():
+    with eval_mode(policy), torch.no_grad():
         logits = policy(obs)
-        sgam = _sgam_mask(policy)
+        sgam = sgam_mask(policy)
     actions = logits.argmax(-1)
     probs = torch.softmax(logits.double(), -1).to(obs.dtype)
     raw = spatial_map(make_explainer(method, policy).attribute(obs, actions, **settings))
     low = raw.flatten(1).amin(1).view(-1, 1, 1)  # min-max for display: RISE's floor is high
-    return {"consensus": _normalize(raw - low), "raw": raw, "actions": actions,
+    return {"consensus": normalize_map(raw - low), "raw": raw, "actions": actions,
             "action_prob": probs.gather(1, actions[:, None]).squeeze(1), "probs": probs,
             "sgam_mask": sgam}
 
