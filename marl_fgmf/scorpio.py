@@ -72,7 +72,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from marl_fgmf.attribution import check_finite_obs, integrated_gradients
+from marl_fgmf.attribution import integrated_gradients
+from marl_fgmf.protocol import check_obs
 
 __all__ = [
     "ScorpioConfig", "ExploitableSubspace", "hvp", "exploitable_mask", "select_sub_batch",
@@ -364,7 +365,7 @@ def compute_exploitable_subspace(policy: Callable[[torch.Tensor], torch.Tensor],
     Raises:
         ValueError: non-finite or malformed ``obs``.
     """
-    check_finite_obs(obs)
+    check_obs(obs)
     x = obs.detach()
     if actions is not None:
         actions = torch.as_tensor(actions, device=obs.device).long().reshape(-1)
@@ -412,14 +413,14 @@ def scorpio_regularizer(policy: Callable[[torch.Tensor], torch.Tensor],
     if subspace is None:
         if obs is None:
             raise ValueError("obs is required when no subspace is given")
-        check_finite_obs(obs)
+        check_obs(obs)
         idx = select_sub_batch(obs.shape[0], config, device=obs.device)
         x, actions = obs.detach()[idx], None
     else:
         if obs is None:
             x = subspace.obs
         else:
-            check_finite_obs(obs)
+            check_obs(obs)
             if obs.shape != subspace.obs.shape:
                 raise ValueError(f"obs {tuple(obs.shape)} does not align with the subspace "
                                  f"rows {tuple(subspace.obs.shape)}; pass obs=None to use them")

@@ -3,7 +3,7 @@
 DESIGN.md section 3::
 
     SGAM(x) = m(x) * x + (1 - m(x)) * s(x)
-    m(x)    = sigmoid((c(x) - tau(x)) / T)      (T in units of the per-sample std of c)
+    m(x) = sigmoid((c(x) - tau) / (T * std(c(x))))    (T in units of the per-sample std of c)
 
 * ``x``: (B, H, W, C) observation in [0, 1] (the policy protocol).
 * ``s(x)``: a smoothed copy of ``x``, a depthwise local mean (box) or Gaussian blur with an odd
@@ -57,7 +57,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from marl_fgmf.attribution import check_finite_obs, find_cam_layer, grad_cam_plus_plus
+from marl_fgmf.attribution import find_cam_layer, grad_cam_plus_plus
+from marl_fgmf.protocol import check_obs
 
 __all__ = ["SGAM", "SGAMConfig", "SaliencyHead", "attach_sgam", "sgam_distillation_loss"]
 
@@ -337,7 +338,7 @@ def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
     Raises:
         ValueError: non-finite obs; a policy without a ``cam_layer``.
     """
-    check_finite_obs(obs)
+    check_obs(obs)
     find_cam_layer(policy)
     obs = obs.detach()
     with sgam.bypassed():
