@@ -73,7 +73,9 @@ from torch import nn
 
 from attacks import APGD, BPDA, EOT, FGSM, PGD, RandomNoise, Square
 from marl_fgmf.io import to_jsonable
-from attacks.base import Attack, check_obs, parse_budget, policy_device, policy_mode
+from attacks.base import Attack
+from marl_fgmf.protocol import check_obs, eval_mode as policy_mode, parse_budget, policy_device
+from marl_fgmf.stats import mcnemar_greater
 
 __all__ = ["AuditCheck", "AuditReport", "audit", "audit_checkpoint", "audit_policies",
            "collect_observations", "load_audit_target",
@@ -198,28 +200,6 @@ class AuditReport:
 
 
 # --------------------------------------------------------------------------- statistics
-def mcnemar_greater(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
-    """Exact one-sided McNemar (sign) test that success vector ``a`` beats ``b``.
-
-    ``a`` and ``b`` are (B,) bool outcomes of two attacks on the SAME observations. Under the
-    null hypothesis (equal success probabilities) the discordant pairs split 50/50, so with
-    ``n01 = #(a & ~b)`` and ``n10 = #(~a & b)``, ``p = P[Binomial(n01 + n10, 1/2) >= n01]``.
-
-    Returns:
-        ``{"rate_a", "rate_b", "diff", "a_only", "b_only", "p"}``.
-    """
-    a, b = a.bool().flatten().cpu(), b.bool().flatten().cpu()
-    if a.shape != b.shape:
-        raise ValueError(f"outcome vectors differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    n = max(a.numel(), 1)
-    a_only = int((a & ~b).sum())
-    b_only = int((~a & b).sum())
-    m = a_only + b_only
-    p = 1.0 if m == 0 else sum(math.comb(m, k) for k in range(a_only, m + 1)) / 2.0 ** m
-    return {"rate_a": float(a.sum()) / n, "rate_b": float(b.sum()) / n,
-            "diff": (a_only - b_only) / n, "a_only": a_only, "b_only": b_only, "p": float(p)}
-
-
 def _significant(test: dict[str, Any], margin: float, alpha: float) -> bool:
     return test["diff"] >= margin and test["p"] < alpha
 

@@ -314,7 +314,7 @@ class TournamentConfig:
             raw_eps = [raw_eps] if isinstance(raw_eps, (int, float, str)) else []
             if not raw_eps:
                 errors.append("eps must be a non-empty list of budgets in (0, 1] such as 8/255")
-        from attacks.base import parse_budget
+        from marl_fgmf.protocol import parse_budget
         for e in raw_eps:
             try:
                 eps.append(parse_budget(e))
@@ -795,7 +795,7 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
         them with the node).
     """
     from attacks import evaluate, make_attack
-    from attacks.base import parse_budget
+    from marl_fgmf.protocol import parse_budget
     from envs import make_env
     env = make_env(spec["env"], **spec["env_kwargs"])
     try:
@@ -1261,7 +1261,7 @@ def _read_audits(cfg: TournamentConfig, out: Path, audit_specs: dict[str, dict[s
 # --------------------------------------------------------------------------- the leaderboard
 def _pool(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Pool the episodes of several seeds: mean and 95% CI of the team return, mean success."""
-    from attacks import mean_ci95
+    from marl_fgmf.stats import summarize as mean_ci95
     returns = [r for rec in records for r in rec["team_returns"]]
     stats = mean_ci95(returns)
     steps = sum(int(rec.get("agent_steps", 0)) for rec in records)
@@ -1352,7 +1352,7 @@ def _fmt(v: dict[str, Any] | None, ci: bool = True) -> str:
     if v is None or v.get("mean") is None or v["mean"] != v["mean"]:
         return "-"
     if ci:
-        return f"{v['mean']:.2f} ± {v['ci95']:.2f}"
+        return f"{v['mean']:.2f}" + ("" if v.get("ci95") is None or v["ci95"] != v["ci95"] else f" ± {v['ci95']:.2f}")  # no CI from one episode
     return f"{v['mean']:.2f}"
 
 

@@ -203,7 +203,7 @@ def _build_attack(key: str, settings: dict[str, Any], args: argparse.Namespace, 
 
 # --------------------------------------------------------------------------- output
 def _pm(stats: dict[str, float]) -> str:
-    return f"{stats['mean']:.2f} ± {stats['ci95']:.2f}"
+    return f"{stats['mean']:.2f}" + ("" if stats["ci95"] != stats["ci95"] else f" ± {stats['ci95']:.2f}")  # no CI from one episode
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -328,9 +328,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(result))
     if args.out:
-        from marl_fgmf.io import atomic_write_text
+        from marl_fgmf.io import atomic_write_text, to_jsonable
         out = check_output(args.out, "--out", "file")  # again: the run may have changed
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(result, indent=2))
+        atomic_write_text(out, json.dumps(to_jsonable(result), indent=2))
         print(f"\nwrote {out}")
     return 0

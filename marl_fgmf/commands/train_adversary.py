@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
                "clean_team_return": ev["clean"]["team_return"],
                "attacked_team_return": ev["team_return"], "success_rate": ev["success_rate"],
                "mean_linf": ev["mean_linf"]}
-    from marl_fgmf.io import atomic_write_text
-    atomic_write_text(Path(args.out) / "eval.json", json.dumps(summary, indent=2))
+    from marl_fgmf.io import atomic_write_text, to_jsonable
+    atomic_write_text(Path(args.out) / "eval.json", json.dumps(to_jsonable(summary), indent=2))
     print(f"{head}; victim per-agent return clean {ev['clean_agent_return_mean']:.2f} -> "
           f"{ev['agent_return_mean']:.2f} under the adversary ({args.eval_episodes} episodes, "
           f"attack success {100 * ev['success_rate']:.0f}% of steps); "
