@@ -1,20 +1,26 @@
-"""Integrated Gradients and Grad-CAM++ (marl_fgmf.attribution).
+"""The attribution package (marl_fgmf.attribution): one section per method file, then the bases.
 
-SmoothGrad, Occlusion and RISE are tested in tests/test_explainers.py.
+Each method: agreement with an oracle (Captum where Captum has the method: IG, occlusion,
+SmoothGrad at zero noise as Saliency; the closed form or the definition otherwise: Grad-CAM++,
+RISE, SmoothGrad with noise), batched equals unbatched, and one-line errors on bad input.
+The registry by name is tested in tests/test_explainers.py, PGCA in tests/test_pgca.py.
 """
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
+import captum.attr as captum_attr  # a test dependency: a missing captum fails, never skips
 import pytest
 import torch
 from torch import nn
 
 from agents import make_policy_network
-from marl_fgmf.attribution import (GradCAMPlusPlus, action_log_prob, grad_cam_plus_plus,
-                                   integrated_gradients)
-
-import captum.attr as captum_attr  # a test dependency: missing captum fails, never skips
+from marl_fgmf.attribution import (RISE, GradCAMPlusPlus, IntegratedGradients, Occlusion,
+                                   SmoothGrad, action_log_prob, action_score, gaussian_blur,
+                                   grad_cam_plus_plus, integrated_gradients, make_substrate,
+                                   masked_scores, patch_masks, rise_masks)
 
 OBS = (9, 9, 3)
 SMALL = {
@@ -22,7 +28,7 @@ SMALL = {
     "vit": dict(patch=3, dim=16, depth=1, heads=2, hidden=32),
     "hybrid": dict(channels=(8, 16), depth=1, heads=2, hidden=32),
 }
-
+SHAPE = (11, 11, 3)  # the perturbation methods' frames
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +44,30 @@ def obs_batch(b: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> torc
     return torch.rand(b, *OBS, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    net = make_policy_network("cnn", SHAPE, 5, channels=(4, 8, 8), hidden=16).double()
+    # a larger policy head than the PPO init, so that the actions are not all equiprobable
+    nn.init.normal_(net.pi.weight, std=0.5)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def obs():
+    return torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def log_probs(policy):
+    return lambda x: torch.log_softmax(policy(x), dim=-1)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def captum_ig(net, obs, actions, baseline, steps):
@@ -48,7 +76,7 @@ def captum_ig(net, obs, actions, baseline, steps):
                         method="riemann_right")
 
 
-# --------------------------------------------------------------------------- IG
+# =========================================================================== integrated_gradients
 
 @pytest.mark.parametrize("arch", ["cnn", "vit", "hybrid"])
 def test_ig_matches_captum_riemann_right(arch):
@@ -66,7 +94,7 @@ def test_ig_matches_captum_with_baseline_actions_and_float32():
     x = obs_batch(4)
     base = obs_batch(4, seed=7) * 0.5
     actions = torch.tensor([0, 3, 1, 4])
-    ours = integrated_gradients(net, x, actions=actions, baseline=base, steps=10)
+    ours = IntegratedGradients(net).attribute(x, actions=actions, baseline=base, steps=10)
     assert rel_err(ours, captum_ig(net, x, actions, base, 10)) < 1e-4
     ours = integrated_gradients(net, x, baseline=0.25, steps=10)
     assert rel_err(ours, captum_ig(net, x, net(x).argmax(-1), 0.25, 10)) < 1e-4
@@ -122,9 +150,72 @@ def test_ig_bad_input():
         y[0, 0, 0, 0] = bad
         with pytest.raises(ValueError, match="finite"):
             integrated_gradients(net, y)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide by 255"):  # the protocol's range
+        integrated_gradients(net, x * 255)
 
 
-# --------------------------------------------------------------------------- Grad-CAM++
+# =========================================================================== smoothgrad
+
+def test_smoothgrad_without_noise_is_captum_saliency(policy, obs):
+    actions = policy(obs).argmax(-1)
+    ref = captum_attr.Saliency(log_probs(policy)).attribute(obs.clone().requires_grad_(),
+                                                             target=actions, abs=False)
+    ours = SmoothGrad(policy).attribute(obs, n_samples=3, noise_level=0.0)
+    assert max_rel_err(ours, ref) < 1e-4
+
+
+def test_smoothgrad_hand_check_and_chunking(policy, obs):
+    """SG = mean of the gradients at the seeded noisy copies; chunking changes nothing."""
+    n, sigma = 4, 0.1
+    actions = policy(obs).argmax(-1)
+    noise = torch.randn((n, *obs.shape), generator=torch.Generator().manual_seed(7),
+                        dtype=obs.dtype)
+    grads = []
+    for j in range(n):
+        x = (obs + sigma * noise[j]).requires_grad_(True)
+        lp = log_probs(policy)(x).gather(1, actions[:, None]).sum()
+        grads.append(torch.autograd.grad(lp, x)[0])
+    expected = torch.stack(grads).mean(0)
+    ours = SmoothGrad(policy).attribute(obs, n_samples=n, noise_level=sigma, seed=7)
+    chunked = SmoothGrad(policy).attribute(obs, n_samples=n, noise_level=sigma, seed=7,
+                                           internal_batch_size=5)
+    squared = SmoothGrad(policy).attribute(obs, n_samples=n, noise_level=sigma, seed=7,
+                                           squared=True)
+    times_input = SmoothGrad(policy).attribute(obs, n_samples=n, noise_level=sigma, seed=7,
+                                               multiply_by_inputs=True)
+    assert max_rel_err(ours, expected) < 1e-6
+    assert torch.allclose(ours, chunked, atol=1e-12)
+    assert torch.allclose(squared, torch.stack(grads).square().mean(0), atol=1e-12)
+    assert torch.allclose(times_input, obs * ours, atol=1e-12)
+
+
+def test_smoothgrad_batched_equals_unbatched(policy, obs):
+    """Sample i of a batch is explained from its own noisy copies, row by row: the batched call
+    equals the per-observation definition with the batch's noise (no cross-sample leak), and
+    with zero noise equals explaining each observation alone."""
+    n, sigma, seed = 3, 0.05, 2
+    batched = SmoothGrad(policy).attribute(obs, n_samples=n, noise_level=sigma, seed=seed)
+    noise = torch.randn((n, *obs.shape), generator=torch.Generator().manual_seed(seed),
+                        dtype=obs.dtype)
+    actions = policy(obs).argmax(-1)
+    for i in range(len(obs)):
+        rows = [(obs[i:i + 1] + sigma * noise[j, i:i + 1]).requires_grad_(True) for j in range(n)]
+        grads = [torch.autograd.grad(log_probs(policy)(r)[0, actions[i]], r)[0] for r in rows]
+        assert torch.allclose(batched[i:i + 1], torch.stack(grads).mean(0), atol=1e-12), i
+    clean = SmoothGrad(policy).attribute(obs, n_samples=2, noise_level=0.0)
+    single = torch.cat([SmoothGrad(policy).attribute(obs[i:i + 1], n_samples=2, noise_level=0.0)
+                        for i in range(len(obs))])
+    assert torch.allclose(clean, single, atol=1e-12)
+
+
+def test_smoothgrad_bad_input(policy, obs):
+    with pytest.raises(ValueError, match="n_samples"):
+        SmoothGrad(policy).attribute(obs, n_samples=0)
+    with pytest.raises(ValueError, match="noise_level"):
+        SmoothGrad(policy).attribute(obs, noise_level=-0.1)
+
+
+# =========================================================================== grad_cam
 
 class GapPolicy(nn.Module):
     """conv -> cam_layer -> global average pool -> linear: Grad-CAM++ has a closed form."""
@@ -143,9 +234,9 @@ class GapPolicy(nn.Module):
 
 
 def test_grad_cam_pp_closed_form_on_gap_network():
-    """Score ``Y = sum_k V_k mean_ij A_kij``: ``g_k = V_k / (h w)`` is constant in space, so
-    ``alpha_k = 1 / (2 + S_k g_k)`` with ``S_k = sum_ij A_kij``, ``w_k = h w alpha_k relu(g_k)``
-    and ``L = relu(sum_k w_k A_k)``."""
+    """The oracle (Captum has Grad-CAM, not Grad-CAM++). Score ``Y = sum_k V_k mean_ij A_kij``:
+    ``g_k = V_k / (h w)`` is constant in space, so ``alpha_k = 1 / (2 + S_k g_k)`` with
+    ``S_k = sum_ij A_kij``, ``w_k = h w alpha_k relu(g_k)`` and ``L = relu(sum_k w_k A_k)``."""
     torch.manual_seed(0)
     net = GapPolicy().double()
     x = obs_batch(3)
@@ -163,7 +254,7 @@ def test_grad_cam_pp_closed_form_on_gap_network():
 
 
 @pytest.mark.parametrize("arch", ["cnn", "vit", "hybrid"])
-def test_grad_cam_pp_shapes_sign_normalization_batching(arch):
+def test_grad_cam_pp_shapes_sign_normalization_batched_equals_unbatched(arch):
     net = make_net(arch)
     x = obs_batch(4)
     cam = GradCAMPlusPlus(net).attribute(x)
@@ -202,3 +293,190 @@ def test_grad_cam_pp_bad_input():
     y[1, 2, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         grad_cam_plus_plus(net, y)
+
+
+# =========================================================================== occlusion
+
+@pytest.mark.parametrize("patch,stride", [(3, 1), (4, 3), (5, 2), ((3, 2), (2, 1))])
+def test_occlusion_matches_captum_with_blurred_baseline(policy, obs, patch, stride):
+    actions = policy(obs).argmax(-1)
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ref = captum_attr.Occlusion(log_probs(policy)).attribute(
+        obs, sliding_window_shapes=(ph, pw, 3), strides=(sh, sw, 3),
+        baselines=gaussian_blur(obs, 2.0), target=actions, perturbations_per_eval=64)
+    ours = Occlusion(policy).attribute(obs, patch=patch, stride=stride, substrate="blur",
+                                       blur_sigma=2.0)
+    assert ours.shape == obs.shape[:3]
+    assert max_rel_err(ours, ref[..., 0]) < 1e-4
+
+
+def test_occlusion_magnitude_matches_captum(policy, obs):
+    """|drop| through Captum: forward ``-|log pi(x) - log pi(x_clean)|`` makes Captum's
+    ``f(x) - f(x_occluded)`` equal ``|log pi(x) - log pi(x_occluded)|``."""
+    actions = policy(obs).argmax(-1)
+    clean = log_probs(policy)(obs).detach()
+
+    def forward(x):  # Captum evaluates one occluded copy of the batch at a time
+        return -(log_probs(policy)(x) - clean).abs()
+
+    ref = captum_attr.Occlusion(forward).attribute(
+        obs, sliding_window_shapes=(3, 3, 3), strides=(2, 2, 3), baselines=0.25,
+        target=actions, perturbations_per_eval=1)
+    ours = Occlusion(policy).attribute(obs, patch=3, stride=2, substrate=0.25, magnitude=True)
+    assert max_rel_err(ours, ref[..., 0]) < 1e-4
+
+
+def test_occlusion_given_actions_matches_captum(policy, obs):
+    actions = torch.tensor([0, 1, 2])
+    occ = Occlusion(policy).attribute(obs, actions, patch=3, stride=2)
+    ref = captum_attr.Occlusion(log_probs(policy)).attribute(
+        obs, sliding_window_shapes=(3, 3, 3), strides=(2, 2, 3),
+        baselines=gaussian_blur(obs, 2.0), target=actions, perturbations_per_eval=25)
+    assert max_rel_err(occ, ref[..., 0]) < 1e-4
+
+
+def test_occlusion_batched_equals_unbatched(policy, obs):
+    full = Occlusion(policy).attribute(obs, patch=3, stride=1, internal_batch_size=None)
+    chunked = Occlusion(policy).attribute(obs, patch=3, stride=1, internal_batch_size=13)
+    single = torch.cat([Occlusion(policy).attribute(obs[i:i + 1], patch=3, stride=1)
+                        for i in range(len(obs))])
+    assert torch.allclose(full, chunked, atol=1e-10)
+    assert torch.allclose(full, single, atol=1e-10)
+
+
+def test_occlusion_bad_input(policy, obs):
+    with pytest.raises(ValueError, match=r"patch \(12, 12\) is larger than the observation "
+                                         r"\(11, 11\)"):
+        Occlusion(policy).attribute(obs, patch=12)
+    with pytest.raises(ValueError, match="stride"):
+        Occlusion(policy).attribute(obs, patch=2, stride=3)
+    with pytest.raises(ValueError, match=r"substrate of shape \(2, 2\) does not broadcast"):
+        Occlusion(policy).attribute(obs, substrate=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="score must be"):
+        Occlusion(policy).attribute(obs, score="margin")
+
+
+# =========================================================================== rise
+
+def test_rise_masks_are_seeded_smooth_and_in_range():
+    m1, m2 = rise_masks(200, 13, 17, grid=4, seed=3), rise_masks(200, 13, 17, grid=4, seed=3)
+    assert m1.shape == (200, 13, 17) and torch.equal(m1, m2)
+    assert m1.min() >= 0 and m1.max() <= 1
+    assert abs(float(m1.mean()) - 0.5) < 0.05
+    assert not torch.equal(m1, rise_masks(200, 13, 17, grid=4, seed=4))
+
+
+def test_rise_equals_its_definition_batched_equals_unbatched(policy, obs):
+    """The oracle (Captum has no RISE): S = 1/(N p) sum_j pi(a | x * M_j) M_j, mask by mask."""
+    n, p = 40, 0.5
+    actions = policy(obs).argmax(-1)
+    masks = rise_masks(n, 11, 11, grid=3, p_keep=p, seed=0, dtype=obs.dtype)
+    expected = torch.zeros(obs.shape[:3], dtype=obs.dtype)
+    with torch.no_grad():
+        for j in range(n):
+            probs = torch.softmax(policy(obs * masks[j][None, :, :, None]), -1)
+            expected += probs.gather(1, actions[:, None]).view(-1, 1, 1) * masks[j]
+    expected /= n * p
+    ours = RISE(policy).attribute(obs, n_masks=n, grid=3, p_keep=p, seed=0,
+                                  internal_batch_size=17)
+    single = torch.cat([RISE(policy).attribute(obs[i:i + 1], n_masks=n, grid=3, seed=0)
+                        for i in range(len(obs))])
+    assert max_rel_err(ours, expected) < 1e-10
+    assert torch.allclose(ours, single, atol=1e-12)
+
+
+def test_rise_bad_input(policy, obs):
+    with pytest.raises(ValueError, match="internal_batch_size"):
+        RISE(policy).attribute(obs, internal_batch_size=0)
+    with pytest.raises(ValueError, match="p_keep"):
+        RISE(policy).attribute(obs, p_keep=0.0)
+
+
+# =========================================================================== base
+
+def test_unchanged_windows_are_skipped_exactly(policy):
+    """Windows where the substrate equals the observation are not evaluated; the scores are
+    the same as evaluating every window."""
+    obs = torch.zeros(2, *SHAPE, dtype=torch.float64)
+    obs[0, 2:5, 3:6] = 0.8
+    obs[1, 7:9, 1:4, 1] = 0.6
+    actions = policy(obs).argmax(-1)
+    fill = make_substrate(obs, "zero")
+    masks = patch_masks(11, 11, 3, 1, dtype=obs.dtype)
+    clean = action_score(policy(obs), actions, "log_prob")
+    every = masked_scores(policy, obs, fill, masks, actions, "log_prob", 50)
+    skipped = masked_scores(policy, obs, fill, masks, actions, "log_prob", 50, clean)
+    assert torch.allclose(every, skipped, atol=1e-12)
+
+
+def test_patch_masks_cover_every_pixel_like_captum():
+    masks = patch_masks(7, 7, 3, 3)  # starts 0, 3, 6 (last clipped): ceil(4/3)+1 = 3 per axis
+    assert masks.shape == (9, 7, 7)
+    assert masks.sum(0).min() >= 1
+    assert masks[-1].sum() == 1  # the bottom-right window holds one pixel
+
+
+def test_log_prob_drop_survives_a_saturated_policy():
+    """log_softmax in float32 rounds log pi to 0 when pi ~ 1; the occlusion score must not."""
+    logits = torch.tensor([[30.0, 0.0, 0.0], [31.0, 0.0, 0.0]])
+    actions = torch.zeros(2, dtype=torch.long)
+    scores = action_score(logits, actions, "log_prob")
+    expected = -torch.log1p(2 * torch.exp(-logits[:, 0].double()))  # exact: -log(1 + 2e^-z)
+    assert torch.log_softmax(logits, -1)[0, 0] == 0  # the float32 failure this avoids
+    assert (scores[0] - scores[1]).abs() > 0
+    assert torch.allclose(scores, expected, rtol=1e-9, atol=0)
+
+
+class FrozenPart(nn.Module):
+    """A policy in train mode whose feature extractor a user froze in eval mode (dropout off)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("method", [SmoothGrad, Occlusion, RISE])
+def test_mode_of_every_submodule_is_restored(policy, obs, method):
+    """The explainers run in eval mode and restore each submodule's own flag (the old context
+    manager called ``policy.train()`` and switched a frozen submodule back to training)."""
+    net = FrozenPart(copy.deepcopy(policy)).train()
+    net.drop.eval()
+    seen = []
+    handle = net.inner.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    kwargs = {"RISE": dict(n_masks=4)}.get(method.__name__, {})
+    method(net).attribute(obs[:1], **kwargs)
+    handle.remove()
+    assert seen and not any(seen)  # eval inside
+    assert net.training and net.inner.training and not net.drop.training  # restored flag by flag
+
+
+@pytest.mark.parametrize("method", [IntegratedGradients, SmoothGrad, Occlusion, RISE])
+def test_every_method_checks_the_observation_contract(policy, obs, method):
+    bad = obs.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    bad[1, 2, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="2 NaN/inf value") as info:
+        method(policy).attribute(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        method(policy).attribute(obs - 0.5)
+    with pytest.raises(ValueError, match="floating point"):
+        method(policy).attribute((obs * 255).to(torch.uint8))
+
+
+def test_attribution_does_not_import_pgca_or_the_registry():
+    """No cycle: pgca builds on attribution, the registry (explainers) on both."""
+    code = ("import sys, marl_fgmf.attribution; "
+            "print(sorted(m for m in ('marl_fgmf.pgca', 'marl_fgmf.explainers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    pgca = subprocess.run([sys.executable, "-c", "import sys, marl_fgmf.pgca; "
+                           "print('marl_fgmf.explainers' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert pgca.returncode == 0 and pgca.stdout.strip() == "False", pgca.stderr

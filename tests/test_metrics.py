@@ -9,6 +9,7 @@ from torch import nn
 
 from agents import make_policy_network
 from marl_fgmf import metrics, stats
+from marl_fgmf.perturbation import linf_pgd
 
 
 class SumPolicy(nn.Module):
@@ -155,6 +156,7 @@ def test_attack_success():
 
 # ------------------------------------------------------------------------------- statistics
 def test_mean_ci95_by_hand():
+    """The statistics the explain metrics are averaged with (marl_fgmf.stats; no tests/test_stats.py yet)."""
     mean, half = stats.mean_ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 4.302652729749464 / math.sqrt(3)) < 1e-9
     mean, half = stats.mean_ci95(torch.tensor([5.0]))
@@ -165,6 +167,29 @@ def test_mean_ci95_by_hand():
         stats.mean_ci95([])
     with pytest.raises(ValueError, match="non-finite values"):
         stats.mean_ci95([1.0, float("nan")])
+
+
+def test_pgd_perturbation_is_the_shared_linf_pgd_with_a_seeded_start():
+    """pgd_perturbation = perturbation.linf_pgd on -log pi(a|x), random start from a generator
+    seeded with ``seed``, alpha 2.5 eps / steps, last iterate."""
+    torch.manual_seed(2)
+    policy = make_policy_network("cnn", (9, 9, 3), 5, channels=(4, 8, 8), hidden=16).double()
+    obs = torch.rand(3, 9, 9, 3, dtype=torch.float64)
+    actions = policy(obs).argmax(-1)
+
+    def objective(x):
+        return -torch.log_softmax(policy(x), -1).gather(1, actions[:, None]).squeeze(1)
+
+    eps = 8 / 255
+    ref = linf_pgd(objective, obs, eps, 5, alpha=2.5 * eps / 5, random_start=True,
+                   generator=torch.Generator().manual_seed(3))
+    assert torch.equal(metrics.pgd_perturbation(policy, obs, actions, eps, steps=5, seed=3), ref)
+    assert not torch.equal(metrics.pgd_perturbation(policy, obs, actions, eps, steps=5, seed=4),
+                           ref)
+    plain = linf_pgd(objective, obs, eps, 5)
+    assert torch.equal(metrics.pgd_perturbation(policy, obs, actions, eps, steps=5,
+                                                random_start=False), plain)
+    assert not hasattr(metrics, "mean_ci95")  # statistics live in marl_fgmf.stats
 
 
 def test_every_metric_states_its_direction():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import captum.attr as captum_attr  # a test dependency: a missing captum fails, never skips
 import pytest
 import torch
 from torch import nn
@@ -11,9 +12,7 @@ from agents import make_policy_network
 from marl_fgmf import metrics
 from marl_fgmf.attribution import gaussian_blur
 from marl_fgmf.explainers import make_explainer
-from marl_fgmf.pgca import PGCA, PGCAResult, consensus_map, explain, spearman
-
-import captum.attr as captum_attr  # a test dependency: missing captum fails, never skips
+from marl_fgmf.pgca import PGCA, PGCAResult, consensus_map, explain, normalize_map, spearman
 
 SHAPE = (11, 11, 3)
 FAST = dict(steps=8, patch=3, stride=1)
@@ -84,6 +83,12 @@ def test_consensus_formula_by_hand(result):
     assert result.consensus.max() <= 1 and result.consensus.min() >= 0
     # with q = 0.5 about half of the pixels fail at least one threshold
     assert ((result.consensus == 0).flatten(1).float().mean(1) >= 0.5).all()
+
+
+def test_normalize_map():
+    maps = torch.tensor([[[2.0, 1.0], [0.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    assert torch.equal(normalize_map(maps), torch.tensor([[[0.5, 0.25], [0.0, 1.0]],
+                                                          [[0.0, 0.0], [0.0, 0.0]]]))
 
 
 def test_consensus_map_tiny_example():
