@@ -7,8 +7,10 @@ Groups, by module path:
 * attacks: ``attacks.*``: never agents, envs, a workflow, Ray, RLlib, PettingZoo or SuperSuit;
 * agents: ``agents.*``: everything but a workflow;
 * envs: ``envs.*``: nothing of ours;
-* util: ``marl_fgmf.io`` (atomic writes, JSON, locks): for everyone but the algorithm modules
-  and envs;
+* util: ``marl_fgmf.io`` (atomic writes, JSON, locks) and ``marl_fgmf.viz`` (figures:
+  matplotlib on arrays and tensors): for everyone but the algorithm modules, attacks and envs; a
+  util module imports only util, ``marl_fgmf.protocol`` and third-party code (so that the
+  training loop in ``agents`` can draw its learning curve without importing a workflow);
 * workflow: ``marl_fgmf.{audit, tournament, benchmark, workflows, viz, commands, cli}``:
   anything.
 
@@ -36,6 +38,7 @@ ALGORITHMS = ("protocol", "stats", "perturbation", "attribution", "explainers", 
               "pgca", "adv_training", "metrics")
 ALGORITHM_THIRD_PARTY = {"torch", "numpy", "scipy"}
 ATTACKS_FORBIDDEN_THIRD_PARTY = {"ray", "pettingzoo", "supersuit", "gymnasium"}
+UTILITIES = ("io", "viz")
 MAX_LINES = 500
 
 
@@ -125,7 +128,7 @@ def group(module: str) -> str:
     if top == "marl_fgmf":
         if not rest:
             return "root"
-        if rest.split(".")[0] == "io":
+        if rest.split(".")[0] in UTILITIES:
             return "util"
         return "algorithm" if rest.split(".")[0] in ALGORITHMS else "workflow"
     if top in PACKAGES:
@@ -145,8 +148,12 @@ def layer_violations(root: Path) -> list[str]:
                 bad = f"an algorithm module imports {dst} code"
             elif dst == "third_party" and top not in ALGORITHM_THIRD_PARTY:
                 bad = f"an algorithm module imports {top} (torch, numpy, scipy only)"
+        elif src == "util":
+            if dst in ("workflow", "agents", "attacks", "envs", "root") or (
+                    dst == "algorithm" and imp.target != "marl_fgmf.protocol"):
+                bad = f"a util module imports {dst} code ({imp.target})"
         elif src == "attacks":
-            if dst in ("workflow", "agents", "envs"):
+            if dst in ("workflow", "util", "agents", "envs"):
                 bad = f"attacks imports {dst} code"
             elif dst == "third_party" and top in ATTACKS_FORBIDDEN_THIRD_PARTY:
                 bad = f"attacks imports {top}"
@@ -281,7 +288,9 @@ GOOD = {
     "marl_fgmf/protocol.py": "import torch\n",
     "marl_fgmf/scorpio.py": "from marl_fgmf.protocol import check_obs\n",
     "attacks/pgd.py": "from marl_fgmf.protocol import check_obs\nimport torch\n",
-    "agents/train.py": "from marl_fgmf import scorpio\nimport ray\n",
+    "agents/train.py": "from marl_fgmf import scorpio\nfrom marl_fgmf.viz import plot\nimport ray\n",
+    "marl_fgmf/viz/__init__.py": "from marl_fgmf.protocol import to_unit\nimport matplotlib\n",
+    "marl_fgmf/io.py": "import json\n",
     "marl_fgmf/tournament/driver.py": "from agents import train\n",
     "envs/beacon.py": "import numpy\nfrom envs._preprocess import check_int\n",
     "envs/_preprocess.py": "def check_int(): pass\n",
@@ -294,7 +303,10 @@ BROKEN = {
         {"marl_fgmf/pgca.py": "from marl_fgmf.tournament import driver\n"},
         {"attacks/pgd.py": "import pettingzoo\n"},                       # attacks -> pettingzoo
         {"attacks/pgd.py": "from agents.train import x\n"},              # attacks -> agents
-        {"agents/train.py": "from marl_fgmf.viz import plot\n"},         # agents -> workflow
+        {"agents/train.py": "from marl_fgmf.audit import run\n"},        # agents -> workflow
+        {"marl_fgmf/viz/plots.py": "from marl_fgmf.pgca import explain\n"},  # util -> algorithm
+        {"marl_fgmf/io.py": "from agents import train\n"},                # util -> agents
+        {"attacks/pgd.py": "from marl_fgmf.io import atomic_write_text\n"},  # attacks -> util
         {"envs/beacon.py": "from marl_fgmf.protocol import check_obs\n"},
     ],
     "private": [
