@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -36,7 +38,8 @@ def assert_png(path):
 
 
 def no_temp_files(directory):
-    return not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    """No temporary file left beside the outputs (marl_fgmf.io names them ``.<name>.tmp<pid>``)."""
+    return not [p for p in directory.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
 
 
 def test_plot_agent_frame(tmp_path, frame):
@@ -63,6 +66,21 @@ def test_plot_agent_frame_with_sgam_mask_and_mapping(tmp_path, frame):
                                     labels={"consensus": "IG over obs"})
     assert [ax.get_title() for ax in only_map.axes][1] == "IG over obs"
     assert_png(viz.save_figure(only_map, tmp_path / "only.png"))
+
+
+def test_files_follow_the_umask_and_replace_the_old_file(tmp_path, frame):
+    obs, result, _ = frame
+    fig = viz.plot_agent_frame(obs[0], result, 0)
+    target = tmp_path / "fig.png"
+    target.write_bytes(b"old")
+    old_mask = os.umask(0o027)
+    try:
+        out = viz.save_figure(fig, target)
+    finally:
+        os.umask(old_mask)
+    assert out == target and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert_png(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]
 
 
 def test_plot_frame(tmp_path, frame):
