@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from agents.checkpoint import latest_checkpoint, newest_complete_checkpoint
 from agents.settings import is_int
 from marl_fgmf.io import DirLock, append_synced, atomic_write_text
 
@@ -237,8 +238,8 @@ def restore_metrics(out: Path, upto: int, say: Callable[[str], None] = warn
     return rows
 
 
-def _save_checkpoint(algo, out: Path, iteration: int, keep: int,
-                     rows: list[dict[str, Any]] | None = None) -> Path:
+def save_checkpoint(algo, out: Path, iteration: int, keep: int,
+                    rows: list[dict[str, Any]] | None = None) -> Path:
     """Save ``algo`` as ``checkpoints/iter_NNNNN`` (temporary folder, renamed into place, then
     ``latest``), with ``rows`` (the metrics rows it completes) inside, so that a kill between
     the checkpoint and the append to ``metrics.jsonl`` loses no row."""
@@ -314,7 +315,6 @@ def resume_checkpoint(out: Path, say: Callable[[str], None] | None = None
     one warning line), or ``(None, 0)`` for a run that never saved a checkpoint nor logged
     metrics. Raises ``ValueError`` when the run logged iterations or saved checkpoints but
     none is complete: restarting would throw its history away."""
-    from agents.checkpoint import latest_checkpoint, newest_complete_checkpoint
     ckpt = latest_checkpoint(out)
     if ckpt is not None and _ckpt_iteration(ckpt) is not None:
         return ckpt, int(_ckpt_iteration(ckpt))

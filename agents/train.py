@@ -37,13 +37,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from tqdm.auto import tqdm
+
+from agents.defenses import build_defense_settings
 from agents.networks import ARCHS
 from agents.ray_session import ensure_ray  # noqa: F401  (re-exported: agents.train.ensure_ray)
 from agents.run_files import (  # noqa: F401  (re-exported for callers of agents.train)
-    RUN_LOCK, _save_checkpoint, append_metrics, check_run_dir, read_metrics, restore_metrics,
-    resume_checkpoint, run_lock, warn, write_metric_views)
+    RUN_LOCK, append_metrics, check_run_dir, read_metrics, restore_metrics,
+    resume_checkpoint, run_lock, save_checkpoint, warn, write_metric_views)
 from agents.settings import (  # noqa: F401  (re-exported for callers of agents.train)
     SettingError, check_env_settings, check_int_setting, check_number_setting)
+from agents.train_log import (  # noqa: F401  (re-exported for callers of agents.train)
+    as_float, flatten_result, tb_writer, write_learning_curve)
+from envs import list_envs, make_env
+from envs.beacon import scripted_return
+from envs.rllib import register_rllib_env
 from marl_fgmf.io import atomic_write_text
 
 DEFENSES = ("none", "adv", "scorpio", "sgam", "fgmf", "fgmf+adv")
@@ -99,7 +108,6 @@ class TrainConfig:
         """Raise :class:`SettingError` (a ``ValueError``) naming the first bad setting, its
         value and what is allowed. Checks every setting, builds the environment once with
         ``env_kwargs`` (cached per settings), and writes nothing."""
-        from envs import list_envs
         for name, allowed in (("env", list_envs()), ("arch", list(ARCHS)),
                               ("policies", list(POLICY_MODES)), ("defense", list(DEFENSES))):
             value = getattr(self, name)
@@ -124,7 +132,6 @@ class TrainConfig:
             check_number_setting("grad_clip", self.grad_clip, 0)
         check_number_setting("num_gpus_per_learner", self.num_gpus_per_learner, 0)
         if self.num_gpus_per_learner > 0 and self.num_learners == 0:
-            import torch
             if not torch.cuda.is_available():
                 raise SettingError("num_gpus_per_learner", f"num_gpus_per_learner is "
                                    f"{self.num_gpus_per_learner:g} but no GPU is visible here "
@@ -160,13 +167,11 @@ class TrainConfig:
 # --------------------------------------------------------------------------- helpers
 def defense_learner_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The learner_config_dict and model settings a defense needs (validated)."""
-    from agents.defenses import build_defense_settings
     return build_defense_settings(cfg.defense, cfg.defense_settings, cfg.arch)
 
 
 def env_spaces(cfg: TrainConfig):
     """(agent ids, observation space, action space) of the configured environment."""
-    from envs import make_env
     env = make_env(cfg.env, **cfg.env_kwargs)
     agents = list(env.possible_agents)
     obs_space, act_space = env.observation_space(agents[0]), env.action_space(agents[0])
@@ -176,13 +181,14 @@ def env_spaces(cfg: TrainConfig):
 
 def build_algo_config(cfg: TrainConfig):
     """The RLlib ``PPOConfig`` of a run (multi-agent, our RLModule, FGMF learner)."""
-    from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    # lazy: RLlib (seconds) stays out of `marl-fgmf train --help`; learner and rl_module
+    # import it at their top
+    from ray.rllib.algorithms.ppo import PPOConfig  # lazy: RLlib
+    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec  # lazy: RLlib
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec  # lazy: RLlib
 
-    from agents.learner import FGMFPPOTorchLearner
-    from agents.rl_module import FGMFTorchRLModule
-    from envs.rllib import register_rllib_env
+    from agents.learner import FGMFPPOTorchLearner  # lazy: imports RLlib
+    from agents.rl_module import FGMFTorchRLModule  # lazy: imports RLlib
 
     cfg.validate()
     env_name = register_rllib_env(cfg.env, **cfg.env_kwargs)
@@ -232,57 +238,7 @@ def reference_return(cfg: TrainConfig) -> float | None:
     """Mean per-agent return of the environment's scripted optimal policy, if it has one."""
     if cfg.env != "beacon":
         return None
-    from envs.beacon import scripted_return
     return scripted_return(episodes=20, seed=10_000, **cfg.env_kwargs)
-
-
-def _flatten_result(result: dict[str, Any], n_agents: int) -> dict[str, Any]:
-    """The numbers of one RLlib result that we log, flat."""
-    er = result.get("env_runners", {})
-    row: dict[str, Any] = {
-        "iteration": int(result.get("training_iteration", 0)),
-        "env_steps": _count(er.get("num_env_steps_sampled_lifetime")),
-        "agent_steps": _count(sum((er.get("num_agent_steps_sampled_lifetime") or {}).values())),
-        "episode_return_mean": _f(er.get("episode_return_mean")),
-        "agent_return_mean": _f(er.get("episode_return_mean")) / max(1, n_agents),
-        "episode_len_mean": _f(er.get("episode_len_mean")),
-        "num_episodes": _count(er.get("num_episodes")),
-    }
-    for mid, stats in (result.get("learners") or {}).items():
-        if mid == "__all_modules__" or not isinstance(stats, dict):
-            continue
-        for key, value in stats.items():
-            if isinstance(value, (int, float)) and (key in _LEARNER_KEYS or key.startswith("fgmf_")):
-                row[f"{mid}/{key}"] = _f(value)
-    return row
-
-
-_LEARNER_KEYS = {"policy_loss", "vf_loss", "entropy", "mean_kl_loss", "total_loss",
-                 "vf_explained_var"}
-
-
-def _count(x) -> int:
-    """An RLlib counter as an int; NaN/None (an iteration in which no episode ended) is 0."""
-    value = _f(x)
-    return int(value) if math.isfinite(value) else 0
-
-
-def _f(x) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _plot(out: Path, records: list[dict[str, Any]], ref: float | None) -> None:
-    try:
-        from marl_fgmf.viz import plot_learning_curve
-    except ImportError:  # viz not available: the CSV still holds everything
-        return
-    try:
-        plot_learning_curve(records, out / "learning_curve.png", reference=ref)
-    except Exception as exc:  # a plot must never kill a training run
-        print(f"warning: learning curve not written: {exc}")
 
 
 def load_run_settings(cfg, out: Path, resume: bool, load: Callable[[dict[str, Any]], Any],
@@ -345,7 +301,7 @@ def check_cluster_gpus(cfg) -> None:
     refuse (one line) once Ray runs, before anything is written."""
     need = int(cfg.num_learners) * float(cfg.num_gpus_per_learner)
     if cfg.num_learners > 0 and need > 0:
-        import ray
+        import ray  # lazy: Ray (0.4 s) stays out of `marl-fgmf train --help`
         have = float(ray.cluster_resources().get("GPU", 0.0))
         if have < need:
             raise SettingError("num_gpus_per_learner", f"num_learners={cfg.num_learners} x "
@@ -385,7 +341,7 @@ def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str
                                postfix_key=postfix_key, time_budget_s=time_budget_s)
     finally:
         if started_ray:
-            import ray
+            import ray  # lazy: Ray (0.4 s) stays out of `marl-fgmf train --help`
             ray.shutdown()
 
 
@@ -393,8 +349,6 @@ def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, de
                 n_agents: int, reference: float | None,
                 on_row: Callable[[dict[str, Any]], None] | None,
                 postfix_key: tuple[str, str], time_budget_s: float | None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     ckpt, start_iter = resume_checkpoint(out, say=warn) if resume else (None, 0)
     records: list[dict[str, Any]] = restore_metrics(out, start_iter) if resume else []
     committed = start_iter  # records up to here are in a checkpoint and in metrics.jsonl
@@ -405,9 +359,9 @@ def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, de
         algo = algo_config.build_algo()
         if ckpt is not None:
             algo.restore_from_path(str(ckpt.resolve()))
-        writer = _tb_writer(out)
+        writer = tb_writer(out)
         t0 = time.time()
-        elapsed_before = _f(records[-1].get("wall_time_s", 0.0)) if records else 0.0
+        elapsed_before = as_float(records[-1].get("wall_time_s", 0.0)) if records else 0.0
         elapsed_before = elapsed_before if math.isfinite(elapsed_before) else 0.0
         bar = tqdm(total=cfg.iterations, initial=start_iter, disable=not progress, desc=desc,
                    unit="it")
@@ -415,7 +369,7 @@ def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, de
             t_iter = time.time()
             result = algo.train()
             _check_env_runners(algo, cfg)
-            row = _flatten_result(result, n_agents)
+            row = flatten_result(result, n_agents)
             row["iteration"] = it
             row["iter_time_s"] = time.time() - t_iter
             row["wall_time_s"] = elapsed_before + time.time() - t0
@@ -432,7 +386,7 @@ def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, de
             writer.flush()
             out_of_time = time_budget_s is not None and time.time() - t0 >= time_budget_s
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time:
-                _save_checkpoint(algo, out, it, cfg.keep_checkpoints, rows=pending)
+                save_checkpoint(algo, out, it, cfg.keep_checkpoints, rows=pending)
                 append_metrics(out, pending)
                 committed, pending = it, []
                 write_metric_views(out, records)
@@ -450,7 +404,7 @@ def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, de
         if pending:  # not in a checkpoint: trained again on --resume
             records = [r for r in records if r["iteration"] <= committed]
         if records:
-            _plot(out, records, reference)
+            write_learning_curve(out, records, reference)
         if algo is not None:
             algo.stop()
     return {"last": last, "out": str(out), "records": records, "reference_return": reference}
@@ -509,19 +463,5 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
                 time_budget_s=time_budget_s)
     finally:
         if started:
-            import ray
+            import ray  # lazy: Ray (0.4 s) stays out of `marl-fgmf train --help`
             ray.shutdown()
-
-
-class _NullWriter:
-    def add_scalar(self, *a, **k): pass
-    def flush(self): pass
-    def close(self): pass
-
-
-def _tb_writer(out: Path):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return _NullWriter()
-    return SummaryWriter(str(out / "tb"))

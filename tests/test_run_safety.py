@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from agents.checkpoint import latest_checkpoint
-from agents.train import (TrainConfig, _flatten_result, append_metrics, read_metrics,
+from agents.train import (TrainConfig, flatten_result, append_metrics, read_metrics,
                           resume_checkpoint, train, write_metric_views)
 from conftest import tree_hash
 from marl_fgmf.cli import main
@@ -188,7 +188,7 @@ def test_iteration_without_a_finished_episode_gives_a_row(tmp_path):
                               "num_agent_steps_sampled_lifetime": {"agent_0": 800, "agent_1": 800}},
               "learners": {"shared": {"policy_loss": 0.25, "fgmf_scorpio_R": nan},
                            "__all_modules__": {"total_loss": 1.0}}}
-    row = _flatten_result(result, n_agents=2)
+    row = flatten_result(result, n_agents=2)
     assert row["iteration"] == 7 and row["num_episodes"] == 0 and row["env_steps"] == 0
     assert row["agent_steps"] == 1600
     assert math.isnan(row["episode_return_mean"]) and math.isnan(row["agent_return_mean"])

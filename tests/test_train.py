@@ -232,7 +232,7 @@ def test_defense_settings_fail_at_config_time(settings, expected):
 def test_interrupt_mid_checkpoint_leaves_no_partial_folder(tmp_path):
     """Ctrl-C inside save_to_path (the race the SIGINT test hits only sometimes): no temp
     folder stays, `latest` is untouched; a stale temp folder from a hard kill is cleared."""
-    from agents.train import _save_checkpoint
+    from agents.run_files import save_checkpoint
 
     class Interrupted:
         def save_to_path(self, path):
@@ -244,12 +244,12 @@ def test_interrupt_mid_checkpoint_leaves_no_partial_folder(tmp_path):
         def save_to_path(self, path):
             Path(path, "learner_group").mkdir(parents=True)
 
-    _save_checkpoint(Saves(), tmp_path, 1, keep=2)
+    save_checkpoint(Saves(), tmp_path, 1, keep=2)
     with pytest.raises(KeyboardInterrupt):
-        _save_checkpoint(Interrupted(), tmp_path, 2, keep=2)
+        save_checkpoint(Interrupted(), tmp_path, 2, keep=2)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_00001", "latest"]
     assert (root / "latest").read_text() == "iter_00001"
     (root / ".tmp_iter_00007").mkdir()  # as a SIGKILL mid-save would leave it
-    _save_checkpoint(Saves(), tmp_path, 3, keep=2)
+    save_checkpoint(Saves(), tmp_path, 3, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["iter_00001", "iter_00003", "latest"]
