@@ -19,6 +19,8 @@ from pathlib import Path
 from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, add_cluster_arguments,
                                 check_output, cluster_settings, parse_eps, positive_int,
                                 run_failure)
+from marl_fgmf.io import atomic_write_text
+from marl_fgmf.workflows.remote import audit_job, run_remote
 
 
 def _int_list(text: str) -> list[int]:
@@ -53,9 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _audit_on_cluster(args: argparse.Namespace, settings: dict, address: str | None,
                       runtime_env: dict | None) -> dict:
     """The audit as one Ray task: the driver loads the policy and ships its weights."""
-    from agents.ray_session import ensure_ray
-    from marl_fgmf.audit import AuditReport, load_audit_target
-    from marl_fgmf.workflows.remote import audit_job, run_remote
+    from agents.ray_session import ensure_ray  # lazy: agents imports torch (1 s)
+    from marl_fgmf.audit import AuditReport, load_audit_target  # lazy: torch, attacks (2 s)
     policy, env_name, env_kwargs = load_audit_target(args.checkpoint, args.env,
                                                      args.env_kwargs, args.policy_id)
     spec = {"env": env_name, "env_kwargs": env_kwargs, "policy_id": args.policy_id,
@@ -68,16 +69,17 @@ def _audit_on_cluster(args: argparse.Namespace, settings: dict, address: str | N
         raise run_failure(exc) from exc
     finally:
         if started:
-            import ray
+            import ray  # lazy: Ray (0.4 s) stays out of CLI start-up
             ray.shutdown()
     return {name: AuditReport.from_dict(rep) for name, rep in values["audit"].items()}
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from marl_fgmf.io import atomic_write_text
-    from envs import list_envs
-    from marl_fgmf.audit import audit_checkpoint
+    # lazy: torch and the attacks (2 s) and the envs (numpy, PettingZoo) stay out of
+    # `marl-fgmf audit --help`
+    import torch  # lazy: see above
+    from envs import list_envs  # lazy: see above
+    from marl_fgmf.audit import audit_checkpoint  # lazy: see above
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if args.env is not None and args.env not in list_envs():
         raise UsageError(f"unknown env {args.env!r}; allowed: {', '.join(list_envs())}")
