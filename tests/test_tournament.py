@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agents.train import TrainConfig, train
+from marl_fgmf.tournament import driver
 from marl_fgmf.tournament import (ConfigError, Match, MatchLog, TournamentConfig,
                                   TournamentResult, build_leaderboard, format_leaderboard,
                                   run_tournament)
@@ -94,11 +95,18 @@ def test_tiny_tournament_runs_on_ray_and_writes_everything(defenders, tmp_path):
     assert (out / "audit_none.json").stat().st_mtime_ns == mtime
 
 
-def test_crash_after_first_matches_then_resume_completes_without_duplicates(defenders, tmp_path):
+def test_crash_after_first_matches_then_resume_completes_without_duplicates(
+        defenders, tmp_path, monkeypatch):
+    def crash(written: int) -> None:
+        if written >= 3:
+            raise RuntimeError(f"test hook: stopping after {written} matches")
+
     cfg = TournamentConfig.from_dict(tiny_config(defenders))
     out = tmp_path / "t"
-    with pytest.raises(RuntimeError, match="test hook"):
-        run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None, _fail_after=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "after_match_written", crash)
+        with pytest.raises(RuntimeError, match="test hook"):
+            run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)
     first = jsonl(out / "matches.jsonl")
     assert len(first) == 3, "the crash must come after exactly the matches written"
     result = run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)

@@ -42,6 +42,7 @@ def _errors(lines: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the tournament imports torch, attacks and agents; `marl-fgmf --help` must not
     from marl_fgmf.tournament import (ConfigError, TournamentConfig, TournamentError,
                                       format_leaderboard, run_tournament)
     try:
