@@ -103,6 +103,7 @@ def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
         CheckpointError: missing, partial or corrupt checkpoint (the message names the path).
         ValueError: unknown or ambiguous ``module_id`` (the message lists the valid ones).
     """
+    # lazy: RLlib (seconds) stays out of CLI start-up and of attacks/explainers' imports
     from ray.rllib.core.rl_module.rl_module import RLModule
     root = resolve_module_root(checkpoint_dir)
     ids = policy_ids(root)

@@ -16,7 +16,12 @@ fails before Ray starts, with a message naming the setting and its range.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from marl_fgmf.adv_training import AdvTrainingConfig
+from marl_fgmf.scorpio import ScorpioConfig
+from marl_fgmf.sgam import SGAMConfig
 
 COMPONENTS = {
     "none": (),
@@ -48,13 +53,10 @@ def build_defense_settings(defense: str, settings: dict[str, Any] | None, arch: 
     learner: dict[str, Any] = {"defense": defense}
     sgam_settings = None
     if "scorpio" in enabled:
-        from marl_fgmf.scorpio import ScorpioConfig
         learner["scorpio"] = _checked(ScorpioConfig, settings.get("scorpio", {}), "scorpio")
     if "adv" in enabled:
-        from marl_fgmf.adv_training import AdvTrainingConfig
         learner["adv"] = _checked(AdvTrainingConfig, settings.get("adv", {}), "adv")
     if "sgam" in enabled:
-        from marl_fgmf.sgam import SGAMConfig
         sgam_all = dict(settings.get("sgam", {}))
         distill_weight = float(sgam_all.pop("distill_weight", 1.0))
         if distill_weight < 0:
@@ -70,7 +72,6 @@ def build_defense_settings(defense: str, settings: dict[str, Any] | None, arch: 
 
 
 def _checked(cls, values: dict[str, Any], component: str) -> dict[str, Any]:
-    import dataclasses
     names = {f.name for f in dataclasses.fields(cls)}
     bad = set(values) - names
     if bad:

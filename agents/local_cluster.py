@@ -15,6 +15,7 @@ Ray sessions on the machine are left alone.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -69,7 +70,6 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         # with ray[client] installed every head starts a client server (on 10001 unless told
         # otherwise): give each cluster its own port so that clusters can run side by side
-        import importlib.util
         if client_server and importlib.util.find_spec("grpc") is None:
             raise RuntimeError("client_server=True needs Ray Client: pip install 'ray[client]'")
         self._wait_client = client_server

@@ -17,6 +17,7 @@ from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from agents.networks import PolicyNetwork, make_policy_network
+from marl_fgmf.sgam import attach_sgam
 
 
 def build_network(obs_shape, n_actions: int, model_config: dict[str, Any]) -> PolicyNetwork:
@@ -25,7 +26,6 @@ def build_network(obs_shape, n_actions: int, model_config: dict[str, Any]) -> Po
                               **dict(model_config.get("net", {})))
     sgam_settings = model_config.get("sgam")
     if sgam_settings:
-        from marl_fgmf.sgam import attach_sgam
         attach_sgam(net, **dict(sgam_settings))
     return net
 

@@ -8,6 +8,8 @@ import math
 import numbers
 from typing import Any
 
+from envs import make_env
+
 __all__ = ["SettingError", "check_env_settings", "check_int_setting", "check_number_setting",
            "is_int"]
 
@@ -62,7 +64,6 @@ def check_env_settings(env: str, kwargs: Any) -> None:
     """Build ``env`` once with ``kwargs`` (then close it): an unknown setting, a value of the
     wrong type or range, or one too large for memory raises one :class:`SettingError`
     naming the env and the setting. Successful settings are remembered (no second build)."""
-    from envs import make_env
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise SettingError("env_kwargs", f"env_kwargs must be a JSON object of settings "
                            f"(name: value), got {kwargs!r}")
