@@ -12,8 +12,10 @@ from torch import nn
 
 from agents import make_policy_network
 from marl_fgmf.attribution import integrated_gradients
-from marl_fgmf.scorpio import (ScorpioConfig, compute_exploitable_subspace, double_backward_safe,
-                               exploitable_mask, hvp, scorpio_regularizer, select_sub_batch)
+from marl_fgmf.scorpio import (ExploitableSubspace, IterationSubspaces, ScorpioConfig,
+                               compute_exploitable_subspace, double_backward_safe,
+                               exploitable_mask, hvp, row_keys, scorpio_regularizer,
+                               select_keyed_rows, select_sub_batch)
 
 OBS = (9, 9, 3)
 SMALL = {
@@ -358,3 +360,78 @@ def test_regularizer_through_an_sgam_layer(arch):
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+# ----------------------------------------------------------- rows of a training iteration
+
+def test_row_keys_follow_content_and_salt():
+    x = obs_batch(6, dtype=torch.float32)
+    x[4] = x[1]  # a duplicate row
+    keys = row_keys(x, salt=3)
+    assert len(keys) == 6 and keys[4] == keys[1] and len(set(keys)) == 5
+    assert row_keys(x[[1, 0]], salt=3) == [keys[1], keys[0]]       # any slicing, same key
+    assert row_keys(x, salt=4)[0] != keys[0]                        # a new salt: a new draw
+    y = x.clone()
+    y[0, 0, 0, 0] += 1e-6                                           # one value changed
+    assert row_keys(y, salt=3)[0] != keys[0] and row_keys(y, salt=3)[1:] == keys[1:]
+
+
+def test_keyed_draw_is_a_fraction_at_least_one_at_most_the_cap():
+    x = torch.rand(4000, 2, 2, 1, generator=torch.Generator().manual_seed(0))
+    keys = row_keys(x, salt=0)
+    cfg = ScorpioConfig(reg_fraction=0.1)
+    drawn = select_keyed_rows(keys, cfg)
+    sd = math.sqrt(4000 * 0.1 * 0.9)
+    assert abs(len(drawn) - 400) < 4 * sd and drawn == sorted(drawn)
+    assert select_keyed_rows(keys, ScorpioConfig(reg_fraction=1.0)) == list(range(4000))
+    capped = select_keyed_rows(keys, ScorpioConfig(reg_fraction=0.1, max_reg_samples=7))
+    assert len(capped) == 7 and set(capped) <= set(drawn)
+    tiny = ScorpioConfig(reg_fraction=1e-9)                 # nothing falls below: the lowest key
+    lowest = min(range(5), key=lambda i: int.from_bytes(keys[i], "little"))
+    assert select_keyed_rows(keys[:5], tiny) == [lowest]
+    # a minibatch draws the rows the whole batch draws among its rows (slicing-invariant)
+    part = select_keyed_rows(keys[1000:2000], cfg)
+    assert [i + 1000 for i in part] == [i for i in drawn if 1000 <= i < 2000]
+    with pytest.raises(ValueError, match="at least one row"):
+        select_keyed_rows([], cfg)
+
+
+def test_iteration_penalizes_the_minibatch_rows_and_computes_each_subspace_once():
+    net = make_net()
+    cfg = ScorpioConfig(reg_fraction=0.25, lambda_curv=1.0, lambda_grad=1.0)
+    x = obs_batch(64)
+    rows = IterationSubspaces(cfg, salt=11)
+    drawn = select_keyed_rows(row_keys(x, 11), cfg)
+    first, second = x[:32], x[32:]
+    reg1, info1 = rows.penalty(net, first)
+    d1 = [i for i in drawn if i < 32]
+    assert info1["reg_samples"] == len(d1) == info1["new_subspace_rows"] == rows.computed_rows
+    # R is scorpio_regularizer on exactly the drawn rows of that minibatch
+    ref, _ = scorpio_regularizer(net, None, cfg, compute_exploitable_subspace(net, x[d1], cfg))
+    assert torch.allclose(reg1, ref, rtol=1e-10)
+    reg2, info2 = rows.penalty(net, second)
+    assert info2["reg_samples"] == len([i for i in drawn if i >= 32])
+    assert rows.computed_rows == len(drawn) == len(rows)
+    # a later epoch, shuffled: the same rows, no new subspace, the same R at equal parameters
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(5))
+    reg3, info3 = rows.penalty(net, first[perm])
+    assert info3["new_subspace_rows"] == 0 and rows.computed_rows == len(drawn)
+    assert torch.allclose(reg3, reg1, rtol=1e-10)
+    # the subspace is the one computed at first sight, not recomputed at new parameters
+    with torch.no_grad():
+        net.pi.weight.mul_(2.0)
+    rows.penalty(net, first)
+    assert rows.computed_rows == len(drawn)
+    # another iteration (salt) draws other rows
+    assert select_keyed_rows(row_keys(x, 12), cfg) != drawn
+
+
+def test_subspace_rows_and_cat():
+    net = make_net()
+    x = obs_batch(5)
+    sub = compute_exploitable_subspace(net, x, ScorpioConfig())
+    again = ExploitableSubspace.cat([sub.rows([3]), sub.rows([0, 1])])
+    for field in ("obs", "actions", "mask", "direction"):
+        assert torch.equal(getattr(again, field), getattr(sub, field)[[3, 0, 1]])
+    with pytest.raises(ValueError, match="at least one"):
+        ExploitableSubspace.cat([])

@@ -1,68 +1,5 @@
-"""SCOR-PIO 2.0: curvature regularization on the exploitable subspace (torch only).
-
-SCOR-PIO penalizes the input curvature (and, optionally, the input gradient) of the attacker
-loss only along the coordinates an attacker would use and the decision does not rest on.
-It is the contract of DESIGN.md section 3; the RLlib Learner adds ``R`` to the PPO loss.
-
-Notation: logits ``z = f(x)``, ``pi = softmax(z)``, greedy action ``a* = argmax pi(x)``
-(detached), attacker loss ``l(x) = -log pi(a* | x)``; ``x`` is (B, H, W, C) in [0, 1].
-
-For a sub-batch (fraction ``reg_fraction`` of the minibatch, at most ``max_reg_samples``):
-
-1. ``g = grad_x l(x)``; ``A = |IG(x)|`` with ``ig_steps`` right-Riemann steps, baseline 0
-   (Integrated Gradients, Sundararajan, Taly and Yan, ICML 2017).
-2. Exploitable mask ``M = top_rho(|g|) AND NOT top_rho_salient(A)`` per sample: high
-   sensitivity, low contribution (:func:`exploitable_mask`).
-3. Direction ``v = M * sign(g) / ||M * sign(g)||_2``, optionally refined by ``power_iters``
-   power-iteration steps ``v <- normalize(M * Hv)`` toward the top curvature direction of the
-   Hessian restricted to the subspace.
-4. ``Hv`` by Pearlmutter's trick (Pearlmutter, "Fast exact multiplication by the Hessian",
-   Neural Computation 1994): the exact Hessian-vector product as the gradient of
-   ``<grad_x l, v>`` (double backward), never forming the Hessian (:func:`hvp`).
-5. ``R = lambda_curv * mean_i ||M_i * (H v)_i||^2 + lambda_grad * mean_i ||M_i * g_i||^2``,
-   differentiable w.r.t. the policy parameters (both terms are built with ``create_graph``).
-
-The curvature term follows CURE (Moosavi-Dezfooli, Fawzi, Uesato and Frossard, "Robustness via
-curvature regularization, and vice versa", CVPR 2019), which penalizes ``||H z||^2`` along
-``z ~ sign(g)`` (by finite differences; here exactly), and the local-linearity regularizer LLR
-(Qin et al., "Adversarial robustness through local linearization", NeurIPS 2019), which pairs
-a curvature term with a gradient term. SCOR-PIO's change is the mask ``M``: the penalty acts on
-the coordinates that are sensitive but not salient by IG, so the features the policy relies on
-are left free while the directions an attacker would write into are flattened.
-
-**Cost** (one "pass" = one forward + backward of the policy over the sub-batch of ``n`` rows):
-
-* :func:`compute_exploitable_subspace` (on the rows it is given): ``1`` (``g`` and ``a*``
-  from one forward/backward) ``+ ig_steps`` (IG) ``+ power_iters`` (one HVP each).
-* :func:`scorpio_regularizer` with a precomputed subspace: ``3`` passes, the forward/backward
-  that builds ``g`` with its graph, the double backward for ``Hv``, and the caller's backward
-  of ``R`` through that graph.
-* :func:`scorpio_regularizer` without a subspace: ``ig_steps + 3`` passes (``+ power_iters``),
-  since ``g`` is computed once, with its graph, and reused for the mask.
-
-The last two passes traverse higher-order graphs and are dearer than plain ones: measured on
-the default CNN (one CPU core), the whole penalty costs about 14 plain forward/backward passes,
-or 8-9 PPO minibatch steps, per regularized row. Either way the cost is a constant factor times
-a backward pass on ``n = reg_fraction * B`` rows, so the overhead ratio over PPO does not grow
-with the batch size (measured flat within 10% from B = 128 to 512). The Learner should select the rows
-(:func:`select_sub_batch`), compute their subspace ONCE per training iteration
-(:func:`compute_exploitable_subspace`) and reuse it across SGD epochs and minibatches: ``R`` is
-then re-evaluated at the current parameters on those rows for 3 passes per SGD step.
-``scripts/profile_scorpio.py`` measures the ratios.
-
-Networks need smooth activations (SiLU, GELU): a ReLU network's input Hessian is zero except
-through the softmax (NOTES-rllib.md, pitfall 7). Attention layers are evaluated with PyTorch's
-math SDPA kernel wherever a double backward follows, because the fused CPU/GPU attention
-kernels have no second derivative. ``torch.compile`` cannot be used on this loss (pitfall 9).
-
-Example:
-    >>> cfg = ScorpioConfig()
-    >>> rows = obs[select_sub_batch(len(obs), cfg)]                      # once per iteration
-    >>> subspace = compute_exploitable_subspace(policy, rows, cfg)
-    >>> reg, info = scorpio_regularizer(policy, None, cfg, subspace)     # every SGD step
-    >>> (ppo_loss + reg).backward()
-    >>> reg, info = scorpio_regularizer(policy, obs, cfg)  # all in one: select, mask, R
-"""
+"""SCOR-PIO 2.0's maths: the exploitable subspace, Pearlmutter's HVP and the penalty R
+(the package docstring, :mod:`marl_fgmf.scorpio`, states the algorithm and its cost)."""
 from __future__ import annotations
 
 import contextlib
@@ -92,7 +29,7 @@ def double_backward_safe() -> Iterator[None]:
     Only the forward needs the context: the backward replays the ops that were recorded.
     """
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # lazy: torch >= 2.3 only
     except ImportError:  # pragma: no cover - torch < 2.3
         yield
         return
@@ -133,8 +70,9 @@ class ScorpioConfig:
     """Power-iteration refinements of ``v`` (>= 0); each costs one HVP pass, so the default
     keeps the cost within ``ig_steps + 3`` passes; the sign direction is CURE's choice."""
     reg_fraction: float = 0.0625
-    """Fraction in (0, 1] of the minibatch rows the penalty is computed on (at least 1 row);
-    1/16 keeps the update-time ratio near 1.6 (see above)."""
+    """Fraction in (0, 1] of the minibatch rows the penalty is computed on (at least 1 row;
+    in training a content-based draw of about this fraction of each minibatch, see
+    :class:`IterationSubspaces`); 1/16 keeps the update-time ratio near 1.6 (see above)."""
     max_reg_samples: int | None = None
     """Optional cap (>= 1) on the sub-batch rows, for a fixed absolute cost on large batches."""
     ig_internal_batch_size: int | None = None
@@ -203,6 +141,20 @@ class ExploitableSubspace:
     def to(self, device: torch.device | str) -> "ExploitableSubspace":
         return ExploitableSubspace(self.obs.to(device), self.actions.to(device),
                                    self.mask.to(device), self.direction.to(device))
+
+    def rows(self, index: torch.Tensor | list[int]) -> "ExploitableSubspace":
+        """The subspace of the rows ``index`` (a new object; tensors indexed, not copied twice)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.obs.device)
+        return ExploitableSubspace(self.obs[index], self.actions[index], self.mask[index],
+                                   self.direction[index])
+
+    @staticmethod
+    def cat(parts: list["ExploitableSubspace"]) -> "ExploitableSubspace":
+        """The rows of ``parts``, in order, as one subspace."""
+        if not parts:
+            raise ValueError("cat needs at least one subspace")
+        return ExploitableSubspace(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                     ("obs", "actions", "mask", "direction")))
 
 
 def hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,

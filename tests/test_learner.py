@@ -1,0 +1,221 @@
+"""The FGMF PPO learner (agents.learner) on a real RLlib Learner, built locally (no Ray actors).
+
+What it must do (DESIGN.md section 3): the loss is RLlib's PPO loss plus the FGMF terms, with
+the terms in the gradient; SCOR-PIO penalizes about ``reg_fraction`` of the rows of each
+minibatch, each drawn row's subspace computed once per iteration; the per-iteration state is
+dropped after each update (a fresh draw next iteration); ``LOSS_MASK``-ed rows never reach a
+term; everything is logged under ``fgmf_*``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+import agents.learner as learner_module
+import marl_fgmf.scorpio.iteration as iteration
+from agents.learner import FGMFPPOTorchLearner
+from agents.train import TrainConfig, build_algo_config, env_spaces
+from marl_fgmf.scorpio import row_keys, select_keyed_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N, MINIBATCH, EPOCHS = 96, 32, 2
+SCORPIO = {"reg_fraction": 0.25, "lambda_curv": 1.0, "lambda_grad": 100.0}
+
+
+def make_learner(defense: str = "scorpio", settings: dict | None = None):
+    cfg = TrainConfig(env="beacon", defense=defense, train_batch_size=N,
+                      minibatch_size=MINIBATCH, num_epochs=EPOCHS,
+                      defense_settings=settings if settings is not None else
+                      {"scorpio": dict(SCORPIO)})
+    algo_config = build_algo_config(cfg)
+    agents, obs_space, act_space = env_spaces(cfg)
+    spaces = {"__env__": (obs_space, act_space), **{a: (obs_space, act_space) for a in agents}}
+    learner = algo_config.build_learner(env=None, spaces=spaces)
+    learner.build()
+    assert isinstance(learner, FGMFPPOTorchLearner)
+    return learner, obs_space, act_space
+
+
+def train_batch(obs_space, act_space, seed: int = 0, mask: np.ndarray | None = None):
+    rng = np.random.default_rng(seed)
+    obs = rng.integers(0, 256, size=(N,) + obs_space.shape).astype(obs_space.dtype)
+    n_act = act_space.n
+    data = {Columns.OBS: obs, Columns.ACTIONS: rng.integers(0, n_act, N),
+            Columns.ACTION_LOGP: np.full(N, -np.log(n_act), dtype=np.float32),
+            Columns.ACTION_DIST_INPUTS: np.zeros((N, n_act), np.float32),
+            "advantages": rng.standard_normal(N).astype(np.float32),
+            "value_targets": rng.standard_normal(N).astype(np.float32),
+            Columns.VF_PREDS: np.zeros(N, np.float32),
+            Columns.LOSS_MASK: np.ones(N, bool) if mask is None else mask}
+    return MultiAgentBatch({"shared": SampleBatch(data)}, env_steps=N)
+
+
+def update(learner, batch):
+    return learner.update(batch=batch, minibatch_size=MINIBATCH, num_epochs=EPOCHS,
+                          shuffle_batch_per_epoch=True,
+                          timesteps={"num_env_steps_sampled_lifetime": N})
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records, per SGD step: the minibatch's unmasked observations (scaled) and the rows R
+    was evaluated on."""
+    steps: list[dict] = []
+    real_loss = FGMFPPOTorchLearner.compute_loss_for_module
+    real_reg = iteration.scorpio_regularizer
+
+    def loss(self, **kw):
+        batch = kw["batch"]
+        obs = self.module[kw["module_id"]].unwrapped().scale_obs(batch[Columns.OBS])
+        steps.append({"obs": obs[batch[Columns.LOSS_MASK].bool()].detach().clone(),
+                      "penalized": []})
+        return real_loss(self, **kw)
+
+    def reg(policy, obs, config, subspace=None):
+        steps[-1]["penalized"].append(subspace.obs.detach().clone())
+        return real_reg(policy, obs, config, subspace=subspace)
+
+    monkeypatch.setattr(FGMFPPOTorchLearner, "compute_loss_for_module", loss)
+    monkeypatch.setattr(iteration, "scorpio_regularizer", reg)
+    return steps
+
+
+def keys_of(x: torch.Tensor) -> set[bytes]:
+    return set(row_keys(x, salt=0))
+
+
+def test_loss_is_ppo_plus_r_with_r_in_the_gradient(monkeypatch):
+    # R is ~1e-10 at PPO's near-uniform init: large weights make its gradient comparable
+    learner, obs_space, act_space = make_learner(
+        settings={"scorpio": {**SCORPIO, "lambda_curv": 1e5, "lambda_grad": 1e5}})
+    batch = train_batch(obs_space, act_space)
+    checked = []
+    real = FGMFPPOTorchLearner.compute_loss_for_module
+
+    def check(self, **kw):
+        total = real(self, **kw)
+        ppo = PPOTorchLearner.compute_loss_for_module(self, **kw)
+        module = self.module[kw["module_id"]].unwrapped()
+        obs = module.scale_obs(kw["batch"][Columns.OBS]).detach()
+        # the same iteration object, the same minibatch: the same rows and subspace
+        r, _ = self._fgmf_cache[kw["module_id"]].penalty(module.net, obs)
+        params = [p for p in module.parameters() if p.requires_grad]
+        g_total = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        g_ppo = torch.autograd.grad(ppo, params, retain_graph=True, allow_unused=True)
+        g_r = torch.autograd.grad(r, params, retain_graph=True, allow_unused=True)
+        zero = torch.zeros(())
+        flat = [torch.cat([(g if g is not None else zero.expand_as(p)).flatten()
+                           for g, p in zip(gs, params)]) for gs in (g_total, g_ppo, g_r)]
+        checked.append((float(total.detach()), float(ppo.detach()), float(r.detach()), *flat))
+        return total
+
+    monkeypatch.setattr(FGMFPPOTorchLearner, "compute_loss_for_module", check)
+    update(learner, batch)
+    assert len(checked) == EPOCHS * N // MINIBATCH
+    for total, ppo, r, g_total, g_ppo, g_r in checked:
+        assert r > 0 and total == pytest.approx(ppo + r, rel=1e-5, abs=1e-7)
+        assert g_r.norm() > 1e-3 * g_ppo.norm()                 # R moves the parameters
+        assert torch.allclose(g_total, g_ppo + g_r, rtol=1e-4, atol=1e-6)
+
+
+def test_each_step_penalizes_rows_of_its_own_minibatch_subspaces_once_per_iteration(spy):
+    learner, obs_space, act_space = make_learner()
+    batch = train_batch(obs_space, act_space)
+    res = update(learner, batch)
+    assert learner._fgmf_cache == {}  # the iteration's state is dropped after the update
+    steps = spy
+    assert len(steps) == EPOCHS * N // MINIBATCH
+    n_expected = SCORPIO["reg_fraction"] * MINIBATCH
+    penalized_sets = []
+    for step in steps:
+        assert len(step["penalized"]) == 1
+        pen = keys_of(step["penalized"][0])
+        assert pen and pen <= keys_of(step["obs"])            # rows of its own minibatch
+        assert 1 <= len(pen) <= 3 * n_expected
+        penalized_sets.append(pen)
+    per_epoch = N // MINIBATCH
+    first_epoch = penalized_sets[:per_epoch]
+    # different minibatches, different rows (the old learner used one set for every step)
+    assert all(not (a & b) for i, a in enumerate(first_epoch) for b in first_epoch[i + 1:])
+    drawn = set().union(*penalized_sets)
+    assert set().union(*penalized_sets[per_epoch:]) == set().union(*first_epoch) == drawn
+    # the logged count of computed subspaces: each drawn row once, all in the first epoch
+    assert res["shared"]["fgmf_scorpio_new_subspace_rows"].peek() == 0  # last step: reused
+    # a second update draws afresh (new salt): other rows
+    spy.clear()
+    update(learner, batch)
+    assert set().union(*(keys_of(s["penalized"][0]) for s in spy)) != drawn
+
+
+def test_subspace_is_computed_once_per_drawn_row(monkeypatch):
+    learner, obs_space, act_space = make_learner()
+    computed = []
+    real = iteration.compute_exploitable_subspace
+
+    def counting(policy, obs, config, actions=None):
+        computed.append(obs.shape[0])
+        return real(policy, obs, config, actions)
+
+    monkeypatch.setattr(iteration, "compute_exploitable_subspace", counting)
+    batch = train_batch(obs_space, act_space)
+    salts = []
+    real_rows = FGMFPPOTorchLearner._iteration_rows
+
+    def rows(self, module_id):
+        out = real_rows(self, module_id)
+        salts.append(out.salt)
+        return out
+
+    monkeypatch.setattr(FGMFPPOTorchLearner, "_iteration_rows", rows)
+    update(learner, batch)
+    assert len(set(salts)) == 1
+    obs = torch.as_tensor(batch.policy_batches["shared"][Columns.OBS])
+    scaled = learner.module["shared"].unwrapped().scale_obs(obs)
+    drawn = select_keyed_rows(row_keys(scaled, salts[0]), learner._scorpio_cfg)
+    # each drawn row of the train batch computed exactly once (minibatches may add the
+    # at-least-one fallback row of a minibatch without a drawn row)
+    assert sum(computed) >= len(drawn) and sum(computed) <= len(drawn) + N // MINIBATCH
+    assert 1 <= len(computed) <= N // MINIBATCH  # only first-epoch steps compute
+
+
+def test_loss_mask_rows_never_reach_a_term(spy, monkeypatch):
+    learner, obs_space, act_space = make_learner(
+        "fgmf", {"scorpio": {**SCORPIO, "reg_fraction": 1.0}})
+    mask = np.zeros(N, bool)
+    mask[::2] = True
+    batch = train_batch(obs_space, act_space, mask=mask)
+    obs = batch.policy_batches["shared"][Columns.OBS]
+    scale = learner.module["shared"].unwrapped().scale_obs
+    masked = keys_of(scale(torch.as_tensor(obs[~mask])))
+    kept = keys_of(scale(torch.as_tensor(obs[mask])))
+    sgam_rows = []
+    real_sgam = learner_module.sgam_distillation_loss
+
+    def sgam(filt, policy, rows, **kw):
+        sgam_rows.append(rows.detach().clone())
+        return real_sgam(filt, policy, rows, **kw)
+
+    monkeypatch.setattr(learner_module, "sgam_distillation_loss", sgam)
+    update(learner, batch)
+    for step in spy:
+        pen = keys_of(step["penalized"][0])
+        # reg_fraction 1: every unmasked row of the minibatch, no masked one
+        assert pen == keys_of(step["obs"]) and pen <= kept and not pen & masked
+    assert sgam_rows and all(not keys_of(r) & masked for r in sgam_rows)
+
+
+def test_terms_are_logged_once_per_module_under_fgmf_keys():
+    learner, obs_space, act_space = make_learner("fgmf+adv", {
+        "scorpio": dict(SCORPIO), "adv": {"steps": 1, "max_reg_samples": 4}})
+    res = update(learner, train_batch(obs_space, act_space))["shared"]
+    keys = {k for k in res if k.startswith("fgmf_")}
+    assert {"fgmf_scorpio_R", "fgmf_scorpio_reg_samples", "fgmf_scorpio_new_subspace_rows",
+            "fgmf_sgam_distill_loss", "fgmf_extra_loss"} <= keys
+    assert any(k.startswith("fgmf_") and "kl" in k for k in keys), keys
+    r = res["fgmf_scorpio_R"].peek()
+    assert r > 0 and res["fgmf_extra_loss"].peek() >= r
