@@ -8,6 +8,7 @@ either the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
 import os
 from pathlib import Path
@@ -84,7 +85,6 @@ class DirLock:
         self._fh: Any = None
 
     def __enter__(self) -> "DirLock":
-        import fcntl
         self._fh = open(self.path, "a+")
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,7 +96,6 @@ class DirLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import fcntl
         if self._fh is not None:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
