@@ -49,8 +49,17 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+ADDED = ("bpda", "eot")  # added for the SGAM-filtered fgmf defender (the configs list neither)
+
+
 def expected_keys(cfg: TournamentConfig) -> set[str]:
-    return {m.key for m in cfg.matches()}
+    """The config's matches, plus bpda and eot for every defender that is an fgmf run."""
+    keys = {m.key for m in cfg.matches()}
+    for d in cfg.defenders:
+        if d.name == "fgmf" or (d.train or {}).get("defense") == "fgmf":
+            keys |= {Match(d.name, a, e, s).key for a in ADDED for e in cfg.eps
+                     for s in cfg.seeds}
+    return keys
 
 
 # ---------------------------------------------------------------------- a whole tournament
@@ -59,8 +68,18 @@ def test_tiny_tournament_runs_on_ray_and_writes_everything(defenders, tmp_path):
     out = tmp_path / "t"
     result = run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)
     records = jsonl(out / "matches.jsonl")
-    assert len(records) == 2 * 3 + 2 == len(cfg.matches())
+    assert len(records) == 2 * 3 + 2 + 2 == len(expected_keys(cfg))
     assert {r["key"] for r in records} == expected_keys(cfg)
+    added = {r["key"] for r in records if r["added"]}
+    assert added == {"fgmf|bpda|0.03137254902|0", "fgmf|eot|0.03137254902|0"}, added
+    by_key = {r["key"]: r for r in records}
+    bpda, eot = by_key["fgmf|bpda|0.03137254902|0"], by_key["fgmf|eot|0.03137254902|0"]
+    # through the filter, with the config's pgd3 budget
+    assert bpda["attack_settings"]["attack"] == "bpda"
+    assert bpda["attack_settings"]["preprocess"] == "input_filter"
+    assert bpda["attack_settings"]["inner"]["steps"] == 3
+    assert eot["attack_settings"]["attack"] == "eot"
+    assert eot["attack_settings"]["inner"]["attack"] == "bpda"
     assert all(r["pid"] != os.getpid() for r in records), "matches must run in Ray workers"
     for r in records:
         assert r["episodes"] == 2 and len(r["team_returns"]) == 2
@@ -73,7 +92,16 @@ def test_tiny_tournament_runs_on_ray_and_writes_everything(defenders, tmp_path):
                  "robust_vs_eps.png", "audit_none.json", "audit_fgmf.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     board = json.loads((out / "leaderboard.json").read_text())
-    assert board["complete"] and [r["rank"] for r in board["defenders"]] == [1, 2]
+    assert board["complete"] and board["matches_total"] == len(records)
+    assert [r["rank"] for r in board["defenders"]] == [1, 2]
+    robust = [r["robust"]["8/255"]["mean"] for r in board["defenders"]]
+    assert robust == sorted(robust, reverse=True), "ranks must follow the robust return"
+    assert board["attackers"] == ["fgsm", "pgd3", "random"]
+    assert board["added_attackers"] == list(ADDED)
+    rows = {r["defender"]: r for r in board["defenders"]}
+    assert rows["fgmf"]["added"] == list(ADDED) and rows["none"]["added"] == []
+    assert set(rows["fgmf"]["cells"]["8/255"]) == {"fgsm", "pgd3", "random", *ADDED}
+    assert set(rows["none"]["cells"]["8/255"]) == {"fgsm", "pgd3", "random"}
     for row in board["defenders"]:
         cells = row["cells"]["8/255"]
         worst = min(cells, key=lambda a: cells[a]["mean"])
@@ -81,6 +109,8 @@ def test_tiny_tournament_runs_on_ray_and_writes_everything(defenders, tmp_path):
         assert row["audited"] and isinstance(row["flagged"], bool)
     report = (out / "report.md").read_text()
     assert "Gradient-masking audit" in report and "heatmap_eps8_255.png" in report
+    assert "**Added**: bpda, eot" in report and "| fgmf | eot (added) | 8/255 |" in report
+    assert "| none | bpda" not in report
     table = format_leaderboard(result.leaderboard)
     assert "robust@8/255" in table and "none" in table and "fgmf" in table
     audit = json.loads((out / "audit_fgmf.json").read_text())
@@ -90,7 +120,7 @@ def test_tiny_tournament_runs_on_ray_and_writes_everything(defenders, tmp_path):
     before = (out / "matches.jsonl").read_bytes()
     mtime = (out / "audit_none.json").stat().st_mtime_ns
     again = run_tournament(cfg, out, workers=2, progress=False, log=lambda m: None)
-    assert again.played == 0 and again.skipped == len(cfg.matches())
+    assert again.played == 0 and again.skipped == len(expected_keys(cfg))
     assert (out / "matches.jsonl").read_bytes() == before
     assert (out / "audit_none.json").stat().st_mtime_ns == mtime
 
@@ -114,7 +144,7 @@ def test_crash_after_first_matches_then_resume_completes_without_duplicates(
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)), "a match was played twice"
     assert set(keys) == expected_keys(cfg), "a match is missing"
-    assert result.skipped == 3 and result.played == len(cfg.matches()) - 3
+    assert result.skipped == 3 and result.played == len(expected_keys(cfg)) - 3
     assert records[:3] == first, "finished matches must not be rewritten"
 
     # a crash mid-write leaves a truncated last line: reported, set aside, and replayed
@@ -123,7 +153,7 @@ def test_crash_after_first_matches_then_resume_completes_without_duplicates(
     (out / "matches.jsonl").write_bytes(data[:-40])
     warnings: list[str] = []
     result = run_tournament(cfg, out, workers=2, progress=False, log=warnings.append)
-    n = len(cfg.matches())
+    n = len(expected_keys(cfg))
     assert any(f"line {n} is truncated" in w for w in warnings), warnings
     assert result.played == 1
     records = jsonl(out / "matches.jsonl")
@@ -155,7 +185,7 @@ def test_killed_cli_tournament_resumes(defenders, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray with it
     proc.wait(timeout=60)
     done_before = len(jsonl(log))
-    assert 1 <= done_before < len(TournamentConfig.from_file(cfg_path).matches())
+    assert 1 <= done_before < len(expected_keys(TournamentConfig.from_file(cfg_path)))
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming: {done_before} of" in rerun.stdout
@@ -170,7 +200,8 @@ PGD3 = {"name": "pgd3", "attack": "pgd", "settings": {"steps": 3}}
 
 
 def small_config(defenders: dict[str, Path], **extra) -> dict:
-    """Two defenders x (fgsm, pgd3) + clean = 6 matches of one episode, no audit."""
+    """Two defenders x (fgsm, pgd3) + clean, and bpda + eot added for fgmf: 8 matches of one
+    episode, no audit."""
     return tiny_config(defenders, **{"attackers": ["fgsm", PGD3], "episodes": 1, **extra})
 
 
@@ -189,11 +220,11 @@ def test_rerun_unchanged_reuses_every_match_and_replays_a_record_without_fingerp
     out = tmp_path / "t"
     conf = small_config(defenders)
     first, line = play(conf, out)
-    assert line == "0 reused, 0 replayed (settings changed), 6 new"
-    assert (first.reused, first.replayed, first.new, first.played) == (0, 0, 6, 6)
+    assert line == "0 reused, 0 replayed (settings changed), 8 new"
+    assert (first.reused, first.replayed, first.new, first.played) == (0, 0, 8, 8)
     records = jsonl(out / "matches.jsonl")
     assert all(len(r["fingerprint"]) == 64 for r in records)
-    assert len({r["fingerprint"] for r in records}) == 6
+    assert len({r["fingerprint"] for r in records}) == 8
     hashes = {r["defender"]: r["defender_hash"] for r in records}
     assert len(hashes) == 2 and len(set(hashes.values())) == 2
     assert all(r["defender_hash"] == hashes[r["defender"]] for r in records)
@@ -201,9 +232,9 @@ def test_rerun_unchanged_reuses_every_match_and_replays_a_record_without_fingerp
     # (a) nothing changed: everything reused, the log untouched
     before = (out / "matches.jsonl").read_bytes()
     again, line = play(conf, out)
-    assert line == "6 reused, 0 replayed (settings changed), 0 new"
-    assert (again.reused, again.replayed, again.new) == (6, 0, 0)
-    assert (again.played, again.skipped) == (0, 6)
+    assert line == "8 reused, 0 replayed (settings changed), 0 new"
+    assert (again.reused, again.replayed, again.new) == (8, 0, 0)
+    assert (again.played, again.skipped) == (0, 8)
     assert (out / "matches.jsonl").read_bytes() == before
     assert not (out / "matches.stale.jsonl").exists()
 
@@ -220,9 +251,9 @@ def test_rerun_unchanged_reuses_every_match_and_replays_a_record_without_fingerp
                  if r["key"] == old["key"] else r for r in records]
     (out / "matches.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rewritten))
     replay, line = play(conf, out)
-    assert line.startswith("5 reused, 1 replayed (settings changed), 0 new")
+    assert line.startswith("7 reused, 1 replayed (settings changed), 0 new")
     assert "matches.stale.jsonl" in line
-    assert (replay.replayed, replay.played, replay.skipped) == (1, 1, 5)
+    assert (replay.replayed, replay.played, replay.skipped) == (1, 1, 7)
     assert jsonl(out / "matches.stale.jsonl") == [rewritten[2]]
     now = jsonl(out / "matches.jsonl")
     assert sorted(r["key"] for r in now) == sorted(r["key"] for r in records)
@@ -236,27 +267,31 @@ def test_changed_settings_replay_exactly_the_matches_they_decide(defenders, tmp_
     play(conf, out)
     first = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
 
-    # (c) one attacker's settings: only its matches are replayed
+    # (c) one attacker's settings: only its matches are replayed, and those of the added
+    # bpda and eot, whose inner PGD takes pgd3's settings
     pgd4 = {**PGD3, "settings": {"steps": 4}}
     changed = small_config(defenders, attackers=["fgsm", pgd4])
     result, line = play(changed, out)
-    assert line.startswith("4 reused, 2 replayed (settings changed), 0 new"), line
+    assert line.startswith("4 reused, 4 replayed (settings changed), 0 new"), line
     pgd_keys = {k for k, r in first.items() if r["attacker"] == "pgd3"}
+    added_keys = {k for k, r in first.items() if r["added"]}
+    assert len(pgd_keys) == 2 and {first[k]["attacker"] for k in added_keys} == set(ADDED)
     stale = jsonl(out / "matches.stale.jsonl")
-    assert stale == [first[k] for k in first if k in pgd_keys]
+    assert stale == [first[k] for k in first if k in pgd_keys | added_keys]
     now = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
-    assert len(now) == len(jsonl(out / "matches.jsonl")) == 6, "one record per match"
-    assert all(now[k] == first[k] for k in first if k not in pgd_keys)
+    assert len(now) == len(jsonl(out / "matches.jsonl")) == 8, "one record per match"
+    assert all(now[k] == first[k] for k in first if k not in pgd_keys | added_keys)
     assert all(now[k]["attack_settings"]["steps"] == 4 for k in pgd_keys)
-    assert all(now[k]["fingerprint"] != first[k]["fingerprint"] for k in pgd_keys)
+    assert now["fgmf|bpda|0.03137254902|0"]["attack_settings"]["inner"]["steps"] == 4
+    assert all(now[k]["fingerprint"] != first[k]["fingerprint"] for k in pgd_keys | added_keys)
 
     # (b) episodes: every match is replayed, the leaderboard shows the new episodes only
     more = small_config(defenders, attackers=["fgsm", pgd4], episodes=2)
     result, line = play(more, out)
-    assert line.startswith("0 reused, 6 replayed (settings changed), 0 new"), line
-    assert (result.played, result.skipped) == (6, 0)
+    assert line.startswith("0 reused, 8 replayed (settings changed), 0 new"), line
+    assert (result.played, result.skipped) == (8, 0)
     records = jsonl(out / "matches.jsonl")
-    assert len(records) == 6 and {r["key"] for r in records} == set(first)
+    assert len(records) == 8 and {r["key"] for r in records} == set(first)
     assert all(r["episodes"] == 2 and len(r["team_returns"]) == 2 for r in records)
     board = result.leaderboard
     assert board["episodes"] == 2 and board["complete"]
@@ -264,8 +299,8 @@ def test_changed_settings_replay_exactly_the_matches_they_decide(defenders, tmp_
         assert row["clean"]["n_episodes"] == 2
         assert all(cell["n_episodes"] == 2 for cell in row["cells"]["8/255"].values())
     stale = jsonl(out / "matches.stale.jsonl")
-    assert len(stale) == 2 + 6 and all(r["episodes"] == 1 for r in stale)
-    assert {r["key"] for r in stale[2:]} == set(first)
+    assert len(stale) == 4 + 8 and all(r["episodes"] == 1 for r in stale)
+    assert {r["key"] for r in stale[4:]} == set(first)
 
 
 def test_further_trained_defender_is_replayed_with_its_audit(defenders, tmp_path):
@@ -287,7 +322,7 @@ def test_further_trained_defender_is_replayed_with_its_audit(defenders, tmp_path
     train(TrainConfig(defense="none", **{**TINY, "iterations": 2}), copy, resume=True,
           progress=False)
     result, line = play(conf, out)
-    assert line.startswith("2 reused, 2 replayed (settings changed), 0 new"), line
+    assert line.startswith("4 reused, 2 replayed (settings changed), 0 new"), line
     now = {r["key"]: r for r in jsonl(out / "matches.jsonl")}
     for key, rec in first.items():
         if rec["defender"] == "copy":

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     matches = len(cfg.matches())
     print(f"tournament {cfg.name}: {len(cfg.defenders)} defenders x {len(cfg.attackers)} "
           f"attackers x {len(cfg.eps)} eps x {len(cfg.seeds)} seed(s) + clean = {matches} "
-          f"matches, {cfg.episodes} episodes each; results in {args.out}", flush=True)
+          f"matches (+ BPDA/EOT for defenders with an input filter, unless listed), "
+          f"{cfg.episodes} episodes each; results in {args.out}", flush=True)
     try:
         result = run_tournament(cfg, args.out, address=address, workers=args.workers,
                                 progress=not args.quiet, audit=False if args.no_audit else None,

@@ -24,6 +24,12 @@ attackers no longer in the config stay in the log untouched and are not shown. A
 truncated line (a crash mid-write on a filesystem without atomic appends) is reported with its
 line number, moved to ``DIR/matches.corrupt.txt`` and its match is played again.
 
+A defender with an input filter (SGAM, a quantizer) is always evaluated with adaptive attacks
+through it (DESIGN.md section 3): when the config lists no BPDA (or no EOT) attacker, the
+tournament adds ``bpda`` = BPDA(PGD) and ``eot`` = EOT(BPDA(PGD)) for that defender (the PGD
+with the settings of the config's ``pgd`` attacker), marked ``added`` in its match records, the
+leaderboard and the report (:mod:`marl_fgmf.tournament.adaptive`).
+
 Then, per defender, the gradient-masking audit (:func:`marl_fgmf.audit.audit`, also a Ray
 task) on observations from the defender's own environment, stored in
 ``DIR/audit_<defender>.json`` with its own fingerprint (the defender's weights, env, env
@@ -79,7 +85,7 @@ Modules: :mod:`~marl_fgmf.tournament.config` (the schema and its parsing),
 :mod:`~marl_fgmf.tournament.checks` (checks against envs, checkpoints and attacks before any
 match), :mod:`~marl_fgmf.tournament.matchlog` (``matches.jsonl``),
 :mod:`~marl_fgmf.tournament.specs` (weights loaded and shipped once, task specs,
-fingerprints), :mod:`~marl_fgmf.tournament.tasks` (what Ray workers run),
+fingerprints), :mod:`~marl_fgmf.tournament.adaptive` (BPDA/EOT added for input filters), :mod:`~marl_fgmf.tournament.tasks` (what Ray workers run),
 :mod:`~marl_fgmf.tournament.driver` (:func:`run_tournament`),
 :mod:`~marl_fgmf.tournament.leaderboard` and :mod:`~marl_fgmf.tournament.report`;
 :mod:`~marl_fgmf.tournament.errors` holds the exceptions.

@@ -61,6 +61,9 @@ class AttackerSpec:
     """constructor settings of the attack (not ``eps`` or ``seed``: the tournament sets them)"""
     adversary: Path | None = None
     """run directory of a learned adversary (``agents.adversary.load_adversary``)"""
+    added: bool = False
+    """added by the tournament, not listed in the config: an adaptive attack through a
+    defender's input filter (:mod:`marl_fgmf.tournament.adaptive`)"""
 
     @property
     def kind(self) -> str:
@@ -345,15 +348,22 @@ class TournamentConfig:
             raise ConfigError(errors)
 
     # ------------------------------------------------------------------ matches
-    def matches(self) -> list["Match"]:
+    def attackers_of(self, defender: str,
+                     added: dict[str, list[AttackerSpec]] | None = None) -> list[AttackerSpec]:
+        """The attackers that play ``defender``: the config's, then those the tournament
+        ``added`` for it (by defender name; see :mod:`marl_fgmf.tournament.adaptive`)."""
+        return list(self.attackers) + list((added or {}).get(defender, []))
+
+    def matches(self, added: dict[str, list[AttackerSpec]] | None = None) -> list["Match"]:
         """Every match, clean ones first: per defender and seed one clean match, then
-        defender x attacker x eps x seed."""
+        defender x attacker x eps x seed (the attackers of :meth:`attackers_of`: the config's,
+        then the ``added`` ones)."""
         out: list[Match] = []
         for d in self.defenders:
             for s in self.seeds:
                 out.append(Match(d.name, CLEAN, None, s))
         for d in self.defenders:
-            for a in self.attackers:
+            for a in self.attackers_of(d.name, added):
                 for e in self.eps:
                     for s in self.seeds:
                         out.append(Match(d.name, a.name, e, s))

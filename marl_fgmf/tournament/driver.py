@@ -136,7 +136,8 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
             atomic_write_text(out / "tournament.json", json.dumps(config.to_dict(), indent=2))
             train_defenders(config, out, address, progress, log)
             shipped = load_weights(config, out, log)
-            specs = {m.key: match_spec(config, m, out, shipped) for m in config.matches()}
+            specs = {m.key: match_spec(config, m, out, shipped)
+                     for m in config.matches(shipped.added)}
             match_log = MatchLog(out / "matches.jsonl")
             finished = match_log.load(warn)
             reused = {k for k, spec in specs.items()
@@ -164,9 +165,10 @@ def run_tournament(config: TournamentConfig, out: str | os.PathLike, *,
             records = {k: r for k, r in MatchLog(out / "matches.jsonl").load(warn).items()
                        if k in specs and r.get("fingerprint") == specs[k]["fingerprint"]}
             audits = read_audits(config, out, audit_specs, warn)
-            leaderboard = build_leaderboard(config, records, audits)
+            leaderboard = build_leaderboard(config, records, audits, shipped.added)
             leaderboard["nodes"] = node_table(records, audits, nodes)
-            files = write_outputs(config, out, leaderboard, records, audits, warn)
+            files = write_outputs(config, out, leaderboard, records, audits, warn,
+                                  added=shipped.added)
     finally:
         if started:
             ray.shutdown()

@@ -7,9 +7,9 @@ from typing import Any
 
 from marl_fgmf.protocol import eps_label
 from marl_fgmf.stats import summarize
-from marl_fgmf.tournament.config import CLEAN, Match, TournamentConfig
+from marl_fgmf.tournament.config import CLEAN, AttackerSpec, Match, TournamentConfig
 
-__all__ = ["build_leaderboard", "format_cell", "format_leaderboard", "pool"]
+__all__ = ["attacker_label", "build_leaderboard", "format_cell", "format_leaderboard", "pool"]
 
 
 def pool(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -27,7 +27,8 @@ def pool(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
-                      audits: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                      audits: dict[str, dict[str, Any]] | None = None,
+                      added: dict[str, list[AttackerSpec]] | None = None) -> dict[str, Any]:
     """The leaderboard from finished match records (and audits).
 
     Per defender: the clean return, every cell (attacker x eps, episodes pooled over seeds),
@@ -36,8 +37,14 @@ def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
     (the hardest budget), ties broken by the mean robust return over all eps, then the clean
     return. A defender missing a match at some eps has no robust return there (``None``) and
     ranks last; ``complete`` says whether every match has finished.
+
+    ``added``: the attackers the tournament added per defender (adaptive attacks through an
+    input filter, :mod:`marl_fgmf.tournament.adaptive`); they count in that defender's
+    robust return like the config's, are listed in its row's ``added`` and in the board's
+    ``added_attackers`` (the board's ``attackers`` are the config's).
     """
     audits = audits or {}
+    added = added or {}
     eps_sorted = sorted(cfg.eps)
     rows = []
     total = found = 0
@@ -53,7 +60,7 @@ def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
             lab = eps_label(e)
             cells[lab] = {}
             complete = True
-            for a in cfg.attackers:
+            for a in cfg.attackers_of(d.name, added):
                 recs = [records[m.key] for m in (Match(d.name, a.name, e, s) for s in cfg.seeds)
                         if m.key in records]
                 total += len(cfg.seeds)
@@ -76,6 +83,7 @@ def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
                 failed += [c["name"] + ("" if len(a["policies"]) == 1 else f"({pid})")
                            for c in rep.get("checks", []) if not c.get("passed", True)]
         rows.append({"defender": d.name, "clean": clean, "robust": robust, "cells": cells,
+                     "added": [x.name for x in added.get(d.name, [])],
                      "audited": a is not None, "flagged": bool(a and a.get("flagged")),
                      "audit_failed": failed,
                      "checkpoint": str(d.checkpoint) if d.checkpoint else f"defenders/{d.name}"})
@@ -89,10 +97,12 @@ def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
         return (-last, -avg, -clean_mean, row["defender"])
 
     rows.sort(key=sort_key)
+    extra = list(dict.fromkeys(x.name for d in cfg.defenders for x in added.get(d.name, [])))
     for i, row in enumerate(rows, start=1):
         row["rank"] = i
     return {"name": cfg.name, "eps": [eps_label(e) for e in eps_sorted],
             "eps_values": eps_sorted, "attackers": [a.name for a in cfg.attackers],
+            "added_attackers": extra,
             "seeds": list(cfg.seeds), "episodes": cfg.episodes,
             "ranked_by": f"robust return at eps {eps_label(eps_sorted[-1])} (min over attackers "
                          f"of the mean team return), then mean robust return over eps, then clean",
@@ -111,15 +121,21 @@ def format_cell(v: dict[str, Any] | None, ci: bool = True) -> str:
     return f"{v['mean']:.2f}"
 
 
+def attacker_label(name: str, row: dict[str, Any]) -> str:
+    """An attacker's name, with `` (added)`` when the tournament added it for ``row``'s
+    defender (:mod:`marl_fgmf.tournament.adaptive`)."""
+    return f"{name} (added)" if name in row.get("added", ()) else name
+
+
 def format_leaderboard(board: dict[str, Any], markdown: bool = False) -> str:
     """The leaderboard as a text table (or a Markdown table): rank, defender, clean return,
-    robust return per eps (with the worst attacker), audit verdict."""
+    robust return per eps (with the worst attacker, marked when added), audit verdict."""
     head = ["rank", "defender", "clean"] + [f"robust@{e}" for e in board["eps"]] + \
            ["worst attacker", "audit"]
     rows = []
     for r in board["defenders"]:
-        worst = ", ".join(f"{e}: {r['robust'][e]['worst_attacker']}" for e in board["eps"]
-                          if r["robust"][e] is not None) or "-"
+        worst = ", ".join(f"{e}: {attacker_label(r['robust'][e]['worst_attacker'], r)}"
+                          for e in board["eps"] if r["robust"][e] is not None) or "-"
         verdict = ("FLAGGED (" + ", ".join(r["audit_failed"]) + ")") if r["flagged"] else \
             ("ok" if r["audited"] else "not audited")
         rows.append([str(r["rank"]), r["defender"], format_cell(r["clean"])] +

@@ -9,22 +9,32 @@ from typing import Any, Callable
 from marl_fgmf.audit import AuditReport
 from marl_fgmf.io import atomic_write_text, to_jsonable
 from marl_fgmf.protocol import eps_label, eps_slug
-from marl_fgmf.tournament.config import CLEAN, TournamentConfig
+from marl_fgmf.tournament.config import CLEAN, AttackerSpec, TournamentConfig
 from marl_fgmf.tournament.errors import first_line
 from marl_fgmf.tournament.leaderboard import format_cell, format_leaderboard
 from marl_fgmf.viz import plot_curves, plot_heatmap
 
-__all__ = ["cell_tables", "heat_matrix", "write_outputs"]
+__all__ = ["added_note", "cell_tables", "heat_matrix", "write_outputs"]
+
+
+def columns(board: dict[str, Any]) -> list[str]:
+    """The attackers of the tables and heat maps: the config's, then the added ones."""
+    return list(board["attackers"]) + list(board.get("added_attackers", []))
+
+
+def column_title(board: dict[str, Any], name: str) -> str:
+    return f"{name} (added)" if name in board.get("added_attackers", ()) else name
 
 
 def heat_matrix(board: dict[str, Any], eps: str) -> tuple[list[list[float]], list[str], list[str]]:
-    cols = [CLEAN] + board["attackers"]
+    """Defenders x (clean + attackers) mean team returns at ``eps`` (NaN: not played)."""
+    cols = [CLEAN] + [column_title(board, a) for a in columns(board)]
     names, matrix = [], []
     for r in board["defenders"]:
         flag = " (FLAGGED)" if r["flagged"] else ""
         names.append(r["defender"] + flag)
         row = [r["clean"]["mean"] if r["clean"] else float("nan")]
-        for a in board["attackers"]:
+        for a in columns(board):
             c = r["cells"][eps].get(a)
             row.append(c["mean"] if c else float("nan"))
         matrix.append(row)
@@ -33,9 +43,12 @@ def heat_matrix(board: dict[str, Any], eps: str) -> tuple[list[list[float]], lis
 
 def write_outputs(cfg: TournamentConfig, out: Path, board: dict[str, Any],
                   records: dict[str, dict[str, Any]], audits: dict[str, dict[str, Any]],
-                  warn: Callable[[str], None] | None = None) -> dict[str, Path]:
+                  warn: Callable[[str], None] | None = None,
+                  added: dict[str, list[AttackerSpec]] | None = None) -> dict[str, Path]:
     """Write ``leaderboard.json/.md``, the heat maps, the curves and ``report.md`` (atomically).
-    A figure that fails is reported through ``warn`` and skipped; the tables are always written."""
+    A figure that fails is reported through ``warn`` and skipped; the tables are always written.
+    ``added``: the attackers the tournament added per defender (as for
+    :func:`~marl_fgmf.tournament.leaderboard.build_leaderboard`)."""
     warn = warn or (lambda m: None)
     out = Path(out)
     files: dict[str, Path] = {}
@@ -71,7 +84,8 @@ def write_outputs(cfg: TournamentConfig, out: Path, board: dict[str, Any],
     md = leaderboard_markdown(board)
     atomic_write_text(out / "leaderboard.md", md)
     files["leaderboard.md"] = out / "leaderboard.md"
-    atomic_write_text(out / "report.md", report_markdown(cfg, board, records, audits, files))
+    atomic_write_text(out / "report.md",
+                      report_markdown(cfg, board, records, audits, files, added))
     files["report.md"] = out / "report.md"
     return files
 
@@ -83,7 +97,7 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
              f"failed the gradient-masking audit: their robust return is not trustworthy. Read "
              f"the robust return beside the clean one: a policy that scores little without an "
              f"attack has little for an attacker to take away.", "",
-             format_leaderboard(board, markdown=True), ""]
+             format_leaderboard(board, markdown=True), ""] + added_note(board)
     if not board["complete"]:
         lines += [f"**Incomplete**: {board['matches_finished']} of {board['matches_total']} "
                   f"matches finished.", ""]
@@ -95,13 +109,14 @@ def cell_tables(board: dict[str, Any]) -> list[str]:
     """One Markdown table per eps: defenders x (clean + attackers), return and success."""
     lines: list[str] = []
     for lab in board["eps"]:
+        cols = columns(board)
         lines += [f"## eps {lab}: team return per attacker", "",
-                  "| defender | clean | " + " | ".join(board["attackers"]) + " |",
-                  "|---|---|" + "---|" * len(board["attackers"])]
+                  "| defender | clean | " + " | ".join(column_title(board, a) for a in cols)
+                  + " |", "|---|---|" + "---|" * len(cols)]
         for r in board["defenders"]:
             cells = [format_cell(r["cells"][lab].get(a)) + (
                 f" ({100 * r['cells'][lab][a]['success_rate']:.0f}%)" if r["cells"][lab].get(a)
-                else "") for a in board["attackers"]]
+                else "") for a in cols]
             lines.append(f"| {r['defender']} | {format_cell(r['clean'])} | "
                          + " | ".join(cells) + " |")
         lines += ["", "(percent: attack success, the fraction of agent-steps whose greedy "
@@ -111,7 +126,8 @@ def cell_tables(board: dict[str, Any]) -> list[str]:
 
 def report_markdown(cfg: TournamentConfig, board: dict[str, Any],
                     records: dict[str, dict[str, Any]], audits: dict[str, dict[str, Any]],
-                    files: dict[str, Path]) -> str:
+                    files: dict[str, Path],
+                    added: dict[str, list[AttackerSpec]] | None = None) -> str:
     lines = [f"# Tournament report: {cfg.name}", "",
              f"{len(cfg.defenders)} defenders x {len(cfg.attackers)} attackers x "
              f"{len(cfg.eps)} eps x {len(cfg.seeds)} seed(s), {cfg.episodes} episodes per match; "
@@ -120,6 +136,7 @@ def report_markdown(cfg: TournamentConfig, board: dict[str, Any],
              f"from the clean one. Robust return = minimum over the attackers of the mean team "
              f"return (DESIGN.md section 3).", "",
              "## Leaderboard", "", format_leaderboard(board, markdown=True), ""]
+    lines += added_note(board)
     flagged = [r["defender"] for r in board["defenders"] if r["flagged"]]
     if flagged:
         lines += [f"**FLAGGED** by the gradient-masking audit: {', '.join(flagged)}. Their "
@@ -147,19 +164,39 @@ def report_markdown(cfg: TournamentConfig, board: dict[str, Any],
     lines += nodes_markdown(board)
     lines += ["## Matches", "", "| defender | attacker | eps | seed | team return | success | "
               "mean Linf | wall s | node |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in cfg.matches():
+    for m in cfg.matches(added):
+        attacker = column_title(board, m.attacker) if m.defender in added_to(board) \
+            else m.attacker
         r = records.get(m.key)
         if r is None:
-            lines.append(f"| {m.defender} | {m.attacker} | {eps_label(m.eps)} | {m.seed} | "
+            lines.append(f"| {m.defender} | {attacker} | {eps_label(m.eps)} | {m.seed} | "
                          f"not finished | | | | |")
             continue
-        lines.append(f"| {m.defender} | {m.attacker} | {eps_label(m.eps)} | {m.seed} | "
+        lines.append(f"| {m.defender} | {attacker} | {eps_label(m.eps)} | {m.seed} | "
                      f"{format_cell(r['team_return'])} | {r.get('success_rate', 0):.3f} | "
                      f"{r.get('mean_linf', 0):.4f} | {r.get('wall_s', 0):.1f} | "
                      f"{(r.get('node_id') or '-')[:8]} |")
     lines += ["", "Files: `matches.jsonl` (one line per match), `leaderboard.json`, "
                   "`leaderboard.md`, `audit_<defender>.json`.", ""]
     return "\n".join(lines)
+
+
+def added_to(board: dict[str, Any]) -> list[str]:
+    """The defenders the tournament added attackers for."""
+    return [r["defender"] for r in board["defenders"] if r.get("added")]
+
+
+def added_note(board: dict[str, Any]) -> list[str]:
+    """The report's note on the adaptive attackers the tournament added, if any."""
+    names = added_to(board)
+    if not names:
+        return []
+    extra = ", ".join(board.get("added_attackers", []))
+    return [f"**Added**: {extra} (marked \"added\") were added by the tournament for "
+            f"{', '.join(names)}, which {'has' if len(names) == 1 else 'have'} an input filter: "
+            f"every evaluation of such a defender includes adaptive attacks through the filter "
+            f"(BPDA, EOT; DESIGN.md section 3), and the config listed none. They count in the "
+            f"robust return like the listed attackers.", ""]
 
 
 def nodes_markdown(board: dict[str, Any]) -> list[str]:

@@ -17,7 +17,9 @@ from agents.checkpoint import (check_policy_fits_env, latest_checkpoint, load_ag
 from agents.ray_session import ship
 from envs import make_env
 from marl_fgmf.io import to_jsonable
-from marl_fgmf.tournament.config import CLEAN, DefenderSpec, Match, TournamentConfig
+from marl_fgmf.tournament.adaptive import added_attackers, filters_input
+from marl_fgmf.tournament.config import (CLEAN, AttackerSpec, DefenderSpec, Match,
+                                         TournamentConfig)
 from marl_fgmf.tournament.errors import ConfigError, first_line
 from marl_fgmf.tournament.matchlog import RECORD_VERSION
 
@@ -80,6 +82,10 @@ class Shipped:
     envs: dict[str, tuple[str, dict[str, Any]]]
     defender_hash: dict[str, str] = field(default_factory=dict)
     adversary_hash: dict[str, str] = field(default_factory=dict)
+    filtered: dict[str, bool] = field(default_factory=dict)
+    """whether each defender has an input filter (:func:`adaptive.filters_input`)"""
+    added: dict[str, list[AttackerSpec]] = field(default_factory=dict)
+    """the attackers added per defender (:func:`adaptive.added_attackers`)"""
 
 
 def match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: Shipped
@@ -96,23 +102,28 @@ def match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: Shipped
         "defender_hash": shipped.defender_hash[d.name],
     }
     if m.attacker != CLEAN:
-        a = next(x for x in cfg.attackers if x.name == m.attacker)
+        a = next(x for x in cfg.attackers_of(d.name, shipped.added) if x.name == m.attacker)
         spec.update(kind=a.kind, attack=a.attack, settings=dict(a.settings),
                     adversary=None if a.adversary is None else str(a.adversary))
+        if a.added:
+            spec["added"] = True
     spec["fingerprint"] = fingerprint({
         "defender_hash": spec["defender_hash"], "policy_id": d.policy_id, "env": env_name,
         "env_kwargs": env_kwargs, "episodes": cfg.episodes, "seed": m.seed, "eps": m.eps,
         "kind": spec["kind"], "attack": spec.get("attack"),
         "settings": spec.get("settings") if spec["kind"] == "analytic" else None,
         "adversary_hash": shipped.adversary_hash.get(m.attacker)
-        if spec["kind"] == "learned" else None})
+        if spec["kind"] == "learned" else None,
+        # only where true, so that the fingerprints of listed attackers stay as they were
+        **({"added": True} if spec.get("added") else {})})
     return spec
 
 
 def load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -> Shipped:
     """Load every defender and learned adversary ONCE on the driver, check it against its
     env, hash its weights (:func:`weights_hash`) and ship it through Ray's object store
-    (workers never read these paths)."""
+    (workers never read these paths). Also decides the adaptive attackers added for the
+    defenders with an input filter (:mod:`marl_fgmf.tournament.adaptive`)."""
     from agents.adversary import load_adversary  # lazy: imports RLlib (seconds)
     shipped = Shipped({}, {}, {})
     for d in cfg.defenders:
@@ -131,6 +142,7 @@ def load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -
             env.close()
         shipped.envs[d.name] = (env_name, env_kwargs)
         shipped.defender_hash[d.name] = weights_hash(policy)
+        shipped.filtered[d.name] = filters_input(policy)
         shipped.policies[d.name] = ship(policy)
     for a in cfg.attackers:
         if a.adversary is not None:
@@ -142,6 +154,10 @@ def load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -
             shipped.adversaries[a.name] = ship(adversary)
     log(f"loaded {len(shipped.policies)} defender(s) and {len(shipped.adversaries)} learned "
         f"adversary(ies) on the driver; their weights travel through Ray's object store")
+    shipped.added = added_attackers(cfg, shipped.filtered)
+    for name, extra in shipped.added.items():
+        log(f"defender {name} has an input filter: added the adaptive attacker(s) "
+            f"{', '.join(a.name for a in extra)} (the config lists none)")
     return shipped
 
 

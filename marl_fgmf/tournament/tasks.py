@@ -53,7 +53,8 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
     record = {
         "version": RECORD_VERSION, "status": "ok", "key": spec["key"],
         "defender": spec["defender"], "attacker": spec["attacker"], "kind": spec["kind"],
-        "attack": spec.get("attack"), "eps": spec["eps"], "eps_label": eps_label(spec["eps"]),
+        "attack": spec.get("attack"), "added": bool(spec.get("added")),
+        "eps": spec["eps"], "eps_label": eps_label(spec["eps"]),
         "seed": spec["seed"], "episodes": spec["episodes"], "env": spec["env"],
         "env_kwargs": spec["env_kwargs"], "checkpoint": spec["checkpoint"],
         "team_return": result["team_return"], "team_returns": result["team_returns"],
