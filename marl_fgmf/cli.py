@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -63,7 +64,6 @@ _FAILURE_LOGGERS = ("ray.rllib.utils.actor_manager",)
 
 
 def _quiet_library_notices(debug: bool = False) -> None:
-    import logging
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if not debug:

@@ -104,8 +104,20 @@ def test_masked_policy_with_coarser_quantizer_fails_the_bpda_check(trained):
     report = audit(masked, obs, 16 / 255, **FAST)
     assert report.flagged, report.to_text()
     check = report.checks[4]
-    assert check.numbers["plain"] <= 0.05, report.to_text()
-    assert check.numbers["bpda-pgd30"] >= check.numbers["plain"], report.to_text()
+    # the adaptive check itself fails (not only the other symptoms of the same masking)
+    assert check.name == "adaptive_attack" and check.applicable, report.to_text()
+    assert not check.passed and "adaptive_attack" in failed(report), report.to_text()
+    nums = check.numbers
+    assert nums["input_filter"] is True and nums["stochastic"] is False
+    assert nums["plain_attack"] == "pgd30" and nums["best_adaptive"] == "bpda-pgd30"
+    assert nums["plain"] <= 0.05, report.to_text()
+    # BPDA beats plain PGD by at least the margin, significantly (McNemar p < alpha)
+    assert nums["diff"] == pytest.approx(nums["bpda-pgd30"] - nums["plain"])
+    assert nums["diff"] >= nums["margin"] == 0.05, report.to_text()
+    assert nums["p"] < nums["alpha"] == 0.01, report.to_text()
+    assert nums["adaptive_only"] > nums["plain_only"], report.to_text()
+    assert report.success["bpda-pgd30"] == nums["bpda-pgd30"]
+    assert check.message.startswith("the adaptive attack beats the plain one: bpda-pgd30")
 
 
 # ---------------------------------------------------------------------- robust is not masked

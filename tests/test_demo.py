@@ -37,11 +37,25 @@ def test_demo_tiny_end_to_end_and_rerun_reuses(tmp_path):
     defended = "fgmf"  # no fallback: the defended team is FGMF or the demo fails
     assert set(state["runs"]) == {"none", "fgmf"}
     matches = (out / "tournament" / "matches.jsonl").read_text().splitlines()
-    assert len(matches) == 2 * (4 * 2 + 1), "2 defenders x (4 attackers x 2 eps + clean)"
+    # 2 defenders x (4 attackers x 2 eps + clean), and BPDA + EOT x 2 eps through FGMF's SGAM
+    # input filter, which the tournament adds because the config lists no adaptive attacker
+    assert len(matches) == 2 * (4 * 2 + 1) + 2 * 2
+    records = [json.loads(line) for line in matches]
+    added = sorted((r["defender"], r["attacker"]) for r in records if r["added"])
+    assert added == [(defended, "bpda")] * 2 + [(defended, "eot")] * 2
+    assert all(len(r["team_returns"]) == r["episodes"] for r in records)
     board = json.loads((out / "tournament" / "leaderboard.json").read_text())
     assert board["complete"] and {r["defender"] for r in board["defenders"]} == {"none", defended}
     assert board["eps"] == ["4/255", "8/255"]
     assert board["attackers"] == ["fgsm", "pgd", "square", "random"]
+    assert board["added_attackers"] == ["bpda", "eot"]
+    rows = {r["defender"]: r for r in board["defenders"]}
+    assert rows[defended]["added"] == ["bpda", "eot"] and rows["none"]["added"] == []
+    for row in board["defenders"]:  # the robust return is the worst cell, and ranks follow it
+        cells = row["cells"]["8/255"]
+        assert row["robust"]["8/255"]["mean"] == min(c["mean"] for c in cells.values())
+    robust = [r["robust"]["8/255"]["mean"] for r in board["defenders"]]
+    assert robust == sorted(robust, reverse=True)
     for name in ("audit_none.json", f"audit_{defended}.json", "heatmap_eps8_255.png",
                  "robust_vs_eps.png", "report.md"):
         assert (out / "tournament" / name).is_file(), name
@@ -53,5 +67,5 @@ def test_demo_tiny_end_to_end_and_rerun_reuses(tmp_path):
     again = _demo(out, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "none: reused" in again.stdout and f"{defended}: reused" in again.stdout
-    assert "resuming: 18 of 18 matches already finished" in again.stdout
+    assert "resuming: 22 of 22 matches already finished" in again.stdout
     assert (out / "tournament" / "matches.jsonl").read_text().splitlines() == matches

@@ -12,7 +12,7 @@ from PIL import Image
 from agents.train import TrainConfig, train
 from marl_fgmf.cli import main
 from marl_fgmf.commands import UsageError
-from marl_fgmf.commands.explain import METHOD_NAMES, explain_run
+from marl_fgmf.workflows.explain import METHOD_NAMES, explain_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(train_batch_size=200, minibatch_size=100, num_epochs=1, num_envs_per_env_runner=2,

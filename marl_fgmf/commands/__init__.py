@@ -1,16 +1,20 @@
-"""Subcommands of the ``marl-fgmf`` CLI (one module each) and their shared argument helpers."""
+"""Subcommands of the ``marl-fgmf`` CLI (one module each) and their shared argument helpers.
+
+A command module is argparse only: ``add_arguments(parser)`` and ``run(args) -> int`` (check
+the arguments, call one workflow of :mod:`marl_fgmf.workflows`, print). The errors the CLI maps
+to exit codes (:class:`UsageError` 2, :class:`CommandFailed` 1) and :func:`check_output` live
+in :mod:`marl_fgmf.workflows.common` and are re-exported here.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 from fractions import Fraction
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-
-class UsageError(Exception):
-    """Bad input from the user: the CLI prints the message on one line and exits 2."""
+from marl_fgmf.workflows.common import (CommandFailed, UsageError,  # noqa: F401 (re-exported)
+                                        check_output, enclosing_run, run_failure)
 
 
 def parse_eps(text: str) -> float:
@@ -94,10 +98,6 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
                    help="environment settings (default: the run's)")
 
 
-class CommandFailed(Exception):
-    """A runtime failure (not bad input): the CLI prints the message on one line, exits 1."""
-
-
 def add_cluster_arguments(p: argparse.ArgumentParser, default: str = "a local Ray") -> None:
     """``--address`` and ``--runtime-env FILE``: where the work runs and what code the nodes
     get (checked by :func:`cluster_settings` before anything is written)."""
@@ -114,6 +114,7 @@ def cluster_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, An
     """``(address, runtime_env)`` from ``--address``/``--runtime-env``, validated: an
     unreachable address, ``ray://`` without Ray Client, or a bad runtime-env file raise
     :class:`UsageError` (one line) before anything is written."""
+    # lazy: agents imports torch (1 s); this module is imported at CLI start-up
     from agents.ray_session import check_address, load_runtime_env
     try:
         runtime_env = load_runtime_env(getattr(args, "runtime_env", None))
@@ -123,44 +124,21 @@ def cluster_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, An
     return address, runtime_env
 
 
-def run_failure(exc: BaseException) -> CommandFailed:
-    """A :class:`CommandFailed` naming the root cause of an exception from Ray/RLlib work."""
-    from agents.ray_session import describe_error
-    return CommandFailed(describe_error(exc))
-
-
-def enclosing_run(path: str | Path) -> Path | None:
-    """The training run directory (a folder with ``run.json``) that ``path`` is or lies in."""
-    p = Path(os.path.abspath(path))
-    for candidate in (p, *p.parents):
-        if (candidate / "run.json").is_file():
-            return candidate
-    return None
-
-
-def check_output(path: str | Path, flag: str = "--out", kind: str = "file",
-                 allow_run: bool = False) -> Path:
-    """Check an output path before any work: ``kind`` "file" or "dir"; not inside a training
-    run directory (a command never writes into a run it was not asked to train; with
-    ``allow_run`` the path may BE a run, as for ``train --out``); the nearest existing folder
-    writable. Returns the absolute path; raises :class:`UsageError` (one line) otherwise."""
-    p = Path(os.path.abspath(os.path.expanduser(str(path))))
-    run = enclosing_run(p)
-    if run is not None and not (allow_run and run == p):
-        raise UsageError(f"{flag} {path} is inside the training run {run}; write results "
-                         f"elsewhere (a command never writes into a run it did not train)")
-    if kind == "file" and p.is_dir():
-        raise UsageError(f"{flag} must be a file path, {path} is a directory")
-    if kind == "dir" and p.exists() and not p.is_dir():
-        raise UsageError(f"{flag} {path} exists and is not a directory")
-    existing = p if p.exists() else next(q for q in p.parents if q.exists())
-    if not existing.is_dir() and existing != p:
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
-    folder = existing if existing.is_dir() else existing.parent
-    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"{flag} {path}: {folder} is not writable (read-only or no "
-                         f"permission); choose another path")
-    return p
+def run_training(start: Callable[[], dict[str, Any]], out: str, target: int) -> dict[str, Any]:
+    """``start()`` (a call of ``agents.train.train`` or ``agents.adversary.train_adversary``)
+    for a command: bad input and Ctrl-C pass through, any other failure (a lost env runner, a
+    Ray error) becomes :class:`CommandFailed` naming the root cause on one line, and a run in
+    ``out`` that already reached its ``target`` iterations is a :class:`UsageError`. Returns
+    the training result (``result["last"]`` is the last iteration's record)."""
+    try:
+        result = start()
+    except (ValueError, FileNotFoundError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the root cause on one line
+        raise run_failure(exc) from exc
+    if not result["last"]:
+        raise UsageError(f"nothing to do: {out} already reached {target} iterations")
+    return result
 
 
 def check_device(text: str | None) -> str | None:
@@ -169,11 +147,10 @@ def check_device(text: str | None) -> str | None:
     if text is None:
         return None
     value = str(text).strip().lower()
-    import re
     if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise UsageError(f"unknown --device {text!r}; allowed: cpu, cuda, cuda:N")
     if value.startswith("cuda"):
-        import torch
+        import torch  # lazy: torch (1 s) only for --device cuda, not at CLI start-up
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= n:

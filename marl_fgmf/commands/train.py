@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from marl_fgmf.commands import (UsageError, add_cluster_arguments, check_output,
-                                cluster_settings, parse_settings, positive_int, run_failure)
+from agents.networks import ARCHS
+from agents.train import DEFENSES, POLICY_MODES, TrainConfig, train
+from marl_fgmf.commands import (add_cluster_arguments, check_output, cluster_settings,
+                                parse_settings, positive_int, run_training)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agents.networks import ARCHS
-    from agents.train import DEFENSES, POLICY_MODES, TrainConfig
     d = TrainConfig()
     p.add_argument("--env", default=d.env, help="environment (see envs.list_envs()); default beacon")
     p.add_argument("--env-kwargs", type=parse_settings, default={}, metavar="K=V,...",
@@ -54,7 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from agents.train import TrainConfig
     settings = {k: v for k, v in (("scorpio", args.scorpio), ("sgam", args.sgam),
                                   ("adv", args.adv)) if v}
     return TrainConfig(
@@ -74,17 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:
         cfg.validate()  # fail before Ray starts
     address, runtime_env = cluster_settings(args)
-    from agents.train import train
-    try:
-        result = train(cfg, args.out, resume=args.resume, address=address,
-                       progress=not args.quiet, runtime_env=runtime_env, log=print)
-    except (ValueError, FileNotFoundError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # a lost env runner, a Ray error: the root cause on one line
-        raise run_failure(exc) from exc
+    result = run_training(lambda: train(cfg, args.out, resume=args.resume, address=address,
+                                        progress=not args.quiet, runtime_env=runtime_env,
+                                        log=print), args.out, cfg.iterations)
     last = result["last"]
-    if not last:
-        raise UsageError(f"nothing to do: {args.out} already reached {cfg.iterations} iterations")
     ref = result["reference_return"]
     ref_txt = f" (scripted optimum {ref:.2f}, {100 * last['agent_return_mean'] / ref:.0f}%)" if ref else ""
     print(f"done: iteration {last['iteration']}, {last['env_steps']} env steps, mean agent "

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from marl_fgmf.commands import (UsageError, add_cluster_arguments, check_output,
                                 cluster_settings, non_negative_int, parse_eps, parse_settings,
-                                positive_int, run_failure)
+                                positive_int, run_training)
+from marl_fgmf.io import atomic_write_text, to_jsonable
 
 
 MODES = ("perturb", "pa-ad")  # attacks.learned.MODES, repeated so --help needs no torch import
@@ -71,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: agents.adversary imports Ray (3 s); train-adversary --help stays light
     from agents.adversary import AdversaryConfig, evaluate_adversary, resolve_victim, train_adversary
-    from agents.checkpoint import CheckpointError, resolve_module_root
+    from agents.checkpoint import CheckpointError, resolve_module_root  # lazy: torch, as above
 
     settings = dict(
         env_kwargs=args.env_kwargs, grid=args.grid, upsample=args.upsample,
@@ -98,18 +100,13 @@ def run(args: argparse.Namespace) -> int:
         resolve_victim(cfg)
         cfg.validate()
     address, runtime_env = cluster_settings(args)
-    try:
-        result = train_adversary(args.victim, args.out, env=args.env, eps=args.eps,
-                                 mode=args.mode, team=args.team, iterations=args.iterations,
-                                 resume=args.resume, address=address, progress=not args.quiet,
-                                 runtime_env=runtime_env, log=print, **settings)
-    except (ValueError, FileNotFoundError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # a lost env runner, a Ray error: the root cause on one line
-        raise run_failure(exc) from exc
+    result = run_training(
+        lambda: train_adversary(args.victim, args.out, env=args.env, eps=args.eps,
+                                mode=args.mode, team=args.team, iterations=args.iterations,
+                                resume=args.resume, address=address, progress=not args.quiet,
+                                runtime_env=runtime_env, log=print, **settings),
+        args.out, args.iterations)
     last = result["last"]
-    if not last:
-        raise UsageError(f"nothing to do: {args.out} already reached {args.iterations} iterations")
     cfg = result["config"]
     head = (f"done: iteration {last['iteration']}, {last['env_steps']} env steps, "
             f"{last['wall_time_s']:.0f}s; {cfg['mode']}{' team' if cfg['team'] else ''} "
@@ -126,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
                "clean_team_return": ev["clean"]["team_return"],
                "attacked_team_return": ev["team_return"], "success_rate": ev["success_rate"],
                "mean_linf": ev["mean_linf"]}
-    from marl_fgmf.io import atomic_write_text, to_jsonable
     atomic_write_text(Path(args.out) / "eval.json", json.dumps(to_jsonable(summary), indent=2))
     print(f"{head}; victim per-agent return clean {ev['clean_agent_return_mean']:.2f} -> "
           f"{ev['agent_return_mean']:.2f} under the adversary ({args.eval_episodes} episodes, "

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from tqdm.auto import tqdm
+
+from agents.ray_session import Job, run_jobs, ship
+from attacks import evaluate
+from envs import make_env
+from marl_fgmf.audit import audit_policies
+
 __all__ = ["audit_job", "evaluate_job", "run_remote"]
 
 
 def evaluate_job(spec: dict[str, Any], policies: Any, attack: Any = None) -> dict[str, Any]:
     """:func:`attacks.evaluate` of ``policies`` under ``attack`` (None: clean) on the env
     ``spec["env"]`` with ``spec["env_kwargs"]``, ``episodes``, ``seed``."""
-    from attacks import evaluate
-    from envs import make_env
     env = make_env(spec["env"], **spec["env_kwargs"])
     try:
         return evaluate(policies, env, attack, episodes=spec["episodes"], seed=spec["seed"],
@@ -28,7 +33,6 @@ def evaluate_job(spec: dict[str, Any], policies: Any, attack: Any = None) -> dic
 
 def audit_job(spec: dict[str, Any], policy: Any) -> dict[str, Any]:
     """:func:`marl_fgmf.audit.audit_policies` of ``policy``; the reports as plain dicts."""
-    from marl_fgmf.audit import audit_policies
     settings = dict(spec["settings"])
     reports = audit_policies(policy, spec["env"], spec["env_kwargs"],
                              policy_id=spec.get("policy_id"), **settings)
@@ -40,7 +44,6 @@ def run_remote(fn: Callable[..., Any], specs: list[tuple[str, dict[str, Any], tu
     """Run ``fn(spec, *objects)`` for each ``(title, spec, objects)`` as Ray tasks (objects
     are shipped once each, by identity); returns ``{title: value}`` or raises
     ``RuntimeError`` with every failure (one line each, the node and the root cause named)."""
-    from agents.ray_session import Job, run_jobs, ship
     refs: dict[int, Any] = {}
 
     def shipped(obj: Any) -> Any:
@@ -53,7 +56,6 @@ def run_remote(fn: Callable[..., Any], specs: list[tuple[str, dict[str, Any], tu
     values: dict[str, Any] = {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(jobs), desc="on the cluster", unit="job")
 
     def on_result(job: Any, result: dict[str, Any]) -> None:
