@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import numbers
 from typing import Any, Callable
 
 from pettingzoo import ParallelEnv
@@ -64,8 +66,6 @@ def check_settings(name: str, constructor: Callable[..., Any], kwargs: dict[str,
 
 
 def _check_type(env: str, key: str, default: Any, value: Any) -> None:
-    import math
-    import numbers
     is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"

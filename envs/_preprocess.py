@@ -18,6 +18,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import pettingzoo
+import supersuit as ss
+import tinyscaler
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils.wrappers import BaseParallelWrapper
@@ -60,8 +63,6 @@ GRAYSCALE_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # as SuperSuit 
 def make_parallel(env_id: str, **kwargs: Any) -> ParallelEnv:
     """The raw PettingZoo ``ParallelEnv`` ``env_id`` (e.g. ``"butterfly/pistonball-v6"``) from
     PettingZoo's registry (importing the versioned modules is deprecated since 1.27)."""
-    import pettingzoo
-
     return pettingzoo.make("parallel", env_id, **kwargs)
 
 
@@ -72,8 +73,6 @@ def area_resize(image: np.ndarray, size: int, grayscale: bool = False) -> np.nda
     SuperSuit's ``color_reduction_v0(mode="full")``). tinyscaler is fastest on float32 with
     four channels, so the image is padded to four and cropped back.
     """
-    import tinyscaler
-
     height, width = image.shape[:2]
     buffer = np.zeros((height, width, 4), np.float32)
     if grayscale:
@@ -131,8 +130,6 @@ def stack_frames(env: ParallelEnv, frame_stack: int) -> ParallelEnv:
     """SuperSuit ``frame_stack_v1`` along the channel axis (identity when ``frame_stack == 1``)."""
     if frame_stack == 1:
         return env
-    import supersuit as ss
-
     stacked = ss.frame_stack_v1(env, stack_size=frame_stack)
     # the wrapper would forward this attribute to the unstacked env: pin the stacked spaces
     stacked.observation_spaces = {agent: stacked.observation_space(agent)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from envs import make_env
+
 PREFIX = "fgmf"
 
 
@@ -57,12 +59,11 @@ def register_rllib_env(name: str, **kwargs: Any) -> str:
         >>> register_rllib_env("beacon")
         'fgmf-beacon'
     """
-    from envs import make_env
-
     make_env(name, **kwargs).close()  # fail early on a bad name or setting
 
+    # lazy: Ray/RLlib (seconds to import); envs alone must not need it
     from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
-    from ray.tune.registry import register_env
+    from ray.tune.registry import register_env  # lazy: Ray, as above
 
     def creator(env_config: Any = None) -> ParallelPettingZooEnv:
         settings = {**kwargs, **dict(env_config or {})}

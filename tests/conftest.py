@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from agents import make_policy_network
+from envs import make_env
+from envs.beacon import scripted_actions
 
 # Respect OMP_NUM_THREADS (a loaded machine); otherwise use up to two intra-op threads.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
@@ -21,6 +27,16 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+
+@pytest.fixture(scope="module")
+def policy():
+    """An (11, 11, 3) float64 CNN in eval mode whose policy head is wider than PPO's init, so
+    that the actions are not all equiprobable (the attribution, explainer and PGCA tests)."""
+    torch.manual_seed(0)
+    net = make_policy_network("cnn", (11, 11, 3), 5, channels=(4, 8, 8), hidden=16).double()
+    nn.init.normal_(net.pi.weight, std=0.5)
+    return net.eval()
+
 def _clone_beacon_policy(seed: int = 0, sgd_steps: int = 600, n_train: int | None = None,
                          n_held_out: int = 64):
     """A small beacon CNN behaviour-cloned from the scripted optimal policy (a few seconds on
@@ -29,13 +45,6 @@ def _clone_beacon_policy(seed: int = 0, sgd_steps: int = 600, n_train: int | Non
     Frames come from 60 episodes (seeds ``1000 * seed + i``) of mostly optimal, partly random
     moves so that states are diverse; the first ``n_train`` frames (default: all but 128) train.
     """
-    import numpy as np
-    from torch import nn
-
-    from agents import make_policy_network
-    from envs import make_env
-    from envs.beacon import scripted_actions
-
     env = make_env("beacon", n_agents=2, max_steps=25)
     rng = np.random.default_rng(seed)
     frames, labels = [], []

@@ -45,15 +45,6 @@ def obs_batch(b: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> torc
 
 
 @pytest.fixture(scope="module")
-def policy():
-    torch.manual_seed(0)
-    net = make_policy_network("cnn", SHAPE, 5, channels=(4, 8, 8), hidden=16).double()
-    # a larger policy head than the PPO init, so that the actions are not all equiprobable
-    nn.init.normal_(net.pi.weight, std=0.5)
-    return net.eval()
-
-
-@pytest.fixture(scope="module")
 def obs():
     return torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 

@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from agents import make_policy_network
 from marl_fgmf import attribution, pgca
 from marl_fgmf.explainers import METHODS, attribution_map, make_explainer, spatial_map
 
 SHAPE = (11, 11, 3)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def policy():
-    torch.manual_seed(0)
-    net = make_policy_network("cnn", SHAPE, 5, channels=(4, 8, 8), hidden=16).double()
-    nn.init.normal_(net.pi.weight, std=0.5)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,6 @@ FAST = dict(steps=8, patch=3, stride=1)
 
 
 @pytest.fixture(scope="module")
-def policy():
-    torch.manual_seed(0)
-    net = make_policy_network("cnn", SHAPE, 5, channels=(4, 8, 8), hidden=16).double()
-    nn.init.normal_(net.pi.weight, std=0.5)
-    return net.eval()
-
-
-@pytest.fixture(scope="module")
 def obs():
     return torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
