@@ -66,7 +66,7 @@ class _Run:
 
 
 def _rollout(lookup: Callable[[str], nn.Module], env: Any, attack: AttackSpec, episodes: int,
-             seed: int, bar: Any) -> _Run:
+             seed: int, bar: Any, max_steps: int | None = None) -> _Run:
     run = _Run(list(env.possible_agents))
     attacks: dict[int, Attack] = {}  # one attack copy per distinct policy, seeded reproducibly
     checked: set[tuple[int, str]] = set()
@@ -74,7 +74,9 @@ def _rollout(lookup: Callable[[str], nn.Module], env: Any, attack: AttackSpec, e
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         totals = {a: 0.0 for a in env.possible_agents}
-        while env.agents:
+        t = 0
+        while env.agents and (max_steps is None or t < max_steps):
+            t += 1
             live = [a for a in env.agents if a in obs]
             groups: dict[int, list[str]] = {}
             policies: dict[int, nn.Module] = {}
@@ -148,7 +150,8 @@ def _bind(attack: AttackSpec, policy: nn.Module, seed: int) -> Attack:
 
 
 def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: int = 10,
-             seed: int = 0, progress: bool = True, *, compare_clean: bool = True) -> dict[str, Any]:
+             seed: int = 0, progress: bool = True, *, compare_clean: bool = True,
+             max_steps: int | None = None) -> dict[str, Any]:
     """Roll out ``env`` with every agent's observation perturbed by ``attack`` at every step.
 
     Each step, the agents that share a policy are attacked in ONE batched call (B = number of
@@ -167,6 +170,8 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
         seed: base seed for the env resets and the attack's randomness.
         progress: show a tqdm progress bar.
         compare_clean: with an attack, also run the same episodes clean (under ``"clean"``).
+        max_steps: stop each episode after this many steps (None: when the env ends it); the
+            returns are then those of the first ``max_steps`` steps.
 
     Returns:
         A dict with ``attack`` (its settings, or None), ``episodes``, ``seed`` and the attacked
@@ -190,6 +195,9 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
         raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
     if attack is not None and not (isinstance(attack, Attack) or callable(attack)):
         raise ValueError(f"attack must be None, an Attack or a factory policy -> Attack, "
                          f"got {type(attack).__name__}")
@@ -203,15 +211,16 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
     try:
         result: dict[str, Any] = {"attack": attack.settings() if isinstance(attack, Attack)
                                   else (None if attack is None else repr(attack)),
-                                  "episodes": episodes, "seed": seed}
+                                  "episodes": episodes, "seed": seed, "max_steps": max_steps}
         if attack is None:
-            stats = _rollout(lookup, env, None, episodes, seed, bar).summary(False)
+            stats = _rollout(lookup, env, None, episodes, seed, bar, max_steps).summary(False)
             result.update(stats)
             result["clean"] = stats
             return result
-        result.update(_rollout(lookup, env, attack, episodes, seed, bar).summary(True))
+        result.update(_rollout(lookup, env, attack, episodes, seed, bar, max_steps).summary(True))
         if compare_clean:
-            result["clean"] = _rollout(lookup, env, None, episodes, seed, bar).summary(False)
+            result["clean"] = _rollout(lookup, env, None, episodes, seed, bar,
+                                       max_steps).summary(False)
         return result
     finally:
         if bar is not None:

@@ -124,3 +124,32 @@ def test_returns_are_summarized_with_student_t_and_one_episode_has_no_interval()
     written = json.loads(json.dumps(to_jsonable(one), allow_nan=False))
     assert written["team_return"]["ci95"] is None
     assert written["team_return"]["mean"] == pytest.approx(one["team_returns"][0])
+
+
+def test_max_steps_caps_each_episode_and_keeps_its_first_steps():
+    policy = small_policy(seed=4)
+    calls: list[int] = []
+    attack = CountingPGD(policy, eps=4 / 255, steps=1, seed=0, calls=calls)
+    capped = evaluate(policy, small_env(), attack, episodes=EPISODES, seed=1, progress=False,
+                      max_steps=3)
+    assert calls == [N_AGENTS] * (EPISODES * 3), "one attacked step per capped env step"
+    assert capped["agent_steps"] == EPISODES * 3 * N_AGENTS == capped["clean"]["agent_steps"]
+    assert capped["max_steps"] == 3
+    # the capped returns are the first 3 steps of the full episodes (a one-step-reward env
+    # would differ otherwise): play the same 3 steps by hand
+    env = small_env()
+    for ep in range(EPISODES):
+        obs, _ = env.reset(seed=1 + ep)
+        total = 0.0
+        for _ in range(3):
+            with torch.no_grad():
+                acts = {a: int(policy(torch.as_tensor(obs[a][None], dtype=torch.float32) / 255)
+                               .argmax()) for a in env.agents}
+            obs, rewards, *_ = env.step(acts)
+            total += sum(float(r) for r in rewards.values())
+        assert capped["clean"]["team_returns"][ep] == pytest.approx(total)
+    full = evaluate(policy, small_env(), None, episodes=1, seed=1, progress=False)
+    assert full["agent_steps"] == MAX_STEPS * N_AGENTS and full["max_steps"] is None
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_steps must be None or an integer >= 1"):
+            evaluate(policy, small_env(), None, episodes=1, progress=False, max_steps=bad)
