@@ -8,7 +8,25 @@ A run directory written by ``marl-fgmf train`` looks like::
         learner_group/learner/rl_module/<module_id>/
 
 ``load_policy`` accepts the run directory, a checkpoint directory, or a single RLModule
-directory, and needs no Ray cluster (``RLModule.from_checkpoint``, ~0.1 s).
+directory, and needs no Ray cluster (``RLModule.from_checkpoint``, ~0.1 s). Any RLlib
+new-API-stack checkpoint loads, not only the toolkit's own:
+
+* a marl-fgmf module (:class:`agents.rl_module.FGMFTorchRLModule`): its policy network, as is;
+* any other ``TorchRLModule`` whose ``_forward`` returns action logits
+  (``Columns.ACTION_DIST_INPUTS``) for a ``Discrete`` action space, RLlib's default catalog
+  modules among them (``DefaultPPOTorchRLModule`` and the APPO/IMPALA/BC modules built on it:
+  encoder + pi head): a :class:`marl_fgmf.adapter.PolicyAdapter` around the module's
+  ``_forward`` (never ``forward_inference``, which runs under ``torch.no_grad``), with
+  ``value(obs)`` from ``compute_values`` where the module has one. Its layout and scaling come
+  from the module's observation space: a ``Box`` bounded by [0, 1] gets the protocol input
+  as is; one bounded by [0, 255] (uint8 or float) gets ``255 * obs``, the raw pixel values
+  it was trained on (unrounded, so that input gradients exist); a channels-first space
+  ``(C, H, W)`` gets the input permuted. Other spaces are refused with one line.
+
+Agents to modules (:func:`agent_policy_map`): a checkpoint with a single module, whatever its
+id (``shared``, RLlib's ``default_policy``, ...), serves every agent; with several modules each
+agent plays the module named after it; otherwise choose one module for all agents with
+``policy_id`` (``--policy-id``).
 """
 from __future__ import annotations
 
@@ -18,8 +36,12 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
+
+from agents.networks import PolicyNetwork
+from marl_fgmf.adapter import PolicyAdapter, adapt_policy
 
 RL_MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module"
 
@@ -125,30 +147,121 @@ def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
+class RLModuleLogits(nn.Module):
+    """An RLlib ``TorchRLModule`` as ``forward(obs) -> logits``, on observations in the module's
+    own layout and units: ``_forward({obs})[action_dist_inputs]``, with gradients (never
+    ``forward_inference``, which runs under ``torch.no_grad``)."""
+
+    def __init__(self, rl_module: nn.Module):
+        super().__init__()
+        # lazy: RLlib (seconds) stays out of CLI start-up; only RLlib checkpoints need it
+        from ray.rllib.core.columns import Columns
+        self.rl_module = rl_module
+        self.obs_key, self.logits_key = Columns.OBS, Columns.ACTION_DIST_INPUTS
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        out = self.rl_module._forward({self.obs_key: obs})
+        if not isinstance(out, dict) or self.logits_key not in out:
+            keys = sorted(map(str, out)) if isinstance(out, dict) else type(out).__name__
+            raise ValueError(f"{type(self.rl_module).__name__}._forward returned {keys}, not "
+                             f"{self.logits_key!r} (the action logits)")
+        return out[self.logits_key]
+
+
+class RLModuleActorCritic(RLModuleLogits):
+    """:class:`RLModuleLogits` with ``value(obs)`` from the module's ``compute_values``."""
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.rl_module.compute_values({self.obs_key: obs})
+
+
+def observation_declaration(space, module: str = "module") -> tuple[str, str, tuple[int, int, int]]:
+    """``(layout, input_range, obs_shape)`` of an RLlib module from its observation space:
+    channels last unless the space is ``(C, H, W)``; ``unit`` for a Box in [0, 1], ``uint8`` /
+    ``float255`` for one in [0, 255]; ``obs_shape`` is the protocol's ``(H, W, C)``.
+
+    Raises:
+        CheckpointError: a space that is not a bounded image ``Box`` (one line: what it is and
+            what is expected).
+    """
+    shape = tuple(int(s) for s in (getattr(space, "shape", None) or ()))
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if len(shape) != 3 or low is None or high is None:
+        raise CheckpointError(f"{module} observes {space}; expected an image Box of shape "
+                              f"(H, W, C) (or (C, H, W))")
+    channels = (1, 2, 3, 4)
+    layout = "NCHW" if shape[0] in channels and shape[2] not in channels else "NHWC"
+    obs_shape = (shape[1], shape[2], shape[0]) if layout == "NCHW" else shape
+    lo, hi = float(np.min(low)), float(np.max(high))
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo != 0.0 or hi not in (1.0, 255.0):
+        raise CheckpointError(f"{module} observes values in [{lo:g}, {hi:g}]; expected an image "
+                              f"Box in [0, 1] or [0, 255] (the scaling is read from it); wrap "
+                              f"the module yourself with marl_fgmf.adapter.adapt_policy("
+                              f"input_range=...)")
+    if hi == 1.0:
+        input_range = "unit"
+    else:
+        input_range = "uint8" if np.dtype(space.dtype) == np.uint8 else "float255"
+    return layout, input_range, obs_shape  # type: ignore[return-value]
+
+
+def rl_module_policy(module: nn.Module, where: str = "checkpoint") -> nn.Module:
+    """The policy-protocol module of a loaded RLlib ``RLModule`` (see the module docstring):
+    a marl-fgmf module's network, or a :class:`PolicyAdapter` around any other
+    ``TorchRLModule``'s ``_forward``.
+
+    Raises:
+        CheckpointError: a module the adapter cannot serve (not torch, recurrent, not
+            Discrete actions, not an image observation space), on one line.
+    """
+    net = getattr(module, "net", None)
+    if isinstance(net, PolicyNetwork):
+        return net
+    kind = type(module).__name__
+    if not isinstance(module, nn.Module) or not callable(getattr(module, "_forward", None)):
+        raise CheckpointError(f"{where} holds a {kind}; expected a torch RLModule "
+                              f"(TorchRLModule, framework='torch')")
+    is_stateful = getattr(module, "is_stateful", None)
+    if callable(is_stateful) and is_stateful():
+        raise CheckpointError(f"{where} holds a recurrent {kind} (state in/out); expected a "
+                              f"feed-forward module (the policy protocol has no state)")
+    n = getattr(getattr(module, "action_space", None), "n", None)
+    if n is None:
+        raise CheckpointError(f"{where} holds a {kind} acting in {module.action_space}; "
+                              f"expected Discrete actions (its logits are the policy's output)")
+    layout, input_range, obs_shape = observation_declaration(module.observation_space,
+                                                             f"{where}'s {kind}")
+    wrapper = (RLModuleActorCritic if callable(getattr(module, "compute_values", None))
+               else RLModuleLogits)(module)
+    return adapt_policy(wrapper, layout=layout, input_range=input_range, obs_shape=obs_shape,
+                        n_actions=int(n))
+
+
 def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
                 device: str | torch.device | None = None) -> nn.Module:
     """Load a trained policy as a torch module on the policy protocol.
 
     Args:
-        checkpoint_dir: a run directory, an algorithm checkpoint, or an RLModule directory.
-        policy_id: the module id (``shared``, or an agent id for per-agent policies); may be
-            omitted when the checkpoint holds exactly one.
+        checkpoint_dir: a run directory, an algorithm checkpoint (any RLlib new-API-stack
+            checkpoint), or an RLModule directory.
+        policy_id: the module id (``shared``, an agent id, RLlib's ``default_policy``, ...);
+            may be omitted when the checkpoint holds exactly one.
         device: where to put the module (default: CUDA if available, else CPU).
     Returns:
-        A :class:`agents.networks.PolicyNetwork` in eval mode: ``policy(obs) -> logits``
-        with ``obs`` float in [0, 1], (B, H, W, C); ``policy.value(obs)``.
+        In eval mode, ``policy(obs) -> logits`` with ``obs`` float in [0, 1], (B, H, W, C):
+        a :class:`agents.networks.PolicyNetwork` for a marl-fgmf checkpoint, else a
+        :class:`marl_fgmf.adapter.PolicyAdapter` around the RLlib module's ``_forward`` (with
+        ``policy.value(obs)`` when the module computes values).
     Raises:
-        CheckpointError: missing/corrupt checkpoint (message names the path).
+        CheckpointError: missing/corrupt checkpoint, or a module the adapter cannot serve
+            (message names the path and what was found).
         ValueError: unknown ``policy_id`` (message lists the valid ones).
     """
     module = load_rl_module(checkpoint_dir, policy_id)
-    net = getattr(module, "net", None)
-    if not isinstance(net, nn.Module):
-        raise CheckpointError(f"checkpoint {checkpoint_dir} holds a {type(module).__name__}, "
-                              "not a marl-fgmf module")
+    policy = rl_module_policy(module, f"checkpoint {checkpoint_dir}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return net.eval().to(device)
+    return policy.eval().to(device)
 
 
 def load_policies(checkpoint_dir: str | Path, device: str | torch.device | None = None
@@ -185,7 +298,8 @@ def run_env(checkpoint: str | Path, env: str | None = None,
     run = read_run_config(checkpoint)
     name = env or run.get("env")
     if not name:
-        raise ValueError(f"--env is required: {checkpoint} has no run.json naming its env")
+        raise ValueError(f"--env is required: {checkpoint} names no env (no run.json of a "
+                         f"marl-fgmf run, e.g. a checkpoint RLlib wrote); pass --env NAME")
     if env_kwargs is not None:
         return name, dict(env_kwargs)
     return name, dict(run.get("env_kwargs") or {}) if name == run.get("env") else {}
@@ -206,13 +320,21 @@ def read_run_config(path: str | Path) -> dict:
 
 
 def agent_policy_map(checkpoint_dir: str | Path, agents: list[str]) -> dict[str, str]:
-    """Which module id acts for each agent: ``shared`` for all, or the agent's own id."""
+    """Which module id acts for each agent: a checkpoint's single module (whatever its id)
+    for all, else the module named after each agent.
+
+    Raises:
+        ValueError: several modules and an agent without one of its own (one line naming
+            them; choose a module for every agent with ``policy_id`` / ``--policy-id``).
+    """
     ids = policy_ids(checkpoint_dir)
-    if ids == ["shared"]:
-        return {a: "shared" for a in agents}
+    if len(ids) == 1:
+        return {a: ids[0] for a in agents}
     missing = [a for a in agents if a not in ids]
     if missing:
-        raise ValueError(f"checkpoint has no policy for agents {missing}; it holds {ids}")
+        raise ValueError(f"checkpoint has no module for agents {missing}; it holds {ids} (a "
+                         f"single module serves every agent, several must be named after the "
+                         f"agents): choose one for every agent with --policy-id")
     return {a: a for a in agents}
 
 

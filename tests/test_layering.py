@@ -35,7 +35,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("marl_fgmf", "agents", "attacks", "envs")
 ALGORITHMS = ("protocol", "stats", "perturbation", "attribution", "explainers", "scorpio", "sgam",
-              "pgca", "adv_training", "metrics")
+              "pgca", "adv_training", "metrics", "adapter")
 ALGORITHM_THIRD_PARTY = {"torch", "numpy", "scipy"}
 ATTACKS_FORBIDDEN_THIRD_PARTY = {"ray", "pettingzoo", "supersuit", "gymnasium"}
 UTILITIES = ("io", "viz")
