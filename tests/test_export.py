@@ -345,3 +345,26 @@ def test_damaged_files_fail_on_one_line(per_agent, tmp_path, damage, fragment):
         load_portable(folder, "agent_0", device="cpu")
     assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not is_portable(tmp_path / "elsewhere")
+
+
+def test_a_foreign_rllib_module_is_refused_on_one_line(tmp_path, capsys):
+    """RLlib's own default PPO module (no marl-fgmf network inside) is not exported (the format
+    rebuilds the toolkit's architectures only): one line naming what was found."""
+    import gymnasium as gym
+    import numpy as np
+    from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import \
+        DefaultPPOTorchRLModule
+
+    module = DefaultPPOTorchRLModule(
+        observation_space=gym.spaces.Box(0.0, 255.0, (21, 21, 3), np.float32),
+        action_space=gym.spaces.Discrete(5),
+        model_config={"conv_filters": [[8, [3, 3], 2], [16, [3, 3], 2]],
+                      "head_fcnet_hiddens": [16]})
+    ckpt = tmp_path / "ppo"
+    module.save_to_path(str(ckpt / "learner_group" / "learner" / "rl_module" / "ppo_policy"))
+    out = tmp_path / "out"
+    _one_line_error(capsys, _export(ckpt, out, "--env", "beacon", "--env-kwargs",
+                                    "n_agents=2,max_steps=4"),
+                    "module 'ppo_policy'", "is a DefaultPPOTorchRLModule",
+                    "export takes marl-fgmf modules only")
+    assert not out.exists()

@@ -96,8 +96,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, env: str | None =
             config = dict(getattr(module, "model_config", None) or {})
             if not isinstance(net, PolicyNetwork) or config.get("arch", "cnn") != net.arch:
                 raise UsageError(f"module {mid!r} of {checkpoint} is a {type(module).__name__}; "
-                                 f"export takes modules trained by marl-fgmf train (cnn, vit, "
-                                 f"hybrid, optionally with SGAM)")
+                                 f"export takes marl-fgmf modules only (cnn, vit, hybrid, "
+                                 f"optionally with SGAM: marl-fgmf train)")
             for agent, used in mapping.items():
                 if used == mid:
                     check_policy_fits_env(net, env_obj, agent, mid)
