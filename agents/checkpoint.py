@@ -92,12 +92,27 @@ def resolve_module_root(path: str | Path) -> Path:
         return path
     if (path.parent.name == "rl_module") and path.is_dir():
         return path.parent
+    if is_module_dir(path):  # one RLModule saved on its own (module.save_to_path)
+        return path
     raise CheckpointError(f"not an RLlib checkpoint (no {RL_MODULE_SUBDIR} inside): {path}")
 
 
+def is_module_dir(path: str | Path) -> bool:
+    """True for the folder of ONE RLModule (``RLModule.save_to_path``): its own
+    ``class_and_ctor_args.pkl`` and no module folders inside (a MultiRLModule's ``rl_module``
+    folder has one per module id)."""
+    path = Path(path)
+    marker = "class_and_ctor_args.pkl"
+    return (path / marker).is_file() and not any(
+        (d / marker).is_file() for d in path.iterdir() if d.is_dir())
+
+
 def policy_ids(checkpoint_dir: str | Path) -> list[str]:
-    """Module ids stored in a checkpoint (``shared``, or one per agent)."""
+    """Module ids stored in a checkpoint (``shared``, one per agent, or whatever ids RLlib's
+    config named; a single RLModule folder's id is its folder name)."""
     root = resolve_module_root(checkpoint_dir)
+    if root.name != "rl_module" and is_module_dir(root):
+        return [root.name]
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -138,7 +153,7 @@ def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
         module_id = ids[0]
     if module_id not in ids:
         raise ValueError(f"unknown {what} id {module_id!r}; allowed: {', '.join(ids)}")
-    module_dir = root / module_id
+    module_dir = root if root.name == module_id and is_module_dir(root) else root / module_id
     try:
         with _quiet_rllib():
             return RLModule.from_checkpoint(module_dir.resolve())
@@ -243,7 +258,8 @@ def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
 
     Args:
         checkpoint_dir: a run directory, an algorithm checkpoint (any RLlib new-API-stack
-            checkpoint), or an RLModule directory.
+            checkpoint), its ``rl_module`` folder, or one RLModule's folder (also one saved on
+            its own with ``module.save_to_path``).
         policy_id: the module id (``shared``, an agent id, RLlib's ``default_policy``, ...);
             may be omitted when the checkpoint holds exactly one.
         device: where to put the module (default: CUDA if available, else CPU).
