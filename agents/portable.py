@@ -106,7 +106,7 @@ def _bound_in(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
         if arr.shape != shape:
             raise PortableError(f"{what} has shape {arr.shape}, the observation shape is {shape}")
         return arr
-    return np.full(shape, number(value))
+    return np.asarray(number(value))  # a scalar broadcasts (never materialized: shape is data)
 
 
 def _need(mapping: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
@@ -173,6 +173,8 @@ def parse_spec(text: str, where: str) -> dict[str, Any]:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PortableError(f"corrupt spec {where}: {exc}") from None
+    except RecursionError:
+        raise PortableError(f"corrupt spec {where}: nested too deeply") from None
     _check(isinstance(spec, dict), f"corrupt spec {where}: expected a JSON object")
     _check(spec.get("format") == FORMAT, f"{where} is not a marl-fgmf policy spec (format "
                                          f"{spec.get('format')!r}, expected {FORMAT!r})")
@@ -267,7 +269,7 @@ def build_module(mid: str, m: dict[str, Any], where: str) -> PolicyNetwork:
                                   m["n_actions"], **m["settings"])
         if m["input_filter"] is not None:
             attach_sgam(net, **m["input_filter"]["settings"])
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # any settings the encoder refuses, on one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PortableError(f"{where}: cannot build module {mid!r} from its spec: {first}") from None
     return net.to(DTYPES[m["dtype"]])
@@ -291,9 +293,10 @@ def _load_weights(folder: Path, spec: dict[str, Any]) -> dict[str, torch.Tensor]
         raise PortableError(f"corrupt weights file {file}: {first}") from None
 
 
-def fill_module(net: PolicyNetwork, mid: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+def fill_module(net: PolicyNetwork, mid: str, tensors: dict[str, torch.Tensor], where: str,
+                check_only: bool = False) -> None:
     """Copy ``tensors`` into ``net`` strictly: every key present, none extra, same shapes and
-    dtypes."""
+    dtypes (with ``check_only``, only check: ``net`` may live on the meta device)."""
     own = net.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -312,7 +315,8 @@ def fill_module(net: PolicyNetwork, mid: str, tensors: dict[str, torch.Tensor], 
             raise PortableError(f"{where}: module {mid!r} tensor {key} has dtype "
                                 f"{str(got.dtype).replace('torch.', '')}, its spec says "
                                 f"{str(value.dtype).replace('torch.', '')}")
-    net.load_state_dict(tensors, strict=True)
+    if not check_only:
+        net.load_state_dict(tensors, strict=True)
 
 
 def load_portable_policies(path: str | os.PathLike, device: str | torch.device | None = None
@@ -338,6 +342,9 @@ def load_portable_policies(path: str | os.PathLike, device: str | torch.device |
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for mid, m in spec["modules"].items():
+        with torch.device("meta"):  # shapes first, without memory: a spec cannot make it
+            skeleton = build_module(mid, m, where)  # allocate more than its weights file holds
+        fill_module(skeleton, mid, by_module.get(mid, {}), where, check_only=True)
         net = build_module(mid, m, where)
         fill_module(net, mid, by_module.get(mid, {}), where)
         out[mid] = net.eval().to(device)

@@ -300,6 +300,10 @@ def _set(path, value):
      "tensor encoder.head.1.weight has shape (16, 288), its spec needs (32, 288)"),
     (_set(["modules", "agent_0", "settings", "depth"], 2), None, True,
      "unknown cnn setting(s) ['depth']"),
+    (_set(["modules", "agent_0", "observation_space", "shape"], [100000, 100000, 3]), None, True,
+     "tensor encoder.head.1.weight has shape (16, 288), its spec needs (16, 5000000000)"),
+    (_set(["modules", "agent_0", "settings", "activation"], "sigmoid"), None, True,
+     "cannot build module 'agent_0' from its spec: unknown activation 'sigmoid'"),
     (_set(["modules", "agent_0", "n_actions"], KeyError), None, True, "lacks field(s) n_actions"),
     (_set(["modules", "agent_0", "layout"], "NCHW"), None, True, "unknown layout 'NCHW'"),
     (_set(["modules", "agent_0", "input_filter"], {"type": "lambda"}), None, True,
@@ -321,6 +325,7 @@ def test_bad_exports_fail_on_one_line(per_agent, tmp_path, spec_edit, tensor_edi
 
 @pytest.mark.parametrize("damage, fragment", [
     ("corrupt_json", "corrupt spec"),
+    ("deep_json", "nested too deeply"),
     ("not_utf8", "not UTF-8"),
     ("no_weights", "has no weights file policy.safetensors"),
     ("no_spec", "has no policy.json"),
@@ -330,6 +335,8 @@ def test_damaged_files_fail_on_one_line(per_agent, tmp_path, damage, fragment):
     folder = _copy(per_agent[1], tmp_path)
     if damage == "corrupt_json":
         (folder / "policy.json").write_text('{"format": "marl-fgmf-policy", ')
+    elif damage == "deep_json":
+        (folder / "policy.json").write_text("[" * 200000 + "]" * 200000)
     elif damage == "not_utf8":
         (folder / "policy.json").write_bytes(b"\xff\xfe\x00")
     elif damage == "no_weights":
