@@ -11,17 +11,17 @@ The base class owns (in the spirit of torchattacks' ``Attack``, written for poli
   train/eval flag afterwards (:func:`marl_fgmf.protocol.eval_mode`);
 * input validation with one-line ``ValueError`` s that name the value and what is allowed
   (:func:`marl_fgmf.protocol.check_obs`, :func:`marl_fgmf.protocol.parse_budget`);
+* the input-gradient guard (:func:`marl_fgmf.protocol.check_input_gradient`): a gradient
+  attack refuses a policy with no or exactly zero input gradient, naming the cause; wrappers
+  (BPDA, EOT) and ensembles leave it to the attacks they run; gradient-free ones never check;
 * the per-sample best iterate (:class:`BestIterate`: success first, then the larger loss);
-* seeding: ``seed=`` makes a :class:`torch.Generator`; a fresh attack built with the same seed
-  produces the same sequence of perturbations (``set_seed`` rewinds it); the policy's own
-  randomness (dropout, a randomized defence) is drawn inside a forked global RNG seeded from
-  that generator, so it is reproducible too and the caller's RNG stream is left untouched;
+* seeding: ``seed=`` makes a :class:`torch.Generator` (same seed, same perturbations;
+  ``set_seed`` rewinds it); the policy's own randomness (dropout, a randomized defence) is
+  drawn in a forked global RNG seeded from it: reproducible, the caller's RNG untouched;
 * the final projection onto the eps-ball (Linf or L2) intersected with [0, 1].
 
-The objectives (``ce``, ``kl``, ``value``, ``targeted``, ``margin``, ``dlr``), the targets of
-``targeted`` and the success criterion are defined in :mod:`attacks.objectives`.
-
-Subclasses set their paper's defaults in ``__init__`` and write only ``_perturb(ctx)``.
+Objectives (``ce``, ``kl``, ``value``, ``targeted``, ``margin``, ``dlr``), targets and success:
+:mod:`attacks.objectives`. Subclasses set their paper's defaults and write only ``_perturb``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from torch import nn
 from attacks.objectives import (ACTION_OBJECTIVES, OBJECTIVES, SUCCESS_OBJECTIVES, TargetSpec,
                                 better, check_action_count, check_actions, is_success,
                                 loss_dtype, objective_loss, resolve_target)
-from marl_fgmf.protocol import check_obs, eval_mode, parse_budget, policy_device
+from marl_fgmf.protocol import (check_input_gradient, check_obs, eval_mode, expected_obs_shape,
+                                parse_budget, policy_device)
 
 NORMS = ("linf", "l2")
 
@@ -63,7 +64,6 @@ def check_fraction(value: Any, name: str, low: float = 0.0, high: float = 1.0,
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
     return v
-
 
 
 def _pick(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
@@ -108,8 +108,7 @@ class AttackContext:
         return self._clean_logits
 
     def __repr__(self) -> str:
-        return (f"AttackContext(batch={self.batch}, obs={tuple(self.obs.shape)}, "
-                f"target={'yes' if self.target is not None else 'no'})")
+        return f"AttackContext(batch={self.batch}, target={self.target is not None})"
 
     @property
     def batch(self) -> int:
@@ -248,13 +247,16 @@ class Attack:
 
         Raises:
             ValueError: bad obs, bad actions, or a policy output that is not (B, n_actions).
+            InputGradientError: (a ValueError) no or exactly zero input gradient.
         """
-        check_obs(obs)
+        check_obs(obs, expected_obs_shape(self.policy))
         device, dtype = policy_device(self.policy)
         x = obs.detach().to(device=device, dtype=dtype)
         gen = self._get_generator(device)
         with eval_mode(self.policy, train=not self._eval_mode), self._forked_rng(device, gen):
             ctx = self._context(x, actions, gen)
+            if self.uses_gradients and not self._children():
+                check_input_gradient(self.policy, x, name=type(self).__name__)
             adv = self._perturb(ctx)
             adv = self._final_projection(x, adv.detach())
             success = ctx.success
@@ -434,7 +436,6 @@ class Attack:
             return grad.sign().mul_(size)
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return (grad / norms).mul_(size)
-
 
     better = staticmethod(better)  # (B,) bool: success first, then the larger loss
 

@@ -47,7 +47,7 @@ import torch
 from marl_fgmf.attribution import (DEFAULT_CHUNK, action_score, check_chunk, integrated_gradients,
                                    make_substrate, occlusion_patch_deltas, patch_deltas_to_map,
                                    patch_masks, resolve_actions)
-from marl_fgmf.protocol import check_obs, eval_mode
+from marl_fgmf.protocol import check_input_gradient, check_obs, eval_mode, expected_obs_shape
 
 __all__ = ["PGCAResult", "PGCA", "explain", "consensus_map", "spearman", "normalize_map",
            "sgam_mask", "DEFAULTS"]
@@ -197,10 +197,13 @@ def explain(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
     Returns:
         :class:`PGCAResult`.
     Raises:
-        ValueError: non-finite, out-of-range or badly shaped ``obs``, a patch larger than the observation,
-            a bad setting.
+        ValueError: non-finite, out-of-range or badly shaped ``obs`` (channels-first, 0-255, or
+            not the policy's declared ``obs_shape``), a patch larger than the observation, a
+            bad setting; :class:`~marl_fgmf.protocol.InputGradientError` (a ``ValueError``)
+            for a policy without usable input gradients (``torch.no_grad`` forward, a detached
+            or rounding input layer), whose gradient map would be all zero.
     """
-    check_obs(obs)
+    check_obs(obs, expected_obs_shape(policy))
     check_chunk(internal_batch_size)
     if not 0.0 <= float(q) <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
@@ -209,6 +212,7 @@ def explain(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
     masks = patch_masks(obs.shape[1], obs.shape[2], patch, stride, obs.device, obs.dtype)
     fill = make_substrate(obs, substrate, blur_sigma)
     with eval_mode(policy):
+        check_input_gradient(policy, obs, name="PGCA")  # its fine map is IG: refuse masking
         with torch.no_grad():  # the one clean forward: actions, scores, probabilities, mask
             logits = policy(obs)
             sgam = sgam_mask(policy)

@@ -18,6 +18,7 @@ from torch import nn
 from agents import make_policy_network
 from attacks import (APGD, ATTACKS, BPDA, EOT, FGSM, PGD, Attack, Ensemble, RandomNoise, Square,
                      StraightThrough, apgd_checkpoints, make_attack)
+from marl_fgmf.protocol import allow_masked_gradients
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -440,7 +441,10 @@ def test_bpda_recovers_strong_attack_through_rounding_layer(beacon_policy):
     eps = 8 / 255
     with torch.no_grad():
         assert torch.equal(policy(obs).argmax(1), trained(obs).argmax(1)), "quantizer changed actions"
-    plain_rate = success_rate(PGD(policy, eps=eps, steps=10, seed=0), obs)
+    with pytest.raises(ValueError, match="no gradient path to obs"):  # the guard refuses it
+        PGD(policy, eps=eps, steps=10, seed=0)(obs)
+    with allow_masked_gradients():  # what the audit measures: plain PGD finds nothing
+        plain_rate = success_rate(PGD(policy, eps=eps, steps=10, seed=0), obs)
     noise_rate = success_rate(RandomNoise(policy, eps=eps, seed=0), obs)
     bpda = BPDA(PGD(policy, eps=eps, steps=10, seed=0))
     adv = bpda(obs)

@@ -156,6 +156,8 @@ def test_one_clean_forward_and_no_redundant_work(policy, obs):
     """One clean forward of B rows (actions, scores, probabilities), steps*B IG rows, at most
     B*P occlusion rows; the class call and the registry give the same consensus."""
     counter = RowCounter(policy)
+    explain(counter, obs, internal_batch_size=1000, **FAST)  # + the input-gradient guard, once
+    counter.calls.clear()
     res = explain(counter, obs, internal_batch_size=1000, **FAST)
     b, steps, n_patches = len(obs), FAST["steps"], 9 * 9
     assert counter.calls[0] == b

@@ -7,8 +7,8 @@ Every method explains a score of an action, by default the clean greedy action
 
 * Gradient base (:class:`GradientAttribution`): :func:`resolve_actions` (the explained
   actions), :func:`action_log_prob` (the differentiable score) and :func:`input_gradients`
-  (``d log pi(a | x) / dx`` for a stacked batch, in chunks). Used by Integrated Gradients,
-  SmoothGrad and Grad-CAM++.
+  (``d log pi(a | x) / dx`` for a stacked batch, in chunks), behind the input-gradient guard
+  of :mod:`marl_fgmf.protocol`. Used by Integrated Gradients, SmoothGrad and Grad-CAM++.
 * Perturbation base (:class:`PerturbationAttribution`): substrates (:func:`gaussian_blur`,
   :func:`make_substrate`), occlusion windows (:func:`patch_masks`), the stable float64 score
   of an action (:func:`action_score`) and the batched no-grad forwards of masked observations
@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from marl_fgmf.protocol import check_input_gradient
 
 __all__ = [
     "Attribution", "GradientAttribution", "PerturbationAttribution", "DEFAULT_CHUNK",
@@ -117,10 +119,18 @@ def input_gradients(policy: Policy, x: torch.Tensor, actions: torch.Tensor,
 
 
 class GradientAttribution(Attribution):
-    """Base of the gradient methods: chunked input gradients of the explained actions."""
+    """Base of the gradient methods: chunked input gradients of the explained actions.
+
+    Before its first gradient on a policy, :meth:`input_gradients` runs the input-gradient
+    guard (:func:`marl_fgmf.protocol.check_input_gradient`, cached per policy): a policy whose
+    forward runs under ``torch.no_grad`` / ``inference_mode``, detaches its input or rounds it
+    (a zero gradient) raises an :class:`~marl_fgmf.protocol.InputGradientError` naming the
+    likely cause, instead of yielding an all-zero map (or a bare autograd error).
+    """
 
     def input_gradients(self, x: torch.Tensor, actions: torch.Tensor, chunk: int) -> torch.Tensor:
-        """:func:`input_gradients` for this policy."""
+        """:func:`input_gradients` for this policy, after the input-gradient guard."""
+        check_input_gradient(self.policy, x, name=type(self).__name__)
         return input_gradients(self.policy, x, actions, chunk)
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from marl_fgmf.attribution import integrated_gradients
-from marl_fgmf.protocol import check_obs
+from marl_fgmf.protocol import check_input_gradient, check_obs, expected_obs_shape
 
 __all__ = [
     "ScorpioConfig", "ExploitableSubspace", "hvp", "exploitable_mask", "select_sub_batch",
@@ -261,6 +261,14 @@ def select_sub_batch(batch_size: int, config: ScorpioConfig,
     return idx.to(device)
 
 
+def _check_rows(policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor) -> None:
+    """The entry checks of SCOR-PIO: ``obs`` on the protocol (layout, range, the policy's
+    declared ``obs_shape``), then the input-gradient guard (a no_grad or rounding policy has no
+    input curvature to penalize: R would be 0 and say nothing)."""
+    check_obs(obs, expected_obs_shape(policy))
+    check_input_gradient(policy, obs.detach(), name="SCOR-PIO")
+
+
 def _attacker_grad(policy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    actions: torch.Tensor | None, create_graph: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,9 +323,11 @@ def compute_exploitable_subspace(policy: Callable[[torch.Tensor], torch.Tensor],
     Returns:
         :class:`ExploitableSubspace` of the rows of ``obs``.
     Raises:
-        ValueError: non-finite or malformed ``obs``.
+        ValueError: non-finite, malformed, channels-first or 0-255 ``obs``;
+            :class:`~marl_fgmf.protocol.InputGradientError` (a ``ValueError``) for a policy
+            without usable input gradients (``torch.no_grad`` forward, rounding input layer).
     """
-    check_obs(obs)
+    _check_rows(policy, obs)
     x = obs.detach()
     if actions is not None:
         actions = torch.as_tensor(actions, device=obs.device).long().reshape(-1)
@@ -359,20 +369,23 @@ def scorpio_regularizer(policy: Callable[[torch.Tensor], torch.Tensor],
         (``mean v.Hv``; 0 when ``lambda_curv = 0``, as ``Hv`` is then not computed),
         ``mask_fraction``, ``reg_samples``.
     Raises:
-        ValueError: non-finite or malformed observations, or ``obs`` not aligned with
-            ``subspace``.
+        ValueError: non-finite, malformed, channels-first or 0-255 observations, or ``obs``
+            not aligned with ``subspace``; :class:`~marl_fgmf.protocol.InputGradientError`
+            (a ``ValueError``) for a policy without usable input gradients (its forward
+            under ``torch.no_grad`` / ``inference_mode``, a detached or rounding input layer).
     """
     if subspace is None:
         if obs is None:
             raise ValueError("obs is required when no subspace is given")
-        check_obs(obs)
+        _check_rows(policy, obs)
         idx = select_sub_batch(obs.shape[0], config, device=obs.device)
         x, actions = obs.detach()[idx], None
     else:
         if obs is None:
             x = subspace.obs
+            check_input_gradient(policy, x, name="SCOR-PIO")
         else:
-            check_obs(obs)
+            _check_rows(policy, obs)
             if obs.shape != subspace.obs.shape:
                 raise ValueError(f"obs {tuple(obs.shape)} does not align with the subspace "
                                  f"rows {tuple(subspace.obs.shape)}; pass obs=None to use them")
