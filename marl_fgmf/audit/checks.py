@@ -11,7 +11,8 @@ from marl_fgmf.audit.report import AuditCheck, eps_text
 from marl_fgmf.stats import mcnemar_greater
 
 __all__ = ["check_square", "check_noise", "check_steps", "check_large", "check_adaptive",
-           "significant", "rate", "gradient_pgd_label"]
+           "significant", "rate", "gradient_pgd_label", "likely_cause", "CAUSES",
+           "GRADIENT_LESS"]
 
 
 def significant(test: dict[str, Any], margin: float, alpha: float) -> bool:
@@ -170,3 +171,69 @@ def check_adaptive(o: dict[str, torch.Tensor], plain_label: str, adaptive: list[
                       f"{best_t['rate_b']:.3f} (diff {best_t['diff']:+.3f}, p={best_t['p']:.2g})")
 
 
+
+
+GRADIENT_LESS = ("no_grad", "detached")
+"""Probe verdicts that flag a policy by themselves: with no gradient graph to obs at all, no
+gradient attack can evaluate it, whatever the five checks say (an exactly zero gradient does
+not: an input-insensitive policy has one too, and the checks tell the two apart)."""
+
+CAUSES = ("no_grad", "detached", "zero_gradient", "quantized_input", "input_filter",
+          "randomness", "useless_gradients")
+"""The causes :func:`likely_cause` names, most specific first."""
+
+
+def likely_cause(checks: list[AuditCheck], gradient: dict[str, Any], filter_name: str | None,
+                 stochastic: bool) -> dict[str, str] | None:
+    """The likeliest cause of a flagged audit, from its checks and its input-gradient probe.
+
+    Args:
+        checks: the five checks (none failed: no cause).
+        gradient: :func:`marl_fgmf.protocol.diagnose_input_gradient` as a dict (``ok``,
+            ``cause``, ``summary``, ``likely``).
+        filter_name: the class of the policy's input filter (or BPDA's preprocessing), or None.
+        stochastic: two forward passes differ.
+    Returns:
+        None when no check failed and the policy has a gradient graph, else ``{"cause": one of CAUSES, "text": one line}``:
+        a missing gradient (``no_grad``, ``detached``) or an exactly zero one (``quantized_input``
+        behind an input filter, else ``zero_gradient``) first, as probed; then what the
+        adaptive check found (BPDA: the input filter; EOT: randomness); then the policy's
+        facts; else gradients that exist but lead nowhere (``useless_gradients``).
+    """
+    failed = [c for c in checks if not c.passed]
+    if not failed and gradient.get("cause") not in GRADIENT_LESS:
+        return None
+    cause = gradient.get("cause")
+    if cause in ("no_grad", "detached"):
+        where = f" (the policy has the input filter {filter_name})" if filter_name else ""
+        return {"cause": cause, "text": f"{gradient['summary']}{where}: {gradient['likely']}"}
+    if cause == "zero":
+        if filter_name:
+            return {"cause": "quantized_input",
+                    "text": f"the input gradient is exactly zero on every observation behind "
+                            f"the input filter {filter_name}: a quantizing or otherwise "
+                            f"non-differentiable input layer; evaluate it with BPDA"}
+        return {"cause": "zero_gradient", "text": f"{gradient['summary']}: {gradient['likely']}"}
+    adaptive = next((c for c in failed if c.name == "adaptive_attack"), None)
+    best = str(adaptive.numbers.get("best_adaptive", "")) if adaptive is not None else ""
+    if best.startswith("eot"):
+        return {"cause": "randomness",
+                "text": f"a randomized policy: {best} (averaging gradients over its randomness) "
+                        f"beats the plain attack; its single-pass gradients are noise"}
+    if best.startswith("bpda"):
+        return {"cause": "input_filter",
+                "text": f"the input filter {filter_name or '(BPDA preprocessing)'} obstructs "
+                        f"the gradient: {best} (straight-through) beats the plain attack"}
+    if stochastic:
+        return {"cause": "randomness",
+                "text": "a randomized policy (two forward passes differ): single-pass "
+                        "gradients are noisy; evaluate it with EOT"}
+    if filter_name:
+        return {"cause": "input_filter",
+                "text": f"the input filter {filter_name} may obstruct the "
+                        f"gradient; evaluate it with BPDA"}
+    names = ", ".join(c.name for c in failed)
+    return {"cause": "useless_gradients",
+            "text": f"the input gradient exists and is nonzero but does not lead the attacks "
+                    f"to adversarial inputs ({names} failed): a saturated or shattered "
+                    f"gradient; trust the gradient-free results"}

@@ -49,14 +49,21 @@ class AuditReport:
     """The result of :func:`audit`.
 
     Attributes:
-        flagged: True when any check failed (the policy shows gradient masking).
+        flagged: True when any check failed (the policy shows gradient masking), or when the
+            input-gradient probe found no gradient graph to obs at all (``no_grad``,
+            ``detached``: no gradient attack can evaluate the policy).
         checks: the five :class:`AuditCheck` in order.
         eps: the audited budget (Linf, [0, 1] units).
         n_obs: number of observations audited.
         success: every attack's success rate, by attack label.
         settings: the audit settings (steps, restarts, margins, ...).
-        policy: facts about the policy (input filter, stochastic).
+        policy: facts about the policy (input filter, stochastic, input gradient).
         seconds: wall time of the audit.
+        cause: when flagged, the likeliest cause from the checks and the input-gradient probe
+            (:func:`marl_fgmf.audit.checks.likely_cause`): ``{"cause": ..., "text": ...}``
+            with ``cause`` one of ``no_grad``, ``detached``, ``zero_gradient``,
+            ``quantized_input``, ``input_filter``, ``randomness``, ``useless_gradients``;
+            None when not flagged.
     """
 
     flagged: bool
@@ -67,6 +74,7 @@ class AuditReport:
     settings: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    cause: dict[str, str] | None = None
 
     @property
     def failed(self) -> list[AuditCheck]:
@@ -83,7 +91,7 @@ class AuditReport:
         return cls(flagged=bool(data["flagged"]), checks=checks, eps=float(data["eps"]),
                    n_obs=int(data["n_obs"]), success=dict(data.get("success", {})),
                    settings=dict(data.get("settings", {})), policy=dict(data.get("policy", {})),
-                   seconds=float(data.get("seconds", 0.0)))
+                   seconds=float(data.get("seconds", 0.0)), cause=data.get("cause"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -100,9 +108,14 @@ class AuditReport:
                 verdict = "n/a "
             lines.append(f"  [{verdict}] {c.title}: {c.message}")
             lines.append(f"         {_numbers_text(c.numbers)}")
-        if self.flagged:
+        if self.flagged and self.failed:
             lines.append(f"FLAGGED: {len(self.failed)} check(s) failed: "
                          f"{', '.join(c.name for c in self.failed)}")
+        elif self.flagged:
+            lines.append("FLAGGED: the policy's logits have no gradient graph to obs, so no "
+                         "gradient attack can evaluate it (whatever the checks say)")
+        if self.cause:
+            lines.append(f"likely cause ({self.cause['cause']}): {self.cause['text']}")
         return "\n".join(lines)
 
     def to_markdown(self, title: str | None = None) -> str:
@@ -114,8 +127,10 @@ class AuditReport:
         lines += [f"Gradient-masking audit: {verdict} (eps {eps_text(self.eps)}, "
                   f"{self.n_obs} observations, McNemar one-sided p < "
                   f"{self.settings.get('alpha', 0.01)} and margin >= "
-                  f"{self.settings.get('margin', 0.05)}).", "",
-                  "| check | result | message | numbers |", "| --- | --- | --- | --- |"]
+                  f"{self.settings.get('margin', 0.05)}).", ""]
+        if self.cause:
+            lines += [f"Likely cause (`{self.cause['cause']}`): {_md(self.cause['text'])}", ""]
+        lines += ["| check | result | message | numbers |", "| --- | --- | --- | --- |"]
         for c in self.checks:
             res = "n/a" if not c.applicable else ("pass" if c.passed else "**FAIL**")
             lines.append(f"| {c.title} | {res} | {_md(c.message)} | {_md(_numbers_text(c.numbers))} |")

@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 
 from attacks import APGD, BPDA, EOT, FGSM, PGD, RandomNoise, Square
 from attacks.base import Attack
-from marl_fgmf.audit.checks import (check_adaptive, check_large, check_noise, check_square,
-                                    check_steps, gradient_pgd_label)
+from marl_fgmf.audit.checks import (GRADIENT_LESS, check_adaptive, check_large, check_noise,
+                                    check_square, check_steps, gradient_pgd_label, likely_cause)
 from marl_fgmf.audit.report import AuditReport, eps_text
-from marl_fgmf.protocol import check_obs, eval_mode, parse_budget, policy_device
+from marl_fgmf.protocol import (allow_masked_gradients, check_obs, diagnose_input_gradient,
+                                eval_mode, expected_obs_shape, parse_budget, policy_device)
 
 __all__ = ["audit", "has_input_filter", "is_stochastic"]
 
@@ -148,8 +149,18 @@ def audit(policy: nn.Module, obs: torch.Tensor, eps: float | str = 8 / 255, *,
         seed: base seed of every attack. (Default: 0)
         progress: show a progress bar over the attack runs.
 
+    Before the attacks, the input gradient is probed once
+    (:func:`marl_fgmf.protocol.diagnose_input_gradient`); the attacks then run with the
+    gradient guard off (:func:`marl_fgmf.protocol.allow_masked_gradients`: the audit measures
+    masking instead of refusing it). A policy with no gradient graph to obs (its forward under
+    ``torch.no_grad``, a detached input) is flagged whatever the checks say, and a flagged
+    report names its likeliest cause in ``report.cause``
+    (:func:`marl_fgmf.audit.checks.likely_cause`: zero gradients, quantized input / input
+    filter, randomness, ...), in its text, Markdown and JSON.
+
     Returns:
-        An :class:`AuditReport`; ``report.flagged`` is True when any check failed.
+        An :class:`AuditReport`; ``report.flagged`` is True when any check failed (or the
+        policy has no gradient graph to obs).
 
     Raises:
         ValueError: bad observations or settings (one line naming the value).
@@ -163,7 +174,7 @@ def audit(policy: nn.Module, obs: torch.Tensor, eps: float | str = 8 / 255, *,
     if not isinstance(policy, nn.Module):
         raise ValueError(f"policy must be a torch.nn.Module on the policy protocol, "
                          f"got {type(policy).__name__}")
-    check_obs(obs)
+    check_obs(obs, expected_obs_shape(policy))
     eps = parse_budget(eps)
     large_eps = parse_budget(large_eps, "large_eps")
     steps = _ascending_ints(steps, "steps")
@@ -184,7 +195,9 @@ def audit(policy: nn.Module, obs: torch.Tensor, eps: float | str = 8 / 255, *,
     devices = [device] if device.type == "cuda" else []
     # the policy's own randomness (a randomized defence) is drawn from a forked RNG seeded by
     # ``seed``: the audit is reproducible and leaves the caller's RNG untouched
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+    # The audit MEASURES what gradient attacks achieve on a masked policy, which the guard of
+    # protocol.check_input_gradient would refuse, and names the cause from its own probe.
+    with torch.random.fork_rng(devices=devices, device_type="cuda"), allow_masked_gradients():
         torch.manual_seed(seed)
         return _audit(policy, obs, eps, steps=steps, restarts=restarts, large_eps=large_eps,
                       n_queries=n_queries, ladder_points=ladder_points,
@@ -204,6 +217,8 @@ def _audit(policy: nn.Module, obs: torch.Tensor, eps: float, *, steps: list[int]
     device, dtype = policy_device(policy)
     x = obs.detach().to(device=device, dtype=dtype)
     stochastic = is_stochastic(policy, x[: min(16, x.shape[0])], seed=seed)
+    with eval_mode(policy, train=False):  # the probe the gradient attacks' guard would make
+        gradient = diagnose_input_gradient(policy, x[: min(16, x.shape[0])])
     filtered = has_input_filter(policy) or preprocess is not None
     loss_samples = eot_samples if stochastic else 1
     with torch.no_grad(), eval_mode(policy, train=False):
@@ -296,12 +311,20 @@ def _audit(policy: nn.Module, obs: torch.Tensor, eps: float, *, steps: list[int]
                 "alpha": alpha, "large_success": large_success, "min_progress": min_progress,
                 "seed": seed, "test": "exact one-sided McNemar on paired outcomes"}
     filt = getattr(policy, "input_filter", None)
+    filter_name = (type(filt).__name__ if has_input_filter(policy) else
+                   None if preprocess is None else
+                   preprocess if isinstance(preprocess, str) else type(preprocess).__name__)
+    grad_info = {"ok": gradient.ok, "cause": gradient.cause, "summary": gradient.summary,
+                 "likely": gradient.likely}
     info = {"class": type(policy).__name__, "stochastic": stochastic,
+            "input_gradient": "ok" if gradient.ok else gradient.cause,
             "input_filter": type(filt).__name__ if isinstance(filt, nn.Module) else None,
             "bpda_preprocess": (None if not filtered else
                                 (preprocess if isinstance(preprocess, str) else
                                  "input_filter" if preprocess is None else type(preprocess).__name__)),
             "clean_action_counts": torch.bincount(clean.cpu()).tolist()}
-    return AuditReport(flagged=any(not c.passed for c in checks), checks=checks, eps=eps,
+    flagged = any(not c.passed for c in checks) or gradient.cause in GRADIENT_LESS
+    return AuditReport(flagged=flagged, checks=checks, eps=eps,
                        n_obs=n, success={k: float(v.float().mean()) for k, v in o.items()},
-                       settings=settings, policy=info, seconds=time.perf_counter() - t0)
+                       settings=settings, policy=info, seconds=time.perf_counter() - t0,
+                       cause=likely_cause(checks, grad_info, filter_name, stochastic))
