@@ -90,12 +90,20 @@ def parse_settings(text: str) -> dict[str, Any]:
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     """``--checkpoint DIR`` (required) and ``--env`` / ``--env-kwargs`` defaulting to the run's
-    own (its ``run.json``): the arguments of every command that evaluates a trained run."""
+    own (its ``run.json``): the arguments of every command that evaluates a trained run.
+
+    Any RLlib new-API-stack checkpoint is accepted (``agents.load_policy``); one that names no
+    env (no ``run.json``: a checkpoint RLlib wrote itself) needs ``--env``, refused on one line
+    with exit 2 otherwise (there is no default env)."""
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="run directory (marl-fgmf train --out) or checkpoint")
-    p.add_argument("--env", default=None, help="environment (default: the run's, from run.json)")
+                   help="run directory (marl-fgmf train --out), or any RLlib checkpoint "
+                        "(Algorithm.save_to_path, an rl_module folder, one RLModule folder)")
+    p.add_argument("--env", default=None,
+                   help="environment (default: the run's, from its run.json; required for a "
+                        "checkpoint without one, e.g. one RLlib wrote)")
     p.add_argument("--env-kwargs", type=parse_settings, default=None, metavar="K=V,...",
-                   help="environment settings (default: the run's)")
+                   help="environment settings (default: the run's when --env is the run's "
+                        "env, else the env's defaults)")
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser, default: str = "a local Ray") -> None:
