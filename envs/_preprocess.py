@@ -66,6 +66,37 @@ def make_parallel(env_id: str, **kwargs: Any) -> ParallelEnv:
     return pettingzoo.make("parallel", env_id, **kwargs)
 
 
+class DeclaredRenderMode(BaseParallelWrapper):
+    """Shows the user's ``render_mode`` on a base env that was built with ``"rgb_array"``.
+
+    PettingZoo's butterfly envs (pistonball, cooperative_pong) draw their screen, which is
+    also every observation, only when a render mode is set: with ``render_mode=None`` every
+    observation is the same frame. :func:`make_drawn_parallel` therefore always builds them
+    with ``"rgb_array"`` (an off-screen surface, no window) and wraps them here, so that
+    ``env.render_mode`` is the user's setting and ``env.render()`` returns ``None`` (as
+    PettingZoo documents for ``render_mode=None``) unless the user asked for ``"rgb_array"``.
+    """
+
+    def __init__(self, env: ParallelEnv, render_mode: str | None):
+        super().__init__(env)
+        self.render_mode = render_mode
+
+    def render(self) -> np.ndarray | None:
+        """The full screen as an (H, W, 3) uint8 array, or ``None`` when ``render_mode`` is
+        ``None``."""
+        if self.render_mode is None:
+            return None
+        return self.env.render()
+
+
+def make_drawn_parallel(env_id: str, render_mode: str | None, **kwargs: Any) -> ParallelEnv:
+    """:func:`make_parallel` for an env that draws its observations only with a render mode
+    set: built with ``render_mode="rgb_array"``, shown with the user's ``render_mode`` (see
+    :class:`DeclaredRenderMode`)."""
+    return DeclaredRenderMode(make_parallel(env_id, render_mode="rgb_array", **kwargs),
+                              render_mode)
+
+
 def area_resize(image: np.ndarray, size: int, grayscale: bool = False) -> np.ndarray:
     """(H, W, 3) or (H, W, 1) uint8 -> (size, size, C) uint8 by area averaging (tinyscaler).
 

@@ -26,7 +26,8 @@ about the agent's reward. :func:`scripted_actions` is the optimal policy (a shor
 beacon), giving the reference return that trained policies are measured against.
 
 Spaces: observation ``Box(0, 255, (H, W, 3), uint8)``; action ``Discrete(5)``
-(0 stay, 1 up, 2 down, 3 left, 4 right).
+(0 stay, 1 up, 2 down, 3 left, 4 right: :data:`ACTION_NAMES`; up and left are towards row 0
+and column 0 of the image).
 
 Version history: v0 (marl-fgmf 0.1).
 """
@@ -45,6 +46,8 @@ BEACON_COLOUR = (40, 255, 40)
 OTHER_AGENT_COLOUR = (120, 40, 160)
 OTHER_BEACON_COLOUR = (40, 120, 160)
 MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # stay, up, down, left, right
+ACTION_NAMES = ("stay", "up", "down", "left", "right")
+"""Names of the discrete actions 0..4 (moves in image rows and columns, :data:`MOVES`)."""
 MAX_FRAME_BYTES = 64 * 2**20
 """Bound on one step's observations (n_agents images of (grid*cell)^2 RGB pixels): larger
 settings are refused up front instead of allocating until the machine runs out of memory."""

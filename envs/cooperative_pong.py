@@ -4,7 +4,7 @@
 |---------------------|---------------------------------------------------------------------|
 | Base environment    | ``pettingzoo.butterfly.cooperative_pong_v6``                         |
 | Agents              | ``paddle_0`` (left), ``paddle_1`` (right, cake-shaped by default)    |
-| Action space        | ``Discrete(3)``: 0 stay, 1 up, 2 down                                |
+| Action space        | ``Discrete(3)``: 0 stay, 1 up, 2 down (``ACTION_NAMES``)             |
 | Observation space   | ``Box(0, 255, (size, size, C * frame_stack), uint8)``, C = 3 (RGB)   |
 |                     | or 1 (``grayscale=True``); both agents see the same whole screen     |
 | Speed (2-core CPU)  | about 320 env-steps/s (640 agent-steps/s) at 32x32                   |
@@ -27,10 +27,16 @@ nothing is lost), optionally stacked over time along the channel axis by SuperSu
 direction, so stack 2 or more to learn from it). Why the resize is not SuperSuit's
 ``resize_v1``: see ``envs/_preprocess.py``.
 
+**Actions** (checked in PettingZoo's ``paddle.py``/``cake_paddle.py``: 1 moves the paddle by
+``-speed`` pixels in y, i.e. up on the screen and in the observation, 2 by ``+speed``):
+:data:`ACTION_NAMES` = ``("stay", "up", "down")``; a move that would leave the screen is
+not made.
+
 **A PettingZoo quirk worked around**: with ``render_mode=None`` the v6 environment never draws
 its screen, so every observation is black. The base env is therefore always built with
 ``render_mode="rgb_array"`` (which only draws into an off-screen surface); our
-``render_mode`` only decides whether ``env.render()`` is meant to be used.
+``render_mode`` is what ``env.render_mode`` reports, and ``env.render()`` returns the screen
+only with ``"rgb_array"`` (``None`` otherwise, as PettingZoo documents).
 
 **Randomness**: ``reset(seed=...)`` seeds the ball's initial direction (and its bounce
 perturbations when ``bounce_randomness=True``).
@@ -41,10 +47,12 @@ from __future__ import annotations
 
 from pettingzoo import ParallelEnv
 
-from envs._preprocess import (check_bool, check_int, check_render_mode, make_parallel,
-                              pixel_pipeline)
+from envs._preprocess import (check_bool, check_int, check_render_mode,
+                              make_drawn_parallel, pixel_pipeline)
 
 NAME = "cooperative_pong"
+ACTION_NAMES = ("stay", "up", "down")
+"""Names of the discrete actions 0, 1, 2 of both paddles."""
 
 
 def make_cooperative_pong(size: int = 32, frame_stack: int = 1, grayscale: bool = False,
@@ -87,12 +95,12 @@ def make_cooperative_pong(size: int = 32, frame_stack: int = 1, grayscale: bool 
     right_paddle_speed = check_int(NAME, "right_paddle_speed", right_paddle_speed, 1)
     cake_paddle = check_bool(NAME, "cake_paddle", cake_paddle)
     bounce_randomness = check_bool(NAME, "bounce_randomness", bounce_randomness)
-    check_render_mode(NAME, render_mode)
+    render_mode = check_render_mode(NAME, render_mode)
 
-    env = make_parallel(
-        "butterfly/cooperative_pong-v6",
+    # drawn in "rgb_array" whatever render_mode says: None would leave every observation black
+    env = make_drawn_parallel(
+        "butterfly/cooperative_pong-v6", render_mode,
         max_cycles=max_cycles, ball_speed=ball_speed, left_paddle_speed=left_paddle_speed,
         right_paddle_speed=right_paddle_speed, cake_paddle=cake_paddle,
-        bounce_randomness=bounce_randomness,
-        render_mode="rgb_array")  # None would leave every observation black (module docstring)
+        bounce_randomness=bounce_randomness)
     return pixel_pipeline(env, size=size, frame_stack=frame_stack, grayscale=grayscale)

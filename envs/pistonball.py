@@ -4,7 +4,7 @@
 |---------------------|---------------------------------------------------------------------|
 | Base environment    | ``pettingzoo.butterfly.pistonball_v6`` (``continuous=False``)        |
 | Agents              | ``piston_0`` ... ``piston_{n_pistons-1}`` (default 5)                |
-| Action space        | ``Discrete(3)``: 0 down 4 px, 1 stay, 2 up 4 px                      |
+| Action space        | ``Discrete(3)``: 0 down 4 px, 1 stay, 2 up 4 px (``ACTION_NAMES``)   |
 | Observation space   | ``Box(0, 255, (size, size, C * frame_stack), uint8)``, C = 3 (RGB)   |
 |                     | or 1 (``grayscale=True``)                                            |
 | Speed (2-core CPU)  | about 350 env-steps/s (1750 agent-steps/s) with 5 pistons at 32x32;  |
@@ -27,19 +27,33 @@ channel first (``grayscale``, SuperSuit's ``color_reduction_v0`` weights), optio
 stacked over time along the channel axis by SuperSuit's ``frame_stack_v1`` (``frame_stack``,
 1 = off). Why the resize is not SuperSuit's ``resize_v1``: see ``envs/_preprocess.py``.
 
+**Actions** (checked in PettingZoo's source: the piston moves by ``action - 1`` positions of 4
+pixels, up on the screen for +1): :data:`ACTION_NAMES` = ``("down", "stay", "up")``.
+
+**A PettingZoo quirk worked around**: pistonball draws its screen, which is also every
+observation, only when a render mode is set; with ``render_mode=None`` every observation of
+every step is the same frame (the empty arena, without the ball) and ``parallel_api_test``
+still passes. The base env is therefore always built with ``render_mode="rgb_array"`` (an
+off-screen surface, no window); our ``render_mode`` is what ``env.render_mode`` reports, and
+``env.render()`` returns the arena only with ``"rgb_array"`` (``None`` otherwise).
+:func:`envs.conformance.frames_change_test` and ``objects_visible_test`` check it.
+
 **Randomness**: ``reset(seed=...)`` seeds the ball's drop position and spin
 (``random_drop``, ``random_rotate``) and the pistons' initial heights.
 
-Version history: v0 (marl-fgmf 0.1), on ``pistonball_v6``.
+Version history: v0 (marl-fgmf 0.1), on ``pistonball_v6``, whose observations were all one
+frozen frame (the quirk above); v1: drawn observations.
 """
 from __future__ import annotations
 
 from pettingzoo import ParallelEnv
 
 from envs._preprocess import (check_bool, check_int, check_number, check_render_mode,
-                              make_parallel, pixel_pipeline)
+                              make_drawn_parallel, pixel_pipeline)
 
 NAME = "pistonball"
+ACTION_NAMES = ("down", "stay", "up")
+"""Names of the discrete actions 0, 1, 2 (the piston moves 4 pixels down, stays, 4 pixels up)."""
 
 
 def make_pistonball(n_pistons: int = 5, size: int = 32, frame_stack: int = 1,
@@ -57,7 +71,8 @@ def make_pistonball(n_pistons: int = 5, size: int = 32, frame_stack: int = 1,
         time_penalty: reward added to every piston each step.
         random_drop: drop the ball at a random x position.
         random_rotate: give the ball a random initial spin.
-        render_mode: ``None`` or ``"rgb_array"`` (the full arena via ``env.render()``).
+        render_mode: ``None`` or ``"rgb_array"`` (the full arena via ``env.render()``); the
+            observations are drawn either way (module docstring).
 
     Returns:
         A PettingZoo ``ParallelEnv`` with uint8 (size, size, C) observations.
@@ -81,8 +96,9 @@ def make_pistonball(n_pistons: int = 5, size: int = 32, frame_stack: int = 1,
     random_rotate = check_bool(NAME, "random_rotate", random_rotate)
     render_mode = check_render_mode(NAME, render_mode)
 
-    env = make_parallel(
-        "butterfly/pistonball-v6", n_pistons=n_pistons,
+    # drawn in "rgb_array" whatever render_mode says: None would freeze every observation
+    env = make_drawn_parallel(
+        "butterfly/pistonball-v6", render_mode, n_pistons=n_pistons,
         continuous=False, max_cycles=max_cycles, time_penalty=time_penalty,
-        random_drop=random_drop, random_rotate=random_rotate, render_mode=render_mode)
+        random_drop=random_drop, random_rotate=random_rotate)
     return pixel_pipeline(env, size=size, frame_stack=frame_stack, grayscale=grayscale)

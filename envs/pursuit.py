@@ -1,11 +1,13 @@
 """Pursuit: PettingZoo's ``pursuit_v5`` with its local grid rendered as a small uint8 image.
 
-| Creation            | ``envs.make_env("pursuit", size=32)``                                |
+| Creation            | ``envs.make_env("pursuit")`` (native 7 x 7; ``size=32`` upsamples)   |
 |---------------------|---------------------------------------------------------------------|
 | Base environment    | ``pettingzoo.sisl.pursuit_v5``                                       |
 | Agents              | ``pursuer_0`` ... ``pursuer_{n_pursuers-1}`` (default 8)             |
-| Action space        | ``Discrete(5)``: 0 left, 1 right, 2 up, 3 down, 4 stay               |
-| Observation space   | ``Box(0, 255, (size, size, 3 * frame_stack), uint8)``                |
+| Action space        | ``Discrete(5)``: 0 left, 1 right, 2 down, 3 up, 4 stay, as seen in   |
+|                     | the observation image (``ACTION_NAMES``; see *Actions* below)        |
+| Observation space   | ``Box(0, 255, (size, size, 3 * frame_stack), uint8)``, ``size``      |
+|                     | defaults to ``obs_range`` (7): one pixel per grid cell               |
 | Speed (2-core CPU)  | about 380 env-steps/s (3000 agent-steps/s) with 8 pursuers at 32x32  |
 
 Speeds: random actions, one idle 2-core CPU; expect about half on a shared machine.
@@ -15,6 +17,14 @@ an obstacle in the middle. Each pursuer observes the ``obs_range`` x ``obs_range
 7 x 7) cells centred on itself, as three float channels: walls and off-map cells (1), the
 number of pursuers in the cell (the agent itself included, at the centre), the number of
 evaders in the cell.
+
+**Actions**: PettingZoo's ``DiscreteAgent`` moves a pursuer by ``[-1, 0]``, ``[1, 0]``,
+``[0, 1]``, ``[0, -1]``, ``[0, 0]`` in grid (x, y) for actions 0..4, and its source comments
+call 2 "up" and 3 "down" (y pointing up). In the observation (and in ``env.render()``) row is
+y growing downwards, so action 2 moves the pursuer one row *down* the image and action 3 one
+row up: :data:`ACTION_NAMES` = ``("left", "right", "down", "up", "stay")`` names what a
+figure of the observation shows (verified against the raw positions in ``tests/test_envs.py``).
+A move into a wall or off the grid leaves the pursuer in place.
 
 **Rewards**: an evader surrounded on all sides (``surround=True``; else ``n_catch`` pursuers on
 its cell) is removed and each pursuer involved gets 5; touching an evader gives 0.01; every
@@ -27,8 +37,10 @@ exact):
 
 1. *Scaling to uint8*, per channel: walls ``255 * v`` (0 or 255); pursuers and evaders
    ``85 * min(count, 3)`` (0, 85, 170, 255: one, two, three or more agents in the cell).
-2. *Upsampling* to ``size`` x ``size`` by nearest neighbour: output pixel ``(r, c)`` shows
-   cell ``(r * obs_range // size, c * obs_range // size)``, so every cell is a block of
+2. *Upsampling*, only when ``size`` is set above ``obs_range`` (the default is the native
+   grid, one pixel per cell: upsampling adds no information, only network cost), to
+   ``size`` x ``size`` by nearest neighbour: output pixel ``(r, c)`` shows cell
+   ``(r * obs_range // size, c * obs_range // size)``, so every cell is a block of
    ``size // obs_range`` or one more pixels a side (4 or 5 at 32 x 32). Row = grid y,
    column = grid x, as PettingZoo lays the observation out.
 3. Optional SuperSuit ``frame_stack_v1`` along the channel axis (``frame_stack``, 1 = off).
@@ -37,7 +49,8 @@ Steps 1 and 2 run in one parallel observation map (``envs._preprocess.Observatio
 
 **Randomness**: ``reset(seed=...)`` seeds the initial positions and the evaders' random walk.
 
-Version history: v0 (marl-fgmf 0.1), on ``pursuit_v5``.
+Version history: v0 (marl-fgmf 0.1), on ``pursuit_v5``, 32 x 32 by default; v1: the native
+``obs_range`` grid by default (``size=32`` gives v0's observations).
 """
 from __future__ import annotations
 
@@ -49,6 +62,9 @@ from envs._preprocess import (ObservationMap, check_bool, check_int, check_rende
                               make_parallel, stack_frames)
 
 NAME = "pursuit"
+ACTION_NAMES = ("left", "right", "down", "up", "stay")
+"""Names of the discrete actions 0..4 as moves in the observation image (module docstring:
+PettingZoo's own comments call 2 "up" and 3 "down" in its y-up convention)."""
 CHANNEL_SCALE = np.array([255.0, 85.0, 85.0], np.float32)  # walls, pursuers, evaders
 
 
@@ -60,7 +76,7 @@ def grid_to_image(grid: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(pixels[rows][:, cols])
 
 
-def make_pursuit(size: int = 32, frame_stack: int = 1, n_pursuers: int = 8,
+def make_pursuit(size: int | None = None, frame_stack: int = 1, n_pursuers: int = 8,
                  n_evaders: int = 30, max_cycles: int = 500, x_size: int = 16, y_size: int = 16,
                  obs_range: int = 7, n_catch: int = 2, shared_reward: bool = True,
                  freeze_evaders: bool = False, surround: bool = True,
@@ -68,7 +84,8 @@ def make_pursuit(size: int = 32, frame_stack: int = 1, n_pursuers: int = 8,
     """Build preprocessed pursuit (see the module docstring).
 
     Args:
-        size: side of the square observation in pixels (>= ``obs_range``).
+        size: side of the square observation in pixels (>= ``obs_range``); ``None``
+            (default) is ``obs_range``, the native grid with one pixel per cell.
         frame_stack: frames stacked along the channel axis (1 = no stacking).
         n_pursuers: number of pursuers, i.e. agents (>= 1).
         n_evaders: number of evaders (>= 1).
@@ -89,15 +106,17 @@ def make_pursuit(size: int = 32, frame_stack: int = 1, n_pursuers: int = 8,
         ValueError: a setting out of range, naming it.
 
     Example:
-        >>> env = make_pursuit(size=28)
+        >>> env = make_pursuit()
         >>> obs, infos = env.reset(seed=0)
         >>> obs["pursuer_0"].shape, obs["pursuer_0"].dtype
-        ((28, 28, 3), dtype('uint8'))
+        ((7, 7, 3), dtype('uint8'))
+        >>> make_pursuit(size=28).observation_space("pursuer_0").shape
+        (28, 28, 3)
     """
     obs_range = check_int(NAME, "obs_range", obs_range, 3)
     if obs_range % 2 == 0:
         raise ValueError(f"env {NAME!r}: obs_range must be odd, got {obs_range}")
-    size = check_int(NAME, "size", size, obs_range)
+    size = obs_range if size is None else check_int(NAME, "size", size, obs_range)
     frame_stack = check_int(NAME, "frame_stack", frame_stack, 1)
     n_pursuers = check_int(NAME, "n_pursuers", n_pursuers, 1)
     n_evaders = check_int(NAME, "n_evaders", n_evaders, 1)

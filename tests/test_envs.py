@@ -15,8 +15,11 @@ with warnings.catch_warnings():  # pettingzoo.test imports classic envs through 
     warnings.simplefilter("ignore", DeprecationWarning)
     from pettingzoo.test import parallel_api_test
 
+from pettingzoo.utils import BaseParallelWrapper
+
 import envs
 from envs import list_envs, make_env
+from envs.conformance import VISIBLE_OBJECTS, frames_change_test, objects_visible_test
 from envs.beacon import BEACON_COLOUR, SELF_COLOUR, BeaconEnv, scripted_return
 
 ENV_NAMES = list_envs()
@@ -303,3 +306,155 @@ def test_registry_is_extensible():
             make_env("beacon_tiny", cell=2)
     finally:
         envs._REGISTRY.pop("beacon_tiny")
+
+
+# ------------------------------------------------------------ conformance (envs.conformance)
+class _FrozenFrames(BaseParallelWrapper):
+    """Every step returns the reset observations again (what a non-drawing env looks like)."""
+
+    def reset(self, seed=None, options=None):
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self.first = obs
+        return obs, infos
+
+    def step(self, actions):
+        obs, *rest = self.env.step(actions)
+        return ({agent: self.first[agent] for agent in obs}, *rest)
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_frames_change_within_an_episode(name):
+    largest = frames_change_test(make_env(name), steps=30, seed=0)
+    assert set(largest) == set(make_env(name).possible_agents)
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_the_objects_that_matter_are_visible(name):
+    assert name in VISIBLE_OBJECTS, f"{name}: no visibility check"
+    assert objects_visible_test(name, steps=40, seed=1) > 0
+
+
+@pytest.mark.parametrize("name", ["pistonball", "cooperative_pong"])
+def test_objects_visible_stacked_grayscale_and_other_sizes(name):
+    assert objects_visible_test(name, steps=20, seed=2, frame_stack=2, grayscale=True,
+                                size=16) > 0
+    assert objects_visible_test(name, steps=20, seed=3, size=64) > 0
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_the_checks_fail_on_frozen_frames(name):
+    with pytest.raises(AssertionError, match="never changed"):
+        frames_change_test(_FrozenFrames(make_env(name)), steps=20)
+    with pytest.raises(AssertionError, match=name):
+        objects_visible_test(name, steps=20, env=_FrozenFrames(make_env(name)))
+
+
+def test_the_checks_fail_on_pettingzoo_pistonball_without_a_render_mode():
+    import pettingzoo
+
+    raw = pettingzoo.make("parallel", "butterfly/pistonball-v6", continuous=False, n_pistons=5)
+    with pytest.raises(AssertionError, match="never changed"):
+        frames_change_test(raw, steps=20)
+    with pytest.raises(AssertionError, match="ball .* is not drawn"):
+        objects_visible_test("pistonball", steps=5, env=raw)
+
+
+@pytest.mark.parametrize("name", ["pistonball", "cooperative_pong"])
+def test_render_mode_still_means_what_it_says(name):
+    env = make_env(name)  # drawn internally in rgb_array, but render() follows the user's None
+    env.reset(seed=0)
+    assert env.render_mode is None and env.render() is None
+    env = make_env(name, render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert env.render_mode == "rgb_array" and frame.ndim == 3 and frame.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- action names
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_every_env_names_its_actions(name):
+    names = envs.action_names(name)
+    env = make_env(name)
+    assert len(names) == env.action_space(env.possible_agents[0]).n == len(set(names))
+    assert all(isinstance(n, str) and n for n in names)
+
+
+def test_pistonball_action_names_follow_the_piston():
+    env = make_env("pistonball", n_pistons=3, random_drop=False)
+    names = envs.action_names("pistonball")
+    env.reset(seed=0)
+    piston = env.unwrapped.pistonList[1]
+    env.step({agent: names.index("up") for agent in env.agents})
+    y0 = piston.position[1]
+    env.step({agent: names.index("up") for agent in env.agents})
+    assert piston.position[1] < y0  # pygame y grows downwards: up is smaller y
+    y1 = piston.position[1]
+    env.step({agent: names.index("stay") for agent in env.agents})
+    assert piston.position[1] == y1
+    env.step({agent: names.index("down") for agent in env.agents})
+    assert piston.position[1] > y1
+
+
+def test_cooperative_pong_action_names_follow_the_paddle():
+    env = make_env("cooperative_pong")
+    names = envs.action_names("cooperative_pong")
+    env.reset(seed=0)
+    paddle = env.unwrapped.env.p0.rects[0]
+    y0 = paddle.y
+    env.step({agent: names.index("up") for agent in env.agents})
+    assert paddle.y < y0
+    y1 = paddle.y
+    env.step({agent: names.index("down") for agent in env.agents})
+    assert paddle.y > y1
+
+
+def test_pursuit_action_names_are_moves_in_the_image():
+    # the global state is laid out as the observations are: row = grid y, column = grid x
+    env = make_env("pursuit", n_pursuers=1, n_evaders=1, x_size=9, y_size=9)
+    names = envs.action_names("pursuit")
+    env.reset(seed=0)
+    layer = env.unwrapped.env.pursuer_layer
+    moved = {}
+    for name in ("right", "left", "down", "up", "stay"):
+        before = np.argwhere(env.state()[..., 1] > 0)[0]
+        env.step({"pursuer_0": names.index(name)})
+        after = np.argwhere(env.state()[..., 1] > 0)[0]
+        assert tuple(after[::-1]) == tuple(layer.get_position(0))  # (row, col) = (y, x)
+        moved[name] = tuple(after - before)
+    expected = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0), "stay": (0, 0)}
+    for name, step in moved.items():  # a blocked move stays: only check unblocked ones
+        assert step in (expected[name], (0, 0)), (name, step)
+    assert sum(step != (0, 0) for step in moved.values()) >= 3, moved
+
+
+def test_beacon_action_names_are_moves_in_the_image():
+    env = make_env("beacon", n_agents=1, grid=7)
+    names = envs.action_names("beacon")
+    env.reset(seed=0)
+    env.pos[0] = (3, 3)
+    for name, step in {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1),
+                       "stay": (0, 0)}.items():
+        before = env.pos[0].copy()
+        env.step({"agent_0": names.index(name)})
+        assert tuple(env.pos[0] - before) == step, name
+
+
+# ------------------------------------------------------------------ native observation sizes
+def test_pursuit_default_is_the_native_grid_and_every_arch_runs_on_it():
+    import torch
+
+    from agents.networks import make_policy_network
+
+    env = make_env("pursuit")
+    obs, _ = env.reset(seed=0)
+    shape = env.observation_space("pursuer_0").shape
+    assert shape == (7, 7, 3) and obs["pursuer_0"].shape == shape
+    batch = torch.as_tensor(np.stack(list(obs.values()))[:4], dtype=torch.float32) / 255
+    batch.requires_grad_(True)
+    for arch in ("cnn", "vit", "hybrid"):
+        logits = make_policy_network(arch, shape, env.action_space("pursuer_0").n)(batch)
+        assert logits.shape == (4, 5) and torch.isfinite(logits).all()
+        logits.sum().backward()
+        assert batch.grad is not None and batch.grad.abs().sum() > 0
+        batch.grad = None
+    assert make_env("pursuit", size=32).observation_space("pursuer_0").shape == (32, 32, 3)
