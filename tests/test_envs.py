@@ -458,3 +458,140 @@ def test_pursuit_default_is_the_native_grid_and_every_arch_runs_on_it():
         assert batch.grad is not None and batch.grad.abs().sum() > 0
         batch.grad = None
     assert make_env("pursuit", size=32).observation_space("pursuer_0").shape == (32, 32, 3)
+
+
+# ------------------------------------------------- a user's own env: "package.module:factory"
+USER_ENV = '''
+import numpy as np
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+ACTION_NAMES = ("dim", "bright")
+
+
+class Lamp(ParallelEnv):
+    """Two agents; each one's action sets the brightness of its own 4 x 4 image."""
+
+    metadata = {"name": "lamp_v0"}
+
+    def __init__(self, steps=5):
+        self.steps = steps
+        self.possible_agents = ["a", "b"]
+        self.agents = []
+        self._obs_space = spaces.Box(0, 255, (4, 4, 3), np.uint8)
+        self._act_space = spaces.Discrete(2)
+
+    def observation_space(self, agent):
+        return self._obs_space
+
+    def action_space(self, agent):
+        return self._act_space
+
+    def reset(self, seed=None, options=None):
+        self.agents, self.t = list(self.possible_agents), 0
+        return {a: np.zeros((4, 4, 3), np.uint8) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        obs = {a: np.full((4, 4, 3), 200 * int(actions[a]), np.uint8) for a in self.agents}
+        done = self.t >= self.steps
+        agents = list(self.agents)
+        if done:
+            self.agents = []
+        return (obs, {a: float(actions[a]) for a in agents}, {a: False for a in agents},
+                {a: done for a in agents}, {a: {} for a in agents})
+
+
+def make_env(steps: int = 5):
+    return Lamp(steps)
+
+
+def make_vector_env():
+    env = Lamp()
+    env.observation_space = lambda agent: spaces.Box(0, 1, (3,), np.float32)
+    return env
+
+
+def make_aec_env():
+    from pettingzoo.utils.conversions import parallel_to_aec
+    return parallel_to_aec(Lamp())
+
+
+def make_nothing():
+    return 42
+
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def user_env(tmp_path, monkeypatch):
+    package = tmp_path / "lamp_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "lamp.py").write_text(USER_ENV)
+    (package / "broken.py").write_text("raise RuntimeError('broken on import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "lamp_pkg.lamp"
+    for module in [m for m in sys.modules if m.startswith("lamp_pkg")]:
+        del sys.modules[module]
+
+
+def test_a_user_env_factory_works_like_an_env_name(user_env):
+    name = f"{user_env}:make_env"
+    assert envs.check_env_name(name) == name
+    env = make_env(name, steps=3)
+    parallel_api_test(env, num_cycles=10)
+    frames_change_test(make_env(name), steps=10)
+    assert envs.action_names(name) == ("dim", "bright")
+    assert envs.env_settings(name) == {"steps": 5}
+    with pytest.raises(ValueError, match=rf"'{name}'.*'no_such_setting'.*steps"):
+        make_env(name, no_such_setting=1)
+    with pytest.raises(ValueError, match=rf"'{name}': setting steps must be an integer"):
+        make_env(name, steps=2.5)
+
+
+@pytest.mark.parametrize("attr, message", [
+    ("make_vector_env", r"observation space Box\(0\.0, 1\.0, \(3,\).*expected an image Box"),
+    ("make_aec_env", r"returned an AECEnv.*expected a pettingzoo ParallelEnv.*aec_to_parallel"),
+    ("make_nothing", r"returned int, expected a pettingzoo ParallelEnv"),
+    ("NOT_CALLABLE", r"'NOT_CALLABLE' is a int, not callable; expected an import path"),
+    ("no_such_factory", r"has no attribute 'no_such_factory'; expected an import path"),
+])
+def test_a_bad_user_env_factory_is_one_clear_value_error(user_env, attr, message):
+    with pytest.raises(ValueError, match=message) as excinfo:
+        make_env(f"{user_env}:{attr}")
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("path, message", [
+    ("no_such_pkg.module:make_env", r"module 'no_such_pkg.module' does not import "
+                                    r"\(ModuleNotFoundError.*PYTHONPATH"),
+    ("lamp_pkg.broken:make_env", r"does not import \(RuntimeError: broken on import\)"),
+    ("lamp_pkg.lamp:", r"not a valid import path"),
+    ("lamp pkg:make", r"not a valid import path"),
+    ("no_such_env", r"unknown env 'no_such_env'; allowed: .*beacon.*or an import path"),
+])
+def test_a_user_env_path_that_does_not_resolve_is_one_clear_value_error(user_env, path, message):
+    with pytest.raises(ValueError, match=message):
+        make_env(path)
+    with pytest.raises(ValueError, match=message):
+        envs.check_env_name(path)
+
+
+def test_register_rllib_env_takes_a_user_env_factory(user_env):
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    from envs.rllib import register_rllib_env
+
+    name = f"{user_env}:make_env"
+    registry_name = register_rllib_env(name, steps=4)
+    assert registry_name.startswith("fgmf-lamp_pkg_lamp_make_env-")
+    assert registry_name.replace("-", "").replace("_", "").isalnum()  # safe in file names
+    assert registry_name != register_rllib_env(name, steps=5)
+    env = _global_registry.get(ENV_CREATOR, registry_name)({})
+    obs, _ = env.reset(seed=0)
+    assert set(obs) == {"a", "b"} and obs["a"].shape == (4, 4, 3)
+    with pytest.raises(ValueError, match="does not import"):
+        register_rllib_env("no_such_pkg.module:make_env")
