@@ -15,8 +15,9 @@ toolkit needs image observations, ``Box`` spaces of shape (H, W, C) with finite 
 0-255 as the built-in envs emit them, or float in [0, 1]), and ``Discrete`` actions; anything
 else is refused with one line saying what was found. Action names (:func:`action_names`) come
 from an ``ACTION_NAMES`` tuple on the factory or in its module, if there is one. The module must
-be importable wherever the env is built, Ray's env runners included (installed, or on
-``PYTHONPATH``).
+be importable wherever the env is built, Ray's env runners included (installed, on
+``PYTHONPATH``, or in the current directory; env runners on the same machine also look in the
+folder the driver imported it from).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import importlib
 import inspect
 import math
 import numbers
+import os
 import re
+import sys
 from typing import Any, Callable
 
 from gymnasium import spaces
@@ -82,7 +85,7 @@ def env_factory(name: str) -> Callable[..., ParallelEnv]:
                          f"e.g. 'mypackage.envs:make_env'")
     module_name, attr = name.split(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import_module(module_name)
     except Exception as exc:  # ImportError, or any error raised while importing it
         raise ValueError(f"env {name!r}: module {module_name!r} does not import "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -97,6 +100,20 @@ def env_factory(name: str) -> Callable[..., ParallelEnv]:
         raise ValueError(f"env {name!r}: {attr!r} is a {type(obj).__name__}, not callable; "
                          f"expected {_EXPECTED}")
     return obj
+
+
+def _import_module(module_name: str) -> Any:
+    """``importlib.import_module``, also looking in the current directory (as ``python -m``
+    does) when the top-level package is not found on ``sys.path``: a console script such as
+    ``marl-fgmf`` does not put the directory it runs in on ``sys.path``."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(module_name)
 
 
 def make_env(name: str, **kwargs) -> ParallelEnv:

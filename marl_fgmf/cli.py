@@ -31,6 +31,7 @@ COMMANDS = {
     "explain": "PGCA explanations, per-agent figures and an episode animation",
     "audit": "gradient-masking audit of one trained policy",
     "demo": "train, attack, audit and explain on beacon, end to end",
+    "envs": "the environments: settings (defaults), observation shapes, action names",
     "export": "write a policy as safetensors + JSON, loadable without unpickling anything",
 }
 

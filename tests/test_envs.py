@@ -595,3 +595,44 @@ def test_register_rllib_env_takes_a_user_env_factory(user_env):
     assert set(obs) == {"a", "b"} and obs["a"].shape == (4, 4, 3)
     with pytest.raises(ValueError, match="does not import"):
         register_rllib_env("no_such_pkg.module:make_env")
+
+
+# ---------------------------------------------------------------------- marl-fgmf envs (CLI)
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "envs", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_envs_command_lists_every_env_with_settings_shape_and_actions():
+    result = _cli()
+    assert result.returncode == 0, result.stderr
+    for name in ENV_NAMES:
+        assert f"\n{name}: " in "\n" + result.stdout, name
+    assert "n_pistons=5" in result.stdout and "(32, 32, 3) uint8" in result.stdout
+    assert "(7, 7, 3) uint8" in result.stdout  # pursuit's native grid
+    assert "0 down, 1 stay, 2 up" in result.stdout
+    assert "0 left, 1 right, 2 down, 3 up, 4 stay" in result.stdout
+    help_text = _cli("--help").stdout
+    assert "--env NAME" in help_text and "--check" in help_text and "default" in help_text
+
+
+def test_envs_command_shows_and_checks_a_user_env_from_the_current_directory(tmp_path):
+    (tmp_path / "lamp_here.py").write_text(USER_ENV)
+    result = _cli("--env", "lamp_here:make_env", "--env-kwargs", "steps=7", "--check",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "steps=5" in result.stdout and "with:        steps=7" in result.stdout
+    assert "0 dim, 1 bright" in result.stdout and "(4, 4, 3) uint8" in result.stdout
+    assert "check:       passed (frames change)" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "no_such_pkg.module:make_env"], "does not import"),
+    (["--env", "no_such_env"], "unknown env 'no_such_env'"),
+    (["--env", "beacon", "--env-kwargs", "grid=2.5"], "setting grid must be an integer"),
+])
+def test_envs_command_bad_input_is_one_line_exit_2(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
