@@ -50,7 +50,7 @@ from agents.settings import (  # noqa: F401  (re-exported for callers of agents.
     SettingError, check_env_settings, check_int_setting, check_number_setting)
 from agents.train_log import (  # noqa: F401  (re-exported for callers of agents.train)
     as_float, flatten_result, tb_writer, write_learning_curve)
-from envs import list_envs, make_env
+from envs import is_import_path, list_envs, make_env
 from envs.beacon import scripted_return
 from envs.rllib import register_rllib_env
 from marl_fgmf.io import atomic_write_text
@@ -108,7 +108,8 @@ class TrainConfig:
         """Raise :class:`SettingError` (a ``ValueError``) naming the first bad setting, its
         value and what is allowed. Checks every setting, builds the environment once with
         ``env_kwargs`` (cached per settings), and writes nothing."""
-        for name, allowed in (("env", list_envs()), ("arch", list(ARCHS)),
+        user_env = [self.env] if is_import_path(self.env) else []  # envs.make_env checks it
+        for name, allowed in (("env", list_envs() + user_env), ("arch", list(ARCHS)),
                               ("policies", list(POLICY_MODES)), ("defense", list(DEFENSES))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:

@@ -16,7 +16,7 @@ from torch import nn
 from agents.checkpoint import CheckpointError, policy_ids, read_run_config, resolve_module_root
 from agents.train import TrainConfig
 from attacks import list_attacks, make_attack
-from envs import list_envs, make_env
+from envs import is_import_path, list_envs, make_env
 from marl_fgmf.io import to_jsonable
 from marl_fgmf.tournament.errors import first_line
 
@@ -109,7 +109,7 @@ def check_env(env: str | None, env_kwargs: dict[str, Any] | None) -> list[str]:
     """The config's env override: a registered env that builds with its settings."""
     if env is None:
         return []
-    if env not in list_envs():
+    if env not in list_envs() and not is_import_path(env):
         return [f"unknown env {env!r}; allowed: {', '.join(list_envs())}"]
     return try_env(env, env_kwargs or {}, "env")
 
@@ -128,7 +128,8 @@ def check_defenders(defenders: Iterable[Any], env: str | None,
                 except Exception as exc:
                     errors.append(f"defender {d.name}: {first_line(exc)}")
                     continue
-                if run_env is not None and run_env not in list_envs():
+                if run_env is not None and run_env not in list_envs() \
+                        and not is_import_path(run_env):
                     errors.append(f"defender {d.name}: unknown env {run_env!r} in its "
                                   f"run.json; allowed: {', '.join(list_envs())}")
         elif d.train is not None:

@@ -22,7 +22,7 @@ from agents.checkpoint import (agent_policy_map, check_policy_fits_env, load_age
                                resolve_module_root, run_env)
 from agents.ray_session import ensure_ray
 from attacks import ALIASES, ATTACKS, OBJECTIVES, WRAPPERS, evaluate, make_attack
-from envs import list_envs, make_env
+from envs import is_import_path, list_envs, make_env
 from marl_fgmf.io import atomic_write_text, to_jsonable
 from marl_fgmf.protocol import eps_label
 from marl_fgmf.workflows.common import UsageError, check_output, run_failure
@@ -166,7 +166,7 @@ def evaluate_attacks(checkpoint: str | Path, keys: list[str],
     on_ray = address is not None or runtime_env is not None
     resolve_module_root(checkpoint)  # CheckpointError (one line) if missing or partial
     env_name, env_kwargs = run_env(checkpoint, env, env_kwargs)
-    if env_name not in list_envs():
+    if env_name not in list_envs() and not is_import_path(env_name):
         raise UsageError(f"unknown env {env_name!r}; allowed: {', '.join(list_envs())}")
     environment = make_env(env_name, **env_kwargs)
     t0 = time.perf_counter()

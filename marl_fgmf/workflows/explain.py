@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.checkpoint import check_policy_fits_env, load_agent_policies, run_env
-from envs import list_envs, make_env
+from envs import is_import_path, list_envs, make_env
 from marl_fgmf import explainers, viz
 from marl_fgmf import metrics as M
 from marl_fgmf import pgca
@@ -163,7 +163,7 @@ def explain_run(checkpoint: str | Path, out: str | Path, env: str | None = None,
     _check_settings(method, settings)
 
     env_name, env_kwargs = run_env(checkpoint, env, env_kwargs)
-    if env_name not in list_envs():
+    if env_name not in list_envs() and not is_import_path(env_name):
         raise UsageError(f"unknown env {env_name!r}; allowed: {', '.join(list_envs())}")
     environment = make_env(env_name, **env_kwargs)
     agents = list(environment.possible_agents)
