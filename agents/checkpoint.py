@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 from agents.networks import PolicyNetwork
+from agents.portable import (is_portable, load_portable, portable_agent_map, portable_env,
+                             portable_module_ids)
 from marl_fgmf.adapter import PolicyAdapter, adapt_policy
 
 RL_MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module"
@@ -81,6 +83,8 @@ def resolve_module_root(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_portable(path):  # a marl-fgmf export (JSON + safetensors): its own root
+        return path
     if (path / "checkpoints").is_dir():  # a run directory
         ckpt = latest_checkpoint(path)
         if ckpt is None:
@@ -109,7 +113,9 @@ def is_module_dir(path: str | Path) -> bool:
 
 def policy_ids(checkpoint_dir: str | Path) -> list[str]:
     """Module ids stored in a checkpoint (``shared``, one per agent, or whatever ids RLlib's
-    config named; a single RLModule folder's id is its folder name)."""
+    config named; a single RLModule folder's id is its folder name; an export's own ids)."""
+    if is_portable(checkpoint_dir):
+        return portable_module_ids(checkpoint_dir)
     root = resolve_module_root(checkpoint_dir)
     if root.name != "rl_module" and is_module_dir(root):
         return [root.name]
@@ -258,8 +264,9 @@ def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
 
     Args:
         checkpoint_dir: a run directory, an algorithm checkpoint (any RLlib new-API-stack
-            checkpoint), its ``rl_module`` folder, or one RLModule's folder (also one saved on
-            its own with ``module.save_to_path``).
+            checkpoint), its ``rl_module`` folder, one RLModule's folder (also one saved on
+            its own with ``module.save_to_path``), or a ``marl-fgmf export`` directory (read
+            without unpickling anything: :mod:`agents.portable`).
         policy_id: the module id (``shared``, an agent id, RLlib's ``default_policy``, ...);
             may be omitted when the checkpoint holds exactly one.
         device: where to put the module (default: CUDA if available, else CPU).
@@ -273,6 +280,8 @@ def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
             (message names the path and what was found).
         ValueError: unknown ``policy_id`` (message lists the valid ones).
     """
+    if is_portable(checkpoint_dir):  # data only: JSON + safetensors, nothing is unpickled
+        return load_portable(checkpoint_dir, policy_id, device)
     module = load_rl_module(checkpoint_dir, policy_id)
     policy = rl_module_policy(module, f"checkpoint {checkpoint_dir}")
     if device is None:
@@ -323,8 +332,11 @@ def run_env(checkpoint: str | Path, env: str | None = None,
 
 def read_run_config(path: str | Path) -> dict:
     """``run.json`` of the run that produced ``path`` (a run dir or one of its checkpoints),
-    or ``{}`` when there is none."""
+    or ``{}`` when there is none; for an export, the env its spec names."""
     path = Path(path)
+    if is_portable(path):
+        env = portable_env(path)
+        return {} if env is None else {"env": env[0], "env_kwargs": env[1]}
     for candidate in (path, *path.parents):
         f = candidate / "run.json"
         if f.is_file():
@@ -343,6 +355,8 @@ def agent_policy_map(checkpoint_dir: str | Path, agents: list[str]) -> dict[str,
         ValueError: several modules and an agent without one of its own (one line naming
             them; choose a module for every agent with ``policy_id`` / ``--policy-id``).
     """
+    if is_portable(checkpoint_dir):
+        return portable_agent_map(checkpoint_dir, agents)
     ids = policy_ids(checkpoint_dir)
     if len(ids) == 1:
         return {a: ids[0] for a in agents}

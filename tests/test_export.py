@@ -169,6 +169,8 @@ def hook(event, args):
 sys.addaudithook(hook)
 policy = load_portable({str(sgam_export)!r}, device="cpu")
 print("portable loaded", type(policy).__name__)
+policy = load_policy({str(sgam_export)!r}, device="cpu")
+print("load_policy loaded the export", type(policy).__name__)
 try:
     load_policy({str(sgam_run)!r}, device="cpu")
     print("checkpoint loaded")
@@ -179,6 +181,7 @@ except Exception as exc:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "portable loaded PolicyNetwork" in proc.stdout, proc.stdout
+    assert "load_policy loaded the export PolicyNetwork" in proc.stdout, proc.stdout
     assert "checkpoint refused:" in proc.stdout and "pickle used" in proc.stdout, proc.stdout
 
 
@@ -375,3 +378,23 @@ def test_a_foreign_rllib_module_is_refused_on_one_line(tmp_path, capsys):
                     "module 'ppo_policy'", "is a DefaultPPOTorchRLModule",
                     "export takes marl-fgmf modules only")
     assert not out.exists()
+
+
+def test_commands_take_an_export_as_a_checkpoint(sgam_run, sgam_export, tmp_path):
+    """load_policy reads an export, and ``attack`` on it (no --env: the spec names it) gives
+    the numbers of the same attack on the RLlib run it came from."""
+    torch.testing.assert_close(load_policy(sgam_export, device="cpu")(_obs()),
+                               load_policy(sgam_run, device="cpu")(_obs()), rtol=0, atol=1e-6)
+    results = {}
+    for name, checkpoint in (("run", sgam_run), ("export", sgam_export)):
+        out = tmp_path / f"attack_{name}.json"
+        assert main(["attack", "--checkpoint", str(checkpoint), "--attack", "pgd", "--steps",
+                     "3", "--eps", "8/255", "--episodes", "2", "--quiet", "--out",
+                     str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    run, export = results["run"], results["export"]
+    assert export["env"] == run["env"] == "beacon"
+    for a, b in zip(run["results"], export["results"]):
+        assert a["team_returns"] == b["team_returns"]
+        assert a["success_rate"] == b["success_rate"]
+    assert export["clean"]["team_returns"] == run["clean"]["team_returns"]
