@@ -168,24 +168,6 @@ class HybridEncoder(_TokenEncoder):
 ENCODERS = {"cnn": CNNEncoder, "vit": ViTEncoder, "hybrid": HybridEncoder}
 
 
-def check_obs(obs: torch.Tensor, obs_shape: Sequence[int] | None = None) -> None:
-    """Validate a batch against the policy protocol: (B, H, W, C) floating point, finite.
-
-    Raises:
-        ValueError: naming the offending shape or values.
-    """
-    if not torch.is_tensor(obs):
-        raise ValueError(f"obs must be a torch.Tensor, got {type(obs).__name__}")
-    if obs.dim() != 4:
-        raise ValueError(f"obs must have shape (B, H, W, C), got {tuple(obs.shape)}")
-    if obs_shape is not None and tuple(obs.shape[1:]) != tuple(obs_shape):
-        raise ValueError(f"obs shape {tuple(obs.shape[1:])} does not match the policy's "
-                         f"observation shape {tuple(obs_shape)}")
-    if not obs.is_floating_point():
-        raise ValueError(f"obs must be floating point in [0, 1] (divide uint8 frames by 255), "
-                         f"got dtype {obs.dtype}")
-
-
 class PolicyNetwork(nn.Module):
     """Actor-critic network on the policy protocol.
 

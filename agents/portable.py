@@ -51,8 +51,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+import marl_fgmf  # the version is read where it is used: an import of a missing
+# package then fails on its first submodule, naming it (see agents.jobs.describe_error)
 from agents.networks import ENCODERS, PolicyNetwork, make_policy_network
-from marl_fgmf import __version__
 from marl_fgmf.sgam import SGAMConfig, attach_sgam
 
 __all__ = ["DTYPES", "FORMAT", "FORMAT_VERSION", "PortableError", "SPEC_FILE", "WEIGHTS_FILE",
@@ -184,7 +185,7 @@ def parse_spec(text: str, where: str) -> dict[str, Any]:
                                 f"got {version!r}")
     _check(version <= FORMAT_VERSION,
            f"{where} has format version {version}, written by a newer marl-fgmf "
-           f"({spec.get('toolkit_version')}); this one ({__version__}) reads up to "
+           f"({spec.get('toolkit_version')}); this one ({marl_fgmf.__version__}) reads up to "
            f"{FORMAT_VERSION}: upgrade marl-fgmf")
     _check(isinstance(spec["toolkit_version"], str), f"{where}: toolkit_version must be a string")
     weights = spec["weights"]

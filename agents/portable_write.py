@@ -18,11 +18,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
+import marl_fgmf  # the version is read where it is used: an import of a missing
+# package then fails on its first submodule, naming it (see agents.jobs.describe_error)
 from agents.networks import ENCODERS, PolicyNetwork
 from agents.portable import (DTYPES, FORMAT, FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE,
                              PortableError, build_module, check_module_spec, fill_module,
                              is_portable, parse_spec)
-from marl_fgmf import __version__
 from marl_fgmf.sgam import SGAM
 
 __all__ = ["check_export_target", "module_spec", "write_portable"]
@@ -168,7 +169,7 @@ def write_portable(out: str | os.PathLike, modules: Mapping[str, tuple[PolicyNet
         action_names = None  # names for another action space would mislabel every figure
     data = safetensors.torch.save(tensors, metadata={"format": FORMAT,
                                                      "format_version": str(FORMAT_VERSION)})
-    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit_version": __version__,
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit_version": marl_fgmf.__version__,
             "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest()},
             "modules": specs, "agents": dict(agents),
             "env": None if env is None else {"name": env["name"],

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agents import ARCHS, make_policy_network
-from agents.networks import check_obs
+from marl_fgmf.protocol import check_obs
 
 SHAPES = [(21, 21, 3), (32, 32, 3), (42, 42, 3), (32, 32, 6), (7, 9, 1)]
 
@@ -69,12 +69,19 @@ def test_relu_option_and_errors():
 
 
 def test_check_obs_messages():
+    """The protocol's one observation check (marl_fgmf.protocol), as the networks' callers
+    meet it."""
     with pytest.raises(ValueError, match=r"shape \(B, H, W, C\)"):
         check_obs(torch.rand(21, 21, 3))
     with pytest.raises(ValueError, match="does not match"):
         check_obs(torch.rand(1, 21, 21, 3), (32, 32, 3))
     with pytest.raises(ValueError, match="divide uint8 frames by 255"):
         check_obs(torch.zeros(1, 21, 21, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        check_obs(torch.rand(1, 21, 21, 3) * 255)
+    with pytest.raises(ValueError, match="finite"):
+        check_obs(torch.full((1, 21, 21, 3), float("nan")))
+    check_obs(torch.rand(2, 21, 21, 3), (21, 21, 3))  # a good batch passes
 
 
 def test_input_filter_slot_is_applied_first():
