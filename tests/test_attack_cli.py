@@ -103,7 +103,23 @@ def test_cli_per_agent_policies_and_several_attacks(runs, tmp_path):
     assert all(r["mean_linf"] <= 4 / 255 + 1e-6 for r in data["results"])
 
 
+def test_cli_max_steps_cuts_episodes_and_square_gets_the_cli_query_budget(runs, tmp_path):
+    from marl_fgmf.commands.attack import SQUARE_QUERIES
+    out = tmp_path / "capped.json"
+    proc = _cli("--checkpoint", str(runs["shared"]), "--attack", "square,fgsm", "--eps", "4/255",
+                "--max-steps", "2", "--episodes", "2", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["max_steps"] == 2 < ENV_KWARGS["max_steps"]
+    assert data["clean"]["agent_steps"] == 2 * 2 * 2, "2 episodes x 2 steps x 2 agents"
+    assert all(r["agent_steps"] == 8 for r in data["results"])
+    assert data["settings"]["square"] == {"n_queries": SQUARE_QUERIES}
+    assert data["results"][0]["attack"]["n_queries"] == SQUARE_QUERIES
+    assert f"n_queries defaults to {SQUARE_QUERIES}" in " ".join(_cli("--help").stdout.split())
+
+
 @pytest.mark.parametrize("args, fragments", [
+    (["--attack", "pgd", "--max-steps", "0"], ["--max-steps", "positive integer"]),
     (["--attack", "pgd", "--eps", "0"], ["--eps", "(0, 1]"]),
     (["--attack", "pgd", "--eps", "2/255,1.5"], ["--eps", "(0, 1]", "1.5"]),
     (["--attack", "pgd", "--eps=-4/255"], ["(0, 1]", "-4/255"]),

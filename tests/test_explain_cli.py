@@ -118,3 +118,21 @@ def test_cli_bad_input_one_line_exit_2(tiny_run, tmp_path, capsys, case):
     assert lines[0].startswith("marl-fgmf explain: error: ") and args[1] in lines[0], lines[0]
     assert "Traceback" not in stderr
     assert not out.exists(), "rejected input must not create the output directory"
+
+
+def test_explain_caps_episodes_by_default_and_0_means_the_whole_episode(monkeypatch):
+    """A default ``marl-fgmf explain`` explains 50 steps per episode (a pong episode is 900
+    steps: hours of PGCA); ``--max-steps 0`` lifts the cap. explain_run is replaced to see
+    what the command passes on (the workflow itself is tested above)."""
+    from marl_fgmf.cli import build_parser
+    from marl_fgmf.commands import explain as explain_cmd
+    seen = []
+    monkeypatch.setattr(explain_cmd, "explain_run", lambda *a, **kw: seen.append(kw) or {})
+    monkeypatch.setattr(explain_cmd, "format_summary", lambda result: "")
+    for extra, want in (([], explain_cmd.DEFAULT_MAX_STEPS), (["--max-steps", "0"], None),
+                        (["--max-steps", "7"], 7)):
+        args = build_parser("explain").parse_args(
+            ["explain", "--checkpoint", "ckpt", "--out", "out", *extra])
+        assert explain_cmd.run(args) == 0
+        assert seen[-1]["max_steps"] == want
+    assert explain_cmd.DEFAULT_MAX_STEPS == 50

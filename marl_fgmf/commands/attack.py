@@ -42,6 +42,8 @@ from marl_fgmf.workflows.evaluate import (LEARNED, attack_keys, check_objective,
                                           write_result)
 
 NORMS = ("linf", "l2")
+SQUARE_QUERIES = 1000
+"""Square's query budget per observation when ``--settings`` names none."""
 # for --help; the values are checked against attacks.OBJECTIVES
 OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
 
@@ -72,10 +74,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default=None, metavar="NAME",
                    help=f"attacker loss: {' | '.join(OBJECTIVES)} (default: the attack's own)")
     p.add_argument("--settings", type=parse_settings, default={}, metavar="K=V,...",
-                   help="further attack settings, e.g. restarts=2 or n_queries=1000 "
-                        "(or a JSON object)")
+                   help="further attack settings, e.g. restarts=2 or n_queries=500 (or a JSON "
+                        f"object); square's n_queries defaults to {SQUARE_QUERIES} here (the "
+                        "class default is AutoAttack's 5000: minutes per observation on a "
+                        "real env)")
     p.add_argument("--episodes", type=positive_int, default=10, help="episodes per run (10)")
     p.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i (0)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop each episode after this many steps (default: the env's own "
+                        "length; e.g. 100 for a quick look at pong's 900-step episodes)")
     p.add_argument("--policy-id", default=None,
                    help="one policy module for every agent (default: the checkpoint's mapping)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -112,6 +119,8 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[str], dict[str, dic
     elif args.adversary:
         raise UsageError("--adversary is only used with --attack learned")
     settings = route_settings(keys, _attack_settings(args))
+    if "square" in settings and "n_queries" not in settings["square"]:
+        settings["square"]["n_queries"] = SQUARE_QUERIES
     if not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
     if args.out is not None:
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     argv = sys.argv[1:]
     result = evaluate_attacks(
         args.checkpoint, keys, settings, env=args.env, env_kwargs=args.env_kwargs, eps=args.eps,
-        episodes=args.episodes, seed=args.seed, policy_id=args.policy_id, device=args.device,
+        episodes=args.episodes, seed=args.seed, max_steps=args.max_steps, policy_id=args.policy_id, device=args.device,
         adversary=args.adversary, address=address, runtime_env=runtime_env,
         progress=not args.quiet,
         command="marl-fgmf " + " ".join(argv) if argv[:1] == ["attack"] else None)

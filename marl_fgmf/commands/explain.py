@@ -6,7 +6,8 @@ Examples::
     marl-fgmf explain --checkpoint runs/fgmf --episodes 2 --every 2 --out explain/fgmf
     marl-fgmf explain --checkpoint runs/ppo --method ig --settings steps=64 --out explain/ig
 
-Plays ``--episodes`` episodes of the run's environment (or ``--env``) with the greedy policy
+Plays ``--episodes`` episodes of the run's environment (or ``--env``; the first ``--max-steps``
+steps of each, 50 by default) with the greedy policy
 and explains the greedy action of every agent of every ``--every``-th step; writes
 ``frame_XXXX.png``, ``episode_XX.gif`` and ``metrics.json`` into ``--out`` and prints the
 metrics. The work is :func:`marl_fgmf.workflows.explain.explain_run` (the files it writes are
@@ -19,8 +20,13 @@ import argparse
 
 import torch
 
-from marl_fgmf.commands import add_checkpoint_arguments, parse_settings, positive_int
+from marl_fgmf.commands import (add_checkpoint_arguments, non_negative_int, parse_settings,
+                                positive_int)
 from marl_fgmf.workflows.explain import METHOD_NAMES, explain_run, format_summary
+
+
+DEFAULT_MAX_STEPS = 50
+"""Steps explained per episode unless ``--max-steps`` says otherwise (0: no cap)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", type=parse_settings, default={}, metavar="K=V,...",
                    help="explainer settings, e.g. steps=16,patch=3 (PGCA: steps, patch, stride, "
                         "substrate, blur_sigma, q, internal_batch_size)")
-    p.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop each episode after this many steps (default: the env's length)")
+    p.add_argument("--max-steps", type=non_negative_int, default=DEFAULT_MAX_STEPS,
+                   help=f"stop each episode after this many steps (default {DEFAULT_MAX_STEPS}, "
+                        f"a whole beacon episode; 0: the env's own length, e.g. 900 steps of "
+                        f"pong: minutes per step with PGCA)")
     p.add_argument("--every", type=positive_int, default=1,
                    help="explain every K-th step (1: every step)")
     p.add_argument("--seed", type=int, default=0, help="episode e is reset with seed + e")
@@ -47,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # a shared small machine
     result = explain_run(args.checkpoint, args.out, env=args.env, env_kwargs=args.env_kwargs,
-                         episodes=args.episodes, method=args.method, max_steps=args.max_steps,
+                         episodes=args.episodes, method=args.method,
+                         max_steps=args.max_steps or None,
                          every=args.every, seed=args.seed, policy_id=args.policy_id,
                          settings=args.settings, fps=args.fps, progress=not args.quiet)
     print(format_summary(result))

@@ -150,13 +150,15 @@ def _evaluate_on_cluster(policies: Any, runs: list[tuple[str, Any]], spec: dict[
 def evaluate_attacks(checkpoint: str | Path, keys: list[str],
                      settings: dict[str, dict[str, Any]], *, env: str | None = None,
                      env_kwargs: dict[str, Any] | None = None, eps: list[float] | None = None,
-                     episodes: int = 10, seed: int = 0, policy_id: str | None = None,
+                     episodes: int = 10, seed: int = 0, max_steps: int | None = None,
+                     policy_id: str | None = None,
                      device: str | None = None, adversary: str | Path | None = None,
                      address: str | None = None, runtime_env: dict[str, Any] | None = None,
                      progress: bool = True, command: str | None = None, log=print
                      ) -> dict[str, Any]:
     """The clean run and every attack of ``keys`` (settings per attack, :func:`route_settings`)
-    at every budget of ``eps`` (default 8/255; a learned attack: its own), on the same seeds.
+    at every budget of ``eps`` (default 8/255; a learned attack: its own), on the same seeds,
+    each episode cut after ``max_steps`` steps when given (:func:`attacks.evaluate`).
 
     On Ray when ``address`` or ``runtime_env`` is given, here otherwise. Returns the result
     record: ``command``, checkpoint, env, ``policies`` (agent -> module id), the attacks and
@@ -184,18 +186,18 @@ def evaluate_attacks(checkpoint: str | Path, keys: list[str],
 
         if on_ray:
             spec = {"env": env_name, "env_kwargs": env_kwargs, "episodes": episodes,
-                    "seed": seed}
+                    "seed": seed, "max_steps": max_steps}
             clean, remote = _evaluate_on_cluster(policies, runs, spec, address, runtime_env,
                                                  progress, log)
         else:
             clean = evaluate(policies, environment, None, episodes=episodes, seed=seed,
-                             progress=progress)
+                             progress=progress, max_steps=max_steps)
             remote = None
         results = []
         for i, (name, attack) in enumerate(runs):
             run_result = remote[i] if remote is not None else evaluate(
                 policies, environment, attack, episodes=episodes, seed=seed,
-                progress=progress, compare_clean=False)
+                progress=progress, compare_clean=False, max_steps=max_steps)
             budget = float(attack.eps)
             results.append({"name": name, "eps": budget, "eps_label": eps_label(budget),
                             "attack": run_result["attack"], **_stats(run_result)})
@@ -206,7 +208,7 @@ def evaluate_attacks(checkpoint: str | Path, keys: list[str],
         "checkpoint": str(checkpoint), "env": env_name, "env_kwargs": env_kwargs,
         "policies": mapping, "attacks": keys,
         "adversary": str(adversary) if LEARNED in keys else None,
-        "settings": settings, "episodes": episodes, "seed": seed,
+        "settings": settings, "episodes": episodes, "seed": seed, "max_steps": max_steps,
         "clean": _stats(clean), "results": results,
         "wall_time_s": time.perf_counter() - t0,
     }

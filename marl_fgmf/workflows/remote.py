@@ -26,7 +26,7 @@ def evaluate_job(spec: dict[str, Any], policies: Any, attack: Any = None) -> dic
     env = make_env(spec["env"], **spec["env_kwargs"])
     try:
         return evaluate(policies, env, attack, episodes=spec["episodes"], seed=spec["seed"],
-                        progress=False, compare_clean=False)
+                        progress=False, compare_clean=False, max_steps=spec.get("max_steps"))
     finally:
         env.close()
 
