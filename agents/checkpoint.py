@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from agents.module_ids import choose_module_id
 from agents.networks import PolicyNetwork
-from agents.portable import (is_portable, load_portable, portable_agent_map, portable_env,
-                             portable_module_ids)
-from marl_fgmf.adapter import PolicyAdapter, adapt_policy
+from agents.portable import (is_portable, load_portable, load_portable_policies,
+                             portable_agent_map, portable_env, portable_module_ids)
+from marl_fgmf.adapter import adapt_policy
 
 RL_MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module"
 
@@ -152,13 +153,7 @@ def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
     ids = policy_ids(root)
     if not ids:
         raise CheckpointError(f"checkpoint holds no modules: {root}")
-    if module_id is None:
-        if len(ids) != 1:
-            raise ValueError(f"checkpoint holds {len(ids)} {what} modules; choose {arg} from: "
-                             f"{', '.join(ids)}")
-        module_id = ids[0]
-    if module_id not in ids:
-        raise ValueError(f"unknown {what} id {module_id!r}; allowed: {', '.join(ids)}")
+    module_id = choose_module_id(ids, module_id, what=what, arg=arg)
     module_dir = root if root.name == module_id and is_module_dir(root) else root / module_id
     try:
         with _quiet_rllib():
@@ -291,7 +286,9 @@ def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,
 
 def load_policies(checkpoint_dir: str | Path, device: str | torch.device | None = None
                   ) -> dict[str, nn.Module]:
-    """Every policy of a checkpoint, by module id."""
+    """Every policy of a checkpoint (or an export: its weights file read once), by module id."""
+    if is_portable(checkpoint_dir):
+        return load_portable_policies(checkpoint_dir, device)
     return {pid: load_policy(checkpoint_dir, pid, device) for pid in policy_ids(checkpoint_dir)}
 
 

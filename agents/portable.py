@@ -53,6 +53,7 @@ from torch import nn
 
 import marl_fgmf  # the version is read where it is used: an import of a missing
 # package then fails on its first submodule, naming it (see agents.jobs.describe_error)
+from agents.module_ids import choose_module_id
 from agents.networks import ENCODERS, PolicyNetwork, make_policy_network
 from marl_fgmf.sgam import SGAMConfig, attach_sgam
 
@@ -363,13 +364,6 @@ def load_portable(path: str | os.PathLike, policy_id: str | None = None,
         PortableError: missing/corrupt/inconsistent export (one line naming the file).
         ValueError: unknown or ambiguous ``policy_id`` (lists the valid ones).
     """
-    ids = portable_module_ids(path)
-    if policy_id is None:
-        if len(ids) != 1:
-            raise ValueError(f"export holds {len(ids)} policy modules; choose policy_id from: "
-                             f"{', '.join(ids)}")
-        policy_id = ids[0]
-    if policy_id not in ids:
-        raise ValueError(f"unknown policy id {policy_id!r}; allowed: {', '.join(ids)}")
+    policy_id = choose_module_id(portable_module_ids(path), policy_id, holder="export")
     return load_portable_policies(path, device)[policy_id]
 
