@@ -149,6 +149,9 @@ class AdversaryConfig(TrainConfig):
     env: str = ""
     """victim environment; empty: the one in the victim's run.json"""
     iterations: int = 20
+    train_batch_size: int | None = 2000
+    num_env_runners: int | None = 0
+    num_envs_per_env_runner: int | None = 8
     victim: str = ""
     """the victim's run directory or checkpoint"""
     victim_modules: str = ""
@@ -171,6 +174,11 @@ class AdversaryConfig(TrainConfig):
     """victims that get adversaries (default all)"""
     log_std_init: float = 0.0
     """perturb: initial log standard deviation of the Gaussian (pre-tanh units)"""
+
+    def training_defaults(self) -> dict[str, Any]:
+        """None: an adversary plays in :class:`agents.adversary_env.AdversaryEnv`, not the
+        victim's env, so the victim env's training defaults do not apply."""
+        return {}
 
     def validate(self) -> None:
         """Raise :class:`agents.train.SettingError` (a ``ValueError``) naming the first bad

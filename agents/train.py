@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from agents.defenses import build_defense_settings
 from agents.networks import ARCHS
@@ -47,15 +44,24 @@ from agents.run_files import (  # noqa: F401  (re-exported for callers of agents
     RUN_LOCK, append_metrics, check_run_dir, read_metrics, restore_metrics,
     resume_checkpoint, run_lock, save_checkpoint, warn, write_metric_views)
 from agents.settings import (  # noqa: F401  (re-exported for callers of agents.train)
-    SettingError, check_env_settings, check_int_setting, check_number_setting)
+    SettingError, check_env_settings, check_int_setting, check_number_setting, is_int)
 from agents.train_log import (  # noqa: F401  (re-exported for callers of agents.train)
     as_float, flatten_result, tb_writer, write_learning_curve)
-from envs import is_import_path, list_envs, make_env
+from agents.train_loop import run_training_loop
+from envs import episode_limit, is_import_path, list_envs, make_env, training_defaults
 from envs.beacon import scripted_return
 from envs.rllib import register_rllib_env
 from marl_fgmf.io import atomic_write_text
 
 DEFENSES = ("none", "adv", "scorpio", "sgam", "fgmf", "fgmf+adv")
+SAMPLING_DEFAULTS = {"num_env_runners": 0, "num_envs_per_env_runner": 8}
+"""Sampling of an env that declares none (beacon, a user's env): in the driver, 8 env copies
+(``training_defaults`` of the env otherwise)."""
+DEFAULT_BATCH = 2000
+"""The smallest automatic ``train_batch_size`` (agent steps)."""
+MAX_AUTO_BATCH = 16000
+"""The largest automatic ``train_batch_size``: beyond it an iteration may end no episode and
+its row reports NaN returns (set ``--train-batch-size`` to go further)."""
 POLICY_MODES = ("shared", "per-agent")
 
 
@@ -79,8 +85,9 @@ class TrainConfig:
     """component settings: {"scorpio": {...}, "sgam": {...}, "adv": {...}}"""
     iterations: int = 60
     """training iterations (one sampling round + SGD epochs each)"""
-    train_batch_size: int = 2000
-    """agent steps per iteration"""
+    train_batch_size: int | None = None
+    """agent steps per iteration; None: at least 2000 and a full-length episode per env copy
+    (:meth:`resolved`)"""
     minibatch_size: int = 250
     """SGD minibatch (agent steps)"""
     num_epochs: int = 4
@@ -92,10 +99,12 @@ class TrainConfig:
     clip_param: float = 0.2
     vf_loss_coeff: float = 0.5
     grad_clip: float = 0.5
-    num_env_runners: int = 0
-    """remote sampling workers (0 samples in the driver)"""
-    num_envs_per_env_runner: int = 8
-    """vectorised environment copies per runner"""
+    num_env_runners: int | None = None
+    """remote sampling workers (0 samples in the driver); None: the env's choice
+    (``envs.training_defaults``: 2 for the PettingZoo envs), else 0"""
+    num_envs_per_env_runner: int | None = None
+    """vectorised environment copies per runner; None: the env's choice (1 for the PettingZoo
+    envs), else 8"""
     num_learners: int = 0
     """remote learners (0 trains in the driver)"""
     num_gpus_per_learner: float = 0.0
@@ -104,10 +113,69 @@ class TrainConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
 
+    def resolved(self) -> "TrainConfig":
+        """A copy with the env-dependent defaults filled in; what a run saves in ``run.json``
+        and trains with.
+
+        * ``num_env_runners`` / ``num_envs_per_env_runner`` when None: the env's declared
+          :func:`envs.training_defaults`, else :data:`SAMPLING_DEFAULTS` (0 runners, 8 envs:
+          beacon steps thousands of times a second, so sampling in the driver is fastest).
+        * ``train_batch_size`` when None: ``max(2000, K)`` with ``K`` the agent steps of one
+          full-length episode in every env copy (``max(1, runners) * envs per runner * agents
+          * episode limit``, :func:`envs.episode_limit`), rounded up to a multiple of 1000
+          and capped at :data:`MAX_AUTO_BATCH`: every iteration then ends at least one
+          episode per env copy, so RLlib's episode statistics are not NaN (NOTES-rllib.md,
+          pitfall 15).
+        * ``net["channels"]`` of the ``cnn`` arch when ``net`` sets none: the env's declared
+          ``cnn_channels`` (16-32-32 for the PettingZoo envs' 32 x 32 frames).
+        Bad values stay as they are for :meth:`validate` to name.
+        """
+        declared = self.training_defaults()
+        runners = self.num_env_runners
+        if runners is None:
+            runners = declared.get("num_env_runners", SAMPLING_DEFAULTS["num_env_runners"])
+        per_runner = self.num_envs_per_env_runner
+        if per_runner is None:
+            per_runner = declared.get("num_envs_per_env_runner",
+                                      SAMPLING_DEFAULTS["num_envs_per_env_runner"])
+        batch = self.train_batch_size
+        if batch is None:
+            batch = self.auto_batch_size(runners, per_runner)
+        net = self.net
+        if (self.arch == "cnn" and isinstance(net, dict) and "channels" not in net
+                and "cnn_channels" in declared):
+            net = {**net, "channels": list(declared["cnn_channels"])}
+        return dataclasses.replace(self, train_batch_size=batch, num_env_runners=runners,
+                                   num_envs_per_env_runner=per_runner, net=net)
+
+    def training_defaults(self) -> dict[str, Any]:
+        """The env's declared training defaults (``{}`` when the env cannot be looked up:
+        :meth:`validate` names that)."""
+        try:
+            return training_defaults(self.env)
+        except (ValueError, TypeError):
+            return {}
+
+    def auto_batch_size(self, runners: Any, per_runner: Any) -> int:
+        """``train_batch_size`` when it is None (:meth:`resolved`)."""
+        try:
+            limit = episode_limit(self.env, **dict(self.env_kwargs or {}))
+            n_agents = len(env_spaces(self)[0]) if limit is not None else 0
+        except (ValueError, TypeError):
+            limit = None
+        if limit is None or not all(is_int(v) and v >= 0 for v in (runners, per_runner)):
+            return DEFAULT_BATCH
+        need = max(1, runners) * max(1, per_runner) * n_agents * limit
+        return min(MAX_AUTO_BATCH, max(DEFAULT_BATCH, -(-need // 1000) * 1000))
+
     def validate(self) -> None:
         """Raise :class:`SettingError` (a ``ValueError``) naming the first bad setting, its
-        value and what is allowed. Checks every setting, builds the environment once with
-        ``env_kwargs`` (cached per settings), and writes nothing."""
+        value and what is allowed. Checks every setting (``None`` ones as :meth:`resolved`
+        fills them in), builds the environment once with ``env_kwargs`` (cached per
+        settings), and writes nothing."""
+        if None in (self.train_batch_size, self.num_env_runners, self.num_envs_per_env_runner):
+            self.resolved().validate()
+            return
         user_env = [self.env] if is_import_path(self.env) else []  # envs.make_env checks it
         for name, allowed in (("env", list_envs() + user_env), ("arch", list(ARCHS)),
                               ("policies", list(POLICY_MODES)), ("defense", list(DEFENSES))):
@@ -192,6 +260,7 @@ def build_algo_config(cfg: TrainConfig):
     from agents.rl_module import FGMFTorchRLModule  # lazy: imports RLlib
 
     cfg.validate()
+    cfg = cfg.resolved()
     env_name = register_rllib_env(cfg.env, **cfg.env_kwargs)
     agents, _, _ = env_spaces(cfg)
     defense = defense_learner_settings(cfg)
@@ -310,119 +379,6 @@ def check_cluster_gpus(cfg) -> None:
                                f"{need:g} GPUs but the Ray cluster has {have:g}; use 0")
 
 
-# --------------------------------------------------------------------------- main loop
-def run_training_loop(algo_config, cfg, out: Path, *, resume: bool, address: str | None,
-                      progress: bool, desc: str, n_agents: int,
-                      reference: float | None = None,
-                      on_row: Callable[[dict[str, Any]], None] | None = None,
-                      postfix_key: tuple[str, str] = ("ret", "agent_return_mean"),
-                      time_budget_s: float | None = None,
-                      runtime_env: dict[str, Any] | None = None,
-                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The resumable RLlib loop shared by every trainer of this package.
-
-    Holds the run lock (``out/.run.lock``) throughout. Builds the algorithm from
-    ``algo_config`` (restoring the checkpoint :func:`resume_checkpoint` picks with ``resume``,
-    with the metrics rows up to it: :func:`restore_metrics`), runs ``cfg.iterations``
-    iterations with a progress bar, logs one metrics row per iteration (``on_row`` may add
-    fields) to TensorBoard and, with each atomic checkpoint (every ``cfg.checkpoint_every``
-    iterations), to ``metrics.jsonl`` (appended) and ``metrics.csv/json`` (regenerated). On
-    any exit (Ctrl-C, SIGKILL included) the metrics files hold exactly the rows up to the last
-    complete checkpoint.
-
-    Returns:
-        ``{"last": last row, "out", "records", "reference_return"}``.
-    """
-    out = Path(out)
-    started_ray = ensure_ray(address, runtime_env=runtime_env, log=log)
-    try:
-        with run_lock(out):
-            return _run_locked(algo_config, cfg, out, resume=resume, progress=progress,
-                               desc=desc, n_agents=n_agents, reference=reference, on_row=on_row,
-                               postfix_key=postfix_key, time_budget_s=time_budget_s)
-    finally:
-        if started_ray:
-            import ray  # lazy: Ray (0.4 s) stays out of `marl-fgmf train --help`
-            ray.shutdown()
-
-
-def _run_locked(algo_config, cfg, out: Path, *, resume: bool, progress: bool, desc: str,
-                n_agents: int, reference: float | None,
-                on_row: Callable[[dict[str, Any]], None] | None,
-                postfix_key: tuple[str, str], time_budget_s: float | None) -> dict[str, Any]:
-    ckpt, start_iter = resume_checkpoint(out, say=warn) if resume else (None, 0)
-    records: list[dict[str, Any]] = restore_metrics(out, start_iter) if resume else []
-    committed = start_iter  # records up to here are in a checkpoint and in metrics.jsonl
-    pending: list[dict[str, Any]] = []  # rows since the last checkpoint
-    algo = writer = bar = None
-    last: dict[str, Any] = records[-1] if records else {}
-    try:
-        algo = algo_config.build_algo()
-        if ckpt is not None:
-            algo.restore_from_path(str(ckpt.resolve()))
-        writer = tb_writer(out)
-        t0 = time.time()
-        elapsed_before = as_float(records[-1].get("wall_time_s", 0.0)) if records else 0.0
-        elapsed_before = elapsed_before if math.isfinite(elapsed_before) else 0.0
-        bar = tqdm(total=cfg.iterations, initial=start_iter, disable=not progress, desc=desc,
-                   unit="it")
-        for it in range(start_iter + 1, cfg.iterations + 1):
-            t_iter = time.time()
-            result = algo.train()
-            _check_env_runners(algo, cfg)
-            row = flatten_result(result, n_agents)
-            row["iteration"] = it
-            row["iter_time_s"] = time.time() - t_iter
-            row["wall_time_s"] = elapsed_before + time.time() - t0
-            if reference is not None:
-                row["reference_return"] = reference
-            if on_row is not None:
-                on_row(row)
-            records.append(row)
-            pending.append(row)
-            last = row
-            for key, value in row.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    writer.add_scalar(key, value, row["env_steps"])
-            writer.flush()
-            out_of_time = time_budget_s is not None and time.time() - t0 >= time_budget_s
-            if it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time:
-                save_checkpoint(algo, out, it, cfg.keep_checkpoints, rows=pending)
-                append_metrics(out, pending)
-                committed, pending = it, []
-                write_metric_views(out, records)
-            label, key = postfix_key
-            bar.set_postfix({"steps": row["env_steps"], label: f"{row[key]:.2f}",
-                             "t": f"{row['wall_time_s']:.0f}s"})
-            bar.update(1)
-            if out_of_time:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        if pending:  # not in a checkpoint: trained again on --resume
-            records = [r for r in records if r["iteration"] <= committed]
-        if records:
-            write_learning_curve(out, records, reference)
-        if algo is not None:
-            algo.stop()
-    return {"last": last, "out": str(out), "records": records, "reference_return": reference}
-
-
-def _check_env_runners(algo, cfg) -> None:
-    """Raise if an env runner was lost during the iteration (RLlib would go on without it)."""
-    group = getattr(algo, "env_runner_group", None)
-    wanted = int(getattr(cfg, "num_env_runners", 0) or 0)
-    if group is None or wanted <= 0:
-        return
-    healthy = int(group.num_healthy_remote_workers())
-    if healthy < wanted:
-        raise RuntimeError(f"{wanted - healthy} of {wanted} env runners were lost (a node "
-                           f"without the package, or a crash); see the Ray logs of the node")
-
-
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str | None = None,
           progress: bool = True, time_budget_s: float | None = None,
           runtime_env: dict[str, Any] | None = None,
@@ -450,7 +406,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
     """
     out = Path(out)
     check_run_dir(out, resume)
-    cfg = load_run_settings(cfg, out, resume, TrainConfig.from_json)
+    cfg = load_run_settings(cfg, out, resume, TrainConfig.from_json).resolved()
     # Ray first (an unreachable cluster writes nothing), then the lock and run.json
     started = ensure_ray(address, runtime_env=runtime_env, log=log)
     try:

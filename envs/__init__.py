@@ -189,12 +189,7 @@ def action_names(name: str, **kwargs: Any) -> tuple[str, ...]:
         ValueError: a bad name or setting (as :func:`make_env`), or declared names whose count
             is not the action space's.
     """
-    constructor = env_constructor(name)
-    names = getattr(constructor, "ACTION_NAMES", None)
-    if names is None:
-        module = importlib.import_module(constructor.__module__) \
-            if getattr(constructor, "__module__", None) else None
-        names = getattr(module, "ACTION_NAMES", None)
+    names = _env_module_attr(name, "ACTION_NAMES")
     env = make_env(name, **kwargs)
     try:
         space = env.action_space(env.possible_agents[0])
@@ -208,6 +203,63 @@ def action_names(name: str, **kwargs: Any) -> tuple[str, ...]:
         raise ValueError(f"env {name!r}: ACTION_NAMES has {len(names)} names {names}, but its "
                          f"action space is {space}")
     return names
+
+
+def _env_module_attr(name: str, attr: str) -> Any:
+    """``attr`` declared on env ``name``'s constructor or in its module (None if neither)."""
+    constructor = env_constructor(name)
+    value = getattr(constructor, attr, None)
+    if value is None and getattr(constructor, "__module__", None):
+        value = getattr(importlib.import_module(constructor.__module__), attr, None)
+    return value
+
+
+EPISODE_LIMIT_SETTINGS = ("max_cycles", "max_steps", "max_episode_steps")
+"""Setting names read as an env's episode length limit (truncation), in this order."""
+
+
+def episode_limit(name: str, **kwargs: Any) -> int | None:
+    """The longest an episode of env ``name`` can last, in env steps, with settings ``kwargs``:
+    the value of its first setting named in :data:`EPISODE_LIMIT_SETTINGS` (its default when
+    ``kwargs`` does not set it), or None when the env declares no such setting."""
+    settings = env_settings(name)
+    for key in EPISODE_LIMIT_SETTINGS:
+        if key in settings:
+            value = kwargs.get(key, settings[key])
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+                return int(value)
+    return None
+
+
+TRAINING_KEYS = ("num_env_runners", "num_envs_per_env_runner", "cnn_channels")
+"""What an env may declare about how it is trained (its ``TRAINING`` dict)."""
+
+
+def training_defaults(name: str) -> dict[str, Any]:
+    """How env ``name`` wants to be trained by default: the ``TRAINING`` dict declared in its
+    module or on its factory (keys from :data:`TRAINING_KEYS`: ``num_env_runners`` and
+    ``num_envs_per_env_runner``, integers >= 0, and ``cnn_channels``, the ``cnn`` arch's three
+    filter counts), else ``{}`` (the toolkit's defaults). The PettingZoo envs declare two env
+    runners with one env each, so that their slow steps use both cores of a small machine,
+    and a smaller CNN for their 32 x 32 frames.
+
+    Raises:
+        ValueError: a declaration with other keys or values (one line).
+    """
+    declared = _env_module_attr(name, "TRAINING") or {}
+    ok = isinstance(declared, dict) and set(declared) <= set(TRAINING_KEYS)
+    if ok:
+        for key, value in declared.items():
+            values = list(value) if key == "cnn_channels" and isinstance(value, (list, tuple)) \
+                else [value]
+            if key == "cnn_channels" and len(values) != 3:
+                ok = False
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool)
+                            and v >= (1 if key == "cnn_channels" else 0) for v in values)
+    if not ok:
+        raise ValueError(f"env {name!r}: TRAINING must be a dict of {', '.join(TRAINING_KEYS)} "
+                         f"(integers >= 0; cnn_channels three integers >= 1), got {declared!r}")
+    return dict(declared)
 
 
 def check_settings(name: str, constructor: Callable[..., Any], kwargs: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from marl_fgmf.commands import CommandFailed, UsageError
 
@@ -55,7 +56,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:  # only the chosen subcommand's module is imported
             _module(name).add_arguments(p)
+            show_defaults(p)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to the help of every option that has a default and does not
+    state it already, so that every ``--help`` shows the defaults (options without a help
+    text get one)."""
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        default = action.default
+        if (not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS or default == {} or "default" in (action.help or "")):
+            continue
+        shown = str(default).replace("%", "%%")
+        action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
 
 
 # RLlib notices that every run would print and that say nothing about the user's run.
@@ -73,8 +88,14 @@ def _quiet_library_notices(debug: bool = False) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings the toolkit raises for the user (e.g. an untrusted checkpoint) on one line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     # --debug anywhere on the line (or MARL_FGMF_DEBUG=1): tracebacks of failures are shown
     debug = "--debug" in argv or bool(os.environ.get("MARL_FGMF_DEBUG"))
     argv = [a for a in argv if a != "--debug"]

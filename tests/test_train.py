@@ -253,3 +253,59 @@ def test_interrupt_mid_checkpoint_leaves_no_partial_folder(tmp_path):
     (root / ".tmp_iter_00007").mkdir()  # as a SIGKILL mid-save would leave it
     save_checkpoint(Saves(), tmp_path, 3, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["iter_00001", "iter_00003", "latest"]
+
+
+# ------------------------------------------------------------- env-dependent defaults (issue 9)
+@pytest.mark.parametrize("env, kwargs, batch, runners, per_runner, channels", [
+    ("beacon", {}, 2000, 0, 8, None),                       # fast env: sample in the driver
+    ("pistonball", {}, 2000, 2, 1, [16, 32, 32]),           # 2 x 5 agents x 125 = 1250 -> 2000
+    ("cooperative_pong", {}, 4000, 2, 1, [16, 32, 32]),     # 2 x 2 x 900 = 3600 -> 4000
+    ("pursuit", {}, 8000, 2, 1, [16, 32, 32]),              # 2 x 8 x 500
+    ("pursuit", {"max_cycles": 50}, 2000, 2, 1, [16, 32, 32]),
+])
+def test_resolved_defaults_follow_the_env(env, kwargs, batch, runners, per_runner, channels):
+    cfg = TrainConfig(env=env, env_kwargs=kwargs).resolved()
+    assert (cfg.train_batch_size, cfg.num_env_runners, cfg.num_envs_per_env_runner) == \
+        (batch, runners, per_runner)
+    assert cfg.net.get("channels") == channels
+    # the guarantee: a full-length episode fits in every env copy's share of the batch
+    from envs import episode_limit, make_env
+    n_agents = len(make_env(env, **kwargs).possible_agents)
+    share = cfg.train_batch_size / (max(1, runners) * per_runner * n_agents)
+    assert share >= episode_limit(env, **kwargs)
+
+
+def test_resolved_keeps_what_the_user_set():
+    cfg = TrainConfig(env="pistonball", train_batch_size=500, num_env_runners=0,
+                      num_envs_per_env_runner=3, net={"channels": [8, 8, 8]}).resolved()
+    assert (cfg.train_batch_size, cfg.num_env_runners, cfg.num_envs_per_env_runner) == (500, 0, 3)
+    assert cfg.net == {"channels": [8, 8, 8]}
+    # fewer runners: the batch still holds an episode per env copy (1 x 3 x 5 x 125 = 1875)
+    assert TrainConfig(env="pistonball", num_env_runners=0, num_envs_per_env_runner=3
+                       ).resolved().train_batch_size == 2000
+    assert TrainConfig(env="pistonball", arch="vit").resolved().net == {}  # cnn only
+    assert TrainConfig(env="pursuit", env_kwargs={"max_cycles": 10 ** 6}
+                       ).resolved().train_batch_size == 16000  # capped
+
+
+def test_bad_declared_training_defaults_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "declared_env.py").write_text(
+        "from envs.beacon import BeaconEnv\nTRAINING = {'num_env_runners': -1}\n"
+        "def make_env(**kw):\n    return BeaconEnv(**kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from envs import training_defaults
+    with pytest.raises(ValueError, match=r"TRAINING must be a dict of .* got \{'num_env_runners': -1\}"):
+        training_defaults("declared_env:make_env")
+
+
+@pytest.mark.slow
+def test_real_env_defaults_end_episodes_in_every_iteration(ray_session, tmp_path):
+    """Two env runners by default on a PettingZoo env; each iteration ends episodes (no NaN)."""
+    cfg = TrainConfig(env="pursuit", env_kwargs={"max_cycles": 20}, iterations=2,
+                      minibatch_size=500, num_epochs=1)
+    result = train(cfg, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["num_env_runners"] == 2 and saved["train_batch_size"] == 2000
+    assert saved["net"] == {"channels": [16, 32, 32]}
+    for row in result["records"]:
+        assert row["num_episodes"] >= 2 and np.isfinite(row["agent_return_mean"]), row

@@ -35,13 +35,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adversarial-training settings (eps, steps, kappa, reg_fraction)")
     p.add_argument("--iterations", type=positive_int, default=d.iterations)
     p.add_argument("--train-batch-size", type=positive_int, default=d.train_batch_size,
-                   help="agent steps per iteration")
+                   help="agent steps per iteration (default: at least 2000 and one "
+                        "full-length episode per env copy, e.g. pistonball 2000, "
+                        "cooperative_pong 4000, pursuit 8000, so every iteration ends episodes)")
     p.add_argument("--minibatch-size", type=positive_int, default=d.minibatch_size)
     p.add_argument("--num-epochs", type=positive_int, default=d.num_epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--entropy-coeff", type=float, default=d.entropy_coeff)
-    p.add_argument("--num-env-runners", type=int, default=d.num_env_runners)
-    p.add_argument("--num-envs-per-env-runner", type=positive_int, default=d.num_envs_per_env_runner)
+    p.add_argument("--num-env-runners", type=int, default=d.num_env_runners,
+                   help="sampling processes (default: the env's: 2 for pistonball, "
+                        "cooperative_pong and pursuit, whose steps are slow; 0 otherwise, "
+                        "sampling in the driver)")
+    p.add_argument("--num-envs-per-env-runner", type=positive_int,
+                   default=d.num_envs_per_env_runner,
+                   help="env copies per sampling process (default: the env's: 1 for "
+                        "pistonball, cooperative_pong and pursuit; 8 otherwise)")
     p.add_argument("--num-learners", type=int, default=d.num_learners)
     p.add_argument("--num-gpus-per-learner", type=float, default=d.num_gpus_per_learner,
                    help="GPUs per learner (RLlib setting); 1 on a GPU machine")

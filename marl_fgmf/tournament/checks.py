@@ -94,7 +94,7 @@ def check_train_spec(d: Any, out: str | os.PathLike | None = None) -> list[str]:
         saved = json.loads(run_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return [f"defender {d.name}: cannot read {run_file}: {first_line(exc)}"]
-    wanted = to_jsonable(cfg.to_json())
+    wanted = to_jsonable(cfg.resolved().to_json())  # as run.json saves it
     changed = sorted(k for k in wanted if k != "iterations"
                      and to_jsonable(saved.get(k)) != wanted[k])
     if changed:
