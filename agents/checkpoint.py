@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -155,12 +156,43 @@ def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
         raise CheckpointError(f"checkpoint holds no modules: {root}")
     module_id = choose_module_id(ids, module_id, what=what, arg=arg)
     module_dir = root if root.name == module_id and is_module_dir(root) else root / module_id
+    warn_if_foreign_pickle(root)
     try:
         with _quiet_rllib():
             return RLModule.from_checkpoint(module_dir.resolve())
     except Exception as exc:  # corrupt or partial files
         raise CheckpointError(f"cannot load checkpoint {module_dir}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+class UntrustedCheckpointWarning(UserWarning):
+    """An RLlib checkpoint (pickles) opened from outside the user's own marl-fgmf runs."""
+
+
+_WARNED_PATHS: set[Path] = set()
+
+
+def is_marl_fgmf_run(path: str | Path) -> bool:
+    """Whether ``path`` lies in a run directory ``marl-fgmf train`` wrote (``run.json`` beside
+    ``checkpoints/``, in ``path`` or a folder above it)."""
+    path = Path(path).resolve()
+    return any((d / "run.json").is_file() and (d / "checkpoints").is_dir()
+               for d in (path, *path.parents))
+
+
+def warn_if_foreign_pickle(path: str | Path) -> bool:
+    """Warn once per checkpoint when a pickle-based RLlib checkpoint that is not part of a
+    marl-fgmf run is opened: unpickling it runs whatever code its author put there. Returns
+    whether it warned (README, "Loading models safely")."""
+    key = Path(path).resolve()
+    if key in _WARNED_PATHS or is_marl_fgmf_run(key):
+        return False
+    _WARNED_PATHS.add(key)
+    warnings.warn(f"{path} is an RLlib checkpoint from outside your marl-fgmf runs: loading it "
+                  f"unpickles its files, which runs any code their author put in them; open "
+                  f"checkpoints only from people you trust, or ask for a 'marl-fgmf export' "
+                  f"(JSON + safetensors, no code)", UntrustedCheckpointWarning, stacklevel=3)
+    return True
 
 
 class RLModuleLogits(nn.Module):
@@ -189,6 +221,43 @@ class RLModuleActorCritic(RLModuleLogits):
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.rl_module.compute_values({self.obs_key: obs})
+
+
+class FilteredModulePolicy(nn.Module):
+    """The policy of an RLModule with an input filter of its own (SGAM put in front of any
+    module by :class:`agents.sgam_module.SGAMInputMixin`): ``forward(obs) =
+    inner(input_filter(obs))`` with the module's own filtering switched off inside, so that
+    the filter is ``policy.input_filter`` like a marl-fgmf network's (BPDA swaps it, the
+    audit and tournaments see it, SGAM distillation bypasses it) and runs once.
+
+    Args:
+        rl_module: the module (``input_filter`` and ``without_input_filter()``).
+        inner: its :class:`marl_fgmf.adapter.PolicyAdapter` (protocol input -> logits).
+    """
+
+    def __init__(self, rl_module: nn.Module, inner: nn.Module):
+        super().__init__()
+        self.input_filter = rl_module.input_filter  # the module's own SGAM (same parameters)
+        self.inner = inner
+        self.obs_shape = inner.obs_shape
+        self.n_actions = inner.n_actions
+        self._unfiltered = rl_module.without_input_filter
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.input_filter(obs)
+        with self._unfiltered():
+            return self.inner(x)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.input_filter(obs)
+        with self._unfiltered():
+            return self.inner.value(x)
+
+
+def has_own_input_filter(module: nn.Module) -> bool:
+    """Whether an RLModule filters its own observations (:class:`SGAMInputMixin`)."""
+    return (isinstance(getattr(module, "input_filter", None), nn.Module)
+            and callable(getattr(module, "without_input_filter", None)))
 
 
 def observation_declaration(space, module: str = "module") -> tuple[str, str, tuple[int, int, int]]:
@@ -224,7 +293,8 @@ def observation_declaration(space, module: str = "module") -> tuple[str, str, tu
 def rl_module_policy(module: nn.Module, where: str = "checkpoint") -> nn.Module:
     """The policy-protocol module of a loaded RLlib ``RLModule`` (see the module docstring):
     a marl-fgmf module's network, or a :class:`PolicyAdapter` around any other
-    ``TorchRLModule``'s ``_forward``.
+    ``TorchRLModule``'s ``_forward`` (inside a :class:`FilteredModulePolicy` when the module
+    has SGAM in front, :class:`agents.sgam_module.SGAMInputMixin`).
 
     Raises:
         CheckpointError: a module the adapter cannot serve (not torch, recurrent, not
@@ -249,8 +319,9 @@ def rl_module_policy(module: nn.Module, where: str = "checkpoint") -> nn.Module:
                                                              f"{where}'s {kind}")
     wrapper = (RLModuleActorCritic if callable(getattr(module, "compute_values", None))
                else RLModuleLogits)(module)
-    return adapt_policy(wrapper, layout=layout, input_range=input_range, obs_shape=obs_shape,
-                        n_actions=int(n))
+    policy = adapt_policy(wrapper, layout=layout, input_range=input_range, obs_shape=obs_shape,
+                          n_actions=int(n))
+    return FilteredModulePolicy(module, policy) if has_own_input_filter(module) else policy
 
 
 def load_policy(checkpoint_dir: str | Path, policy_id: str | None = None,

@@ -33,9 +33,14 @@ COMPONENTS = {
 }
 
 
-def build_defense_settings(defense: str, settings: dict[str, Any] | None, arch: str
-                           ) -> dict[str, Any]:
+def build_defense_settings(defense: str, settings: dict[str, Any] | None = None,
+                           arch: str | None = None) -> dict[str, Any]:
     """Validate the component settings of ``defense``.
+
+    Also the way to defend an RLlib module of your own: pass ``learner_config`` as the
+    ``learner_config_dict`` of :class:`agents.learner.FGMFPPOTorchLearner`, and ``sgam`` as
+    ``model_config["sgam"]`` of a module with SGAM in front
+    (:class:`agents.sgam_module.SGAMInputMixin`); ``arch`` None skips the marl-fgmf arch check.
 
     Returns:
         ``{"learner_config": {...}, "sgam": dict | None}``: the learner's
@@ -65,7 +70,7 @@ def build_defense_settings(defense: str, settings: dict[str, Any] | None, arch: 
         if not 0 < distill_fraction <= 1:
             raise ValueError(f"sgam distill_fraction must be in (0, 1], got {distill_fraction}")
         sgam_settings = _checked(SGAMConfig, sgam_all, "sgam")
-        if arch not in ("cnn", "vit", "hybrid"):
+        if arch is not None and arch not in ("cnn", "vit", "hybrid"):
             raise ValueError(f"SGAM distillation needs a Grad-CAM++ layer; arch {arch!r} has none")
         learner["sgam"] = {"distill_weight": distill_weight, "distill_fraction": distill_fraction}
     return {"learner_config": learner, "sgam": sgam_settings}

@@ -13,6 +13,15 @@ calls ``super()`` and adds, per module, the terms switched on by ``learner_confi
   toward the policy's Grad-CAM++ map.
 * adv (baseline): :func:`marl_fgmf.adv_training.sa_kl_regularizer`.
 
+**Any RLlib module**, not only the toolkit's: at build time each module is turned into its
+policy-protocol view (:func:`fgmf_view`: a marl-fgmf module's network, or
+``agents.load_policy``'s adapter around any ``TorchRLModule``'s ``_forward``, with the
+observation scaling and layout read from its observation space) and checked for what the
+switched-on terms need; a module that cannot serve fails the build with one line naming the
+module and what is missing (SGAM: an input filter, :class:`agents.sgam_module.SGAMInputMixin`,
+and a spatial feature map for Grad-CAM++). SCOR-PIO on a network whose activations are all
+piecewise linear (ReLU: zero input curvature, NOTES-rllib.md pitfall 7) warns once.
+
 The loss returned is ``PPO + R`` with ``R`` = the sum of the terms, in the graph. Every term
 is logged each update, one ``log_dict`` per module under ``fgmf_*`` keys, so it shows in the
 result dict, ``metrics.csv`` and TensorBoard. Observations get a fresh leaf tensor
@@ -21,7 +30,8 @@ result dict, ``metrics.csv`` and TensorBoard. Observations get a fresh leaf tens
 """
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
@@ -29,9 +39,100 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import Learner
 from ray.rllib.utils.annotations import override
 
+from agents.checkpoint import CheckpointError, FilteredModulePolicy, rl_module_policy
+from agents.networks import PolicyNetwork
+from marl_fgmf.adapter import INPUT_RANGES
 from marl_fgmf.adv_training import AdvTrainingConfig, sa_kl_regularizer
+from marl_fgmf.attribution import find_cam_layer
 from marl_fgmf.scorpio import IterationSubspaces, ScorpioConfig
-from marl_fgmf.sgam import sgam_distillation_loss
+from marl_fgmf.sgam import SGAM, sgam_distillation_loss
+
+PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
+                    torch.nn.RReLU, torch.nn.Hardtanh)
+"""Activations whose second derivative is zero almost everywhere."""
+SMOOTH = (torch.nn.SiLU, torch.nn.GELU, torch.nn.ELU, torch.nn.CELU, torch.nn.SELU,
+          torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.Mish)
+"""Activations with a non-zero second derivative (input curvature for SCOR-PIO)."""
+
+
+class FGMFModuleError(ValueError):
+    """A module the FGMF learner cannot serve (one line: the module and what is missing)."""
+
+
+def fgmf_view(module: torch.nn.Module, module_id: str, components: tuple[str, ...] = ()
+              ) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(policy, to_unit)``: the policy-protocol module of an RLModule and the map from the
+    batch's observations to the protocol's float (B, H, W, C) in [0, 1].
+
+    A marl-fgmf module gives its network and ``scale_obs``; any other ``TorchRLModule`` the
+    policy ``agents.load_policy`` would serve (same parameters, gradients through ``_forward``)
+    and the inverse of the layout and scaling read from its observation space. Checks what
+    ``components`` (``scorpio``, ``sgam``, ``adv``) need.
+
+    Raises:
+        FGMFModuleError: the module cannot be served, or lacks SGAM or a feature map when
+            ``sgam`` is asked (one line).
+    """
+    net = getattr(module, "net", None)
+    if isinstance(net, PolicyNetwork):
+        policy, to_unit = net, module.scale_obs
+    else:
+        try:
+            policy = rl_module_policy(module, f"module {module_id!r}")
+        except CheckpointError as exc:
+            raise FGMFModuleError(f"FGMF learner: {exc}") from None
+        adapter = policy.inner if isinstance(policy, FilteredModulePolicy) else policy
+        to_unit = _unit_converter(adapter.layout, INPUT_RANGES[adapter.input_range])
+    kind = type(module).__name__
+    if "sgam" in components:
+        if not isinstance(getattr(policy, "input_filter", None), SGAM):
+            raise FGMFModuleError(
+                f"FGMF learner: defense component 'sgam' needs SGAM in front of module "
+                f"{module_id!r} ({kind}); build it with model_config['sgam'] (a marl-fgmf "
+                f"module) or put agents.sgam_module.SGAMInputMixin first in its class's bases "
+                f"(agents.sgam_module.SGAMDefaultPPOTorchRLModule for RLlib's default module)")
+        try:
+            find_cam_layer(policy)
+        except ValueError:
+            raise FGMFModuleError(
+                f"FGMF learner: defense component 'sgam' distills Grad-CAM++ maps, but module "
+                f"{module_id!r} ({kind}) has no spatial (B, K, h, w) feature map its logits "
+                f"depend on (a convolutional encoder has one)") from None
+    if "scorpio" in components:
+        warn_if_no_curvature(policy, module_id, kind)
+    return policy, to_unit
+
+
+def _unit_converter(layout: str, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def to_unit(obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float()
+        if layout == "NCHW":
+            x = x.permute(0, 2, 3, 1)
+        return x / scale if scale != 1.0 else x
+    return to_unit
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_if_no_curvature(policy: torch.nn.Module, module_id: str, kind: str) -> bool:
+    """Warn once per module id and class when every activation of ``policy`` is piecewise
+    linear (ReLU and friends, as RLlib's default encoders use): the input Hessian is then zero
+    except through the softmax, so SCOR-PIO's curvature term is ~0 and only its gradient term
+    acts. Returns whether it warned. Activations called as functions are not seen."""
+    modules = [m for m in policy.modules() if not isinstance(m, SGAM)]
+    linear = any(isinstance(m, PIECEWISE_LINEAR) for m in modules)
+    smooth = any(isinstance(m, SMOOTH) for m in modules)
+    if not linear or smooth or (module_id, kind) in _WARNED:
+        return False
+    _WARNED.add((module_id, kind))
+    warnings.warn(f"SCOR-PIO on module {module_id!r} ({kind}): its activations are piecewise "
+                  f"linear (ReLU), whose input curvature is zero except through the softmax, "
+                  f"so the curvature term will be ~0; use smooth activations (RLlib: "
+                  f"model_config conv_activation='silu', head_fcnet_activation='silu'; "
+                  f"marl-fgmf networks: activation='silu', the default)", RuntimeWarning,
+                  stacklevel=2)
+    return True
 
 
 class FGMFPPOTorchLearner(PPOTorchLearner):
@@ -49,6 +150,13 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             self._sgam_fraction = float(cfg["sgam"].get("distill_fraction", 0.0625))
         # module id -> IterationSubspaces of the current iteration (cleared after each update)
         self._fgmf_cache: dict[str, IterationSubspaces] = {}
+        # module id -> (policy-protocol view, obs -> [0, 1] NHWC), checked now, not at the
+        # first update
+        components = tuple(name for name, on in (("scorpio", self._scorpio_cfg is not None),
+                                                 ("sgam", self._sgam_weight > 0),
+                                                 ("adv", self._adv_cfg is not None)) if on)
+        self._views = {mid: fgmf_view(self.module[mid].unwrapped(), mid, components)
+                       for mid in self.module.keys()} if components else {}
         # the draw of SCOR-PIO's rows: from ScorpioConfig.seed, else torch's RNG (seeded by RLlib)
         seed = self._scorpio_cfg.seed if self._scorpio_cfg is not None else None
         self._salt_rng = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -75,9 +183,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
                                                fwd_out=fwd_out)
         if not self._any_term:
             return loss
-        module = self.module[module_id].unwrapped()
-        policy = module.net
-        obs = module.scale_obs(batch[Columns.OBS]).detach()
+        policy, to_unit = self._views[module_id]
+        obs = to_unit(batch[Columns.OBS]).detach()
         if Columns.LOSS_MASK in batch:
             obs = obs[batch[Columns.LOSS_MASK].bool()]
         if obs.shape[0] == 0:

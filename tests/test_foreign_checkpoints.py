@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -27,9 +28,11 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
+import agents.checkpoint as checkpoint_module
 from agents import load_policy
-from agents.checkpoint import (RL_MODULE_SUBDIR, CheckpointError, agent_policy_map,
-                               load_agent_policies, policy_ids)
+from agents.checkpoint import (RL_MODULE_SUBDIR, CheckpointError, UntrustedCheckpointWarning,
+                               agent_policy_map, load_agent_policies, policy_ids)
+from conftest import save_untrained_run
 from envs import make_env
 from envs.rllib import register_rllib_env
 from marl_fgmf import cli
@@ -136,6 +139,9 @@ def test_attack_explain_and_audit_cli_on_the_rllib_checkpoint(ppo_checkpoint, tm
     proc = _cli("attack", "--checkpoint", str(ckpt), *ENV_ARGS, "--attack", "pgd", "--steps", "3",
                 "--episodes", "1", "--quiet", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # a checkpoint from outside the user's runs: the pickle warning, once, on one line
+    warned = [ln for ln in proc.stderr.splitlines() if "outside your marl-fgmf runs" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: "), proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["policies"] == {"agent_0": MODULE_ID, "agent_1": MODULE_ID}
     assert result["results"][0]["success_rate"] > 0  # input gradients reached the attack
@@ -154,6 +160,20 @@ def test_attack_explain_and_audit_cli_on_the_rllib_checkpoint(ppo_checkpoint, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert len(report["policies"]) == 1 and "flagged" in report
+
+
+def test_foreign_pickle_checkpoint_warns_once_and_own_runs_never(ppo_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "_WARNED_PATHS", set())
+    ckpt, _ = ppo_checkpoint
+    with pytest.warns(UntrustedCheckpointWarning, match="unpickles its files.*marl-fgmf export"):
+        load_policy(ckpt, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_policy(ckpt, device="cpu")  # once per checkpoint
+        run = save_untrained_run(tmp_path / "run", ["shared"])
+        load_policy(run, device="cpu")  # the user's own marl-fgmf run
+        load_policy(run / "checkpoints" / "iter_00001", device="cpu")
 
 
 def one_line_error(stderr: str, *needles: str) -> None:

@@ -1,29 +1,94 @@
 """Grad-CAM++ (Chattopadhay, Sarkar, Howlader and Balasubramanian, WACV 2018)."""
 from __future__ import annotations
 
+import weakref
+from collections import Counter
+
 import torch
 from torch import nn
 
 from marl_fgmf.attribution.base import GradientAttribution
-from marl_fgmf.protocol import check_obs
+from marl_fgmf.protocol import check_obs, eval_mode
 
-__all__ = ["find_cam_layer", "GradCAMPlusPlus", "grad_cam_plus_plus"]
+__all__ = ["find_cam_layer", "probe_feature_layer", "GradCAMPlusPlus", "grad_cam_plus_plus"]
+
+
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
 def find_cam_layer(policy: nn.Module) -> nn.Module:
     """The module whose output is the policy's (B, K, h, w) spatial feature map.
 
-    Looks for ``policy.cam_layer`` (every :class:`agents.networks.PolicyNetwork` has one).
+    ``policy.cam_layer`` when the policy names one (every
+    :class:`agents.networks.PolicyNetwork` does); otherwise, for a policy that declares its
+    ``obs_shape`` (adapted and RLlib policies do), the layer found by
+    :func:`probe_feature_layer` (cached per policy).
 
     Raises:
-        ValueError: the policy has no such layer (Grad-CAM++ and SGAM distillation need it).
+        ValueError: neither (Grad-CAM++ and SGAM distillation need such a layer).
     """
     layer = getattr(policy, "cam_layer", None)
-    if not isinstance(layer, nn.Module):
+    if isinstance(layer, nn.Module):
+        return layer
+    cached = _PROBED.get(policy)
+    if cached is not None:
+        return cached
+    obs_shape = getattr(policy, "obs_shape", None)
+    found = probe_feature_layer(policy, obs_shape) if obs_shape is not None else None
+    if found is None:
         raise ValueError(f"{type(policy).__name__} has no 'cam_layer' module producing a "
-                         "(B, K, h, w) feature map; Grad-CAM++ needs one (cnn, vit and hybrid "
+                         "(B, K, h, w) feature map, and probing it found no spatial feature map "
+                         "the logits depend on; Grad-CAM++ needs one (cnn, vit and hybrid "
                          "networks from agents.make_policy_network have it)")
-    return layer
+    _PROBED[policy] = found
+    return found
+
+
+def probe_feature_layer(policy: nn.Module, obs_shape) -> nn.Module | None:
+    """The deepest (B, K, h, w) feature map of ``policy`` that its logits depend on.
+
+    One forward pass (eval mode, a fixed random observation batch of two, the global RNG
+    untouched) with a hook on every submodule: among the modules called exactly once whose
+    output is a 4-D tensor with ``h, w > 1``, the last one whose output gets a non-zero
+    gradient from the logits (so a critic-only branch is never chosen). The policy's
+    ``input_filter`` (SGAM) is skipped: it is not part of the encoder. The output is read as
+    channels first, as torch convolutions produce it.
+
+    Returns:
+        The module, or None when there is none (a policy without convolutions, e.g. an MLP).
+    """
+    skip: set[int] = set()
+    filt = getattr(policy, "input_filter", None)
+    if isinstance(filt, nn.Module):
+        skip = {id(m) for m in filt.modules()}
+    calls: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if (torch.is_tensor(output) and output.dim() == 4 and output.requires_grad
+                and output.shape[2] > 1 and output.shape[3] > 1):
+            calls.append((module, output))
+
+    handles = [m.register_forward_hook(record) for m in policy.modules()
+               if m is not policy and id(m) not in skip]
+    try:
+        ref = next(policy.parameters(), None)
+        x = torch.rand((2, *tuple(int(s) for s in obs_shape)),
+                       generator=torch.Generator().manual_seed(0))
+        if ref is not None:
+            x = x.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else x.dtype)
+        with torch.enable_grad(), eval_mode(policy):
+            logits = policy(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls or not torch.is_tensor(logits) or not logits.requires_grad:
+        return None
+    counts = Counter(id(m) for m, _ in calls)
+    grads = torch.autograd.grad(logits.sum(), [out for _, out in calls], allow_unused=True)
+    for (module, _), grad in reversed(list(zip(calls, grads))):
+        if counts[id(module)] == 1 and grad is not None and bool(grad.abs().sum() > 0):
+            return module
+    return None
 
 
 class GradCAMPlusPlus(GradientAttribution):
