@@ -3,6 +3,7 @@
 declared space), clean errors, and the RLlib wrapper and registration."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -636,3 +637,33 @@ def test_envs_command_bad_input_is_one_line_exit_2(args, message):
     assert result.returncode == 2 and result.stdout == ""
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_train_and_attack_a_user_env_through_the_cli(tmp_path):
+    """``--env module:factory`` end to end: a user's env defined here trains with RLlib and is
+    attacked from the run it wrote (its env and settings come from run.json)."""
+    (tmp_path / "lamp_cli.py").write_text(USER_ENV)
+    run = tmp_path / "run"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "marl_fgmf.cli", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    train = cli("train", "--env", "lamp_cli:make_env", "--env-kwargs", "steps=4",
+                "--iterations", "2", "--train-batch-size", "64", "--minibatch-size", "32",
+                "--num-epochs", "1", "--net", "hidden=16", "--quiet", "--out", str(run))
+    assert train.returncode == 0, train.stderr[-2000:]
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["env"] == "lamp_cli:make_env" and saved["env_kwargs"] == {"steps": 4}
+    assert saved["num_env_runners"] == 0 and saved["num_envs_per_env_runner"] == 8
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["num_episodes"] > 0 for r in rows)
+    out = tmp_path / "attack.json"
+    attack = cli("attack", "--checkpoint", str(run), "--attack", "pgd", "--eps", "8/255",
+                 "--steps", "2", "--episodes", "2", "--quiet", "--out", str(out))
+    assert attack.returncode == 0, attack.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["env"] == "lamp_cli:make_env" and data["env_kwargs"] == {"steps": 4}
+    result = data["results"][0]
+    assert result["agent_steps"] == 2 * 2 * 4 and 0 <= result["success_rate"] <= 1
