@@ -152,14 +152,25 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         self._fgmf_cache: dict[str, IterationSubspaces] = {}
         # module id -> (policy-protocol view, obs -> [0, 1] NHWC), checked now, not at the
         # first update
-        components = tuple(name for name, on in (("scorpio", self._scorpio_cfg is not None),
-                                                 ("sgam", self._sgam_weight > 0),
-                                                 ("adv", self._adv_cfg is not None)) if on)
-        self._views = {mid: fgmf_view(self.module[mid].unwrapped(), mid, components)
-                       for mid in self.module.keys()} if components else {}
+        self._components = tuple(name for name, on in (
+            ("scorpio", self._scorpio_cfg is not None), ("sgam", self._sgam_weight > 0),
+            ("adv", self._adv_cfg is not None)) if on)
+        self._views: dict[str, tuple[torch.nn.Module, Callable]] = {}
+        if self._components:
+            for mid in self.module.keys():
+                self._view(mid)
         # the draw of SCOR-PIO's rows: from ScorpioConfig.seed, else torch's RNG (seeded by RLlib)
         seed = self._scorpio_cfg.seed if self._scorpio_cfg is not None else None
         self._salt_rng = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def _view(self, module_id: str) -> tuple[torch.nn.Module, Callable]:
+        """The module's (policy, to_unit) (:func:`fgmf_view`), built once per module (a module
+        added after the build gets its view, and its checks, at its first update)."""
+        view = self._views.get(module_id)
+        if view is None:
+            view = self._views[module_id] = fgmf_view(self.module[module_id].unwrapped(),
+                                                      module_id, self._components)
+        return view
 
     @property
     def _any_term(self) -> bool:
@@ -183,7 +194,7 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
                                                fwd_out=fwd_out)
         if not self._any_term:
             return loss
-        policy, to_unit = self._views[module_id]
+        policy, to_unit = self._view(module_id)
         obs = to_unit(batch[Columns.OBS]).detach()
         if Columns.LOSS_MASK in batch:
             obs = obs[batch[Columns.LOSS_MASK].bool()]
