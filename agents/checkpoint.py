@@ -156,7 +156,7 @@ def load_rl_module(checkpoint_dir: str | Path, module_id: str | None = None,
         raise CheckpointError(f"checkpoint holds no modules: {root}")
     module_id = choose_module_id(ids, module_id, what=what, arg=arg)
     module_dir = root if root.name == module_id and is_module_dir(root) else root / module_id
-    warn_if_foreign_pickle(root)
+    warn_if_foreign_pickle(root, shown=checkpoint_dir)
     try:
         with _quiet_rllib():
             return RLModule.from_checkpoint(module_dir.resolve())
@@ -180,11 +180,13 @@ def is_marl_fgmf_run(path: str | Path) -> bool:
                for d in (path, *path.parents))
 
 
-def warn_if_foreign_pickle(path: str | Path) -> bool:
-    """Warn once per checkpoint when a pickle-based RLlib checkpoint that is not part of a
-    marl-fgmf run is opened: unpickling it runs whatever code its author put there. Returns
-    whether it warned (README, "Loading models safely")."""
+def warn_if_foreign_pickle(path: str | Path, shown: str | Path | None = None) -> bool:
+    """Warn once per checkpoint (``path``, its module folder) when a pickle-based RLlib
+    checkpoint that is not part of a marl-fgmf run is opened: unpickling it runs whatever code
+    its author put there. ``shown``: the path the user gave, for the message. Returns whether
+    it warned (README, "Loading models safely")."""
     key = Path(path).resolve()
+    path = path if shown is None else shown
     if key in _WARNED_PATHS or is_marl_fgmf_run(key):
         return False
     _WARNED_PATHS.add(key)
