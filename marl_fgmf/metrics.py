@@ -18,8 +18,11 @@ averages them with :func:`marl_fgmf.stats.mean_ci95`. :data:`HIGHER_IS_BETTER` s
 * :func:`attack_success`: per step, whether the perturbed greedy action differs.
 
 Attribution maps are (B, H, W); a (B, H, W, C) pixel attribution is reduced to the
-channel-summed magnitude ``sum_c |A_c|`` first. Maps are ranked by value (descending, ties in
-row-major order), so pass magnitudes when negative evidence counts as evidence.
+channel-summed magnitude ``sum_c |A_c|`` first. Maps are ranked by value (descending), so pass
+magnitudes when negative evidence counts as evidence. Ties never decide a score by pixel
+position: the top-k metrics (GHR, pointing game, ASR-M) take their exact expectation over a
+uniformly random tie order, deletion/insertion average the curves of ``tie_orders`` seeded
+random orders when a step cuts through a tie.
 
 This module depends on torch and the torch-only modules alone (no ``attacks`` package): ASR-M
 runs the shared Linf PGD loop (:func:`marl_fgmf.perturbation.linf_pgd`), or takes any
@@ -95,13 +98,41 @@ def _as_relevance(relevance, map_shape: tuple[int, ...]) -> torch.Tensor:
     return rel
 
 
-def _rank(maps: torch.Tensor) -> torch.Tensor:
+def _rank(maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, H, W) -> (B, H*W) position of each pixel in the descending order (0 = most
-    attributed), ties in row-major order (stable)."""
+    attributed); ties in row-major order, or in a random order drawn from ``generator``."""
     flat = maps.flatten(1)
-    order = torch.argsort(-flat, dim=1, stable=True)
+    if generator is None:
+        order = torch.argsort(-flat, dim=1, stable=True)
+    else:  # a random permutation first, then a stable sort: ties land in random order
+        perm = torch.argsort(torch.rand(flat.shape, generator=generator).to(flat.device), dim=1)
+        order = perm.gather(1, torch.argsort(-flat.gather(1, perm), dim=1, stable=True))
     pos = torch.arange(flat.shape[1], device=flat.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, pos)
+
+
+def _inclusion(maps: torch.Tensor, k) -> torch.Tensor:
+    """(B, H*W): the probability that each pixel is among the ``k`` most attributed when ties
+    are broken uniformly at random: 1 above the ``k``-th largest value ``t``, 0 below, and
+    ``(k - #above) / #tied`` for the pixels equal to ``t``. ``k``: an int or (B,)."""
+    flat = maps.flatten(1)
+    k = torch.as_tensor(k, device=flat.device).expand(flat.shape[0]).clamp(0, flat.shape[1])
+    values = flat.sort(dim=1, descending=True).values
+    t = values.gather(1, (k - 1).clamp_min(0)[:, None])  # (B, 1)
+    above, tied = flat > t, flat == t
+    share = (k[:, None] - above.sum(1, keepdim=True)).clamp_min(0) / tied.sum(1, keepdim=True)
+    p = above.to(flat.dtype) + tied.to(flat.dtype) * share.to(flat.dtype)
+    return torch.where(k[:, None] > 0, p, torch.zeros_like(p))
+
+
+def _splits_ties(maps: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether some step's cut (the ``n`` most attributed pixels, ``n`` in ``counts``) falls
+    inside a group of equal values, so that the tie order decides which pixels change."""
+    values = maps.flatten(1).sort(dim=1, descending=True).values
+    inner = counts[(counts > 0) & (counts < values.shape[1])]
+    if inner.numel() == 0:
+        return False
+    return bool((values[:, inner - 1] == values[:, inner]).any())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,13 +143,20 @@ def _rank(maps: torch.Tensor) -> torch.Tensor:
 def removal_curve(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
                   actions: torch.Tensor | None = None, mode: str = "deletion", steps: int = 20,
                   substrate: str | float | torch.Tensor = "zero", blur_sigma: float = 2.0,
-                  internal_batch_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
+                  internal_batch_size: int | None = DEFAULT_CHUNK, tie_orders: int = 8,
+                  seed: int = 0) -> torch.Tensor:
     """``pi(a* | x_k)`` for ``k = 0..K``, (B, K + 1): the curve whose area the AUCs measure.
 
     Step ``k`` changes the ``n_k = round(k * N / K)`` most attributed pixels (``N = H * W``, all
     channels of a pixel together): ``deletion`` replaces them in ``x`` by the substrate,
-    ``insertion`` starts from the substrate and puts them back. All ``B * (K + 1)`` observations
-    are evaluated in chunks of ``internal_batch_size`` rows.
+    ``insertion`` starts from the substrate and puts them back. All observations are evaluated
+    in chunks of ``internal_batch_size`` rows.
+
+    **Ties**: when some step's cut falls inside a group of equal attributions (a map that is
+    exactly zero on most pixels, as PGCA's consensus is), which of the tied pixels change is
+    not decided by the map; the curve is then the mean over ``tie_orders`` random tie orders
+    (drawn from a generator seeded with ``seed``, so a rerun gives the same numbers), instead
+    of one arbitrary (row-major) order. Maps without such ties take one pass, as before.
     """
     check_obs(obs)
     check_chunk(internal_batch_size)
@@ -126,29 +164,46 @@ def removal_curve(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(tie_orders, bool) or not isinstance(tie_orders, int) or tie_orders < 1:
+        raise ValueError(f"tie_orders must be an integer >= 1, got {tie_orders!r}")
     maps = _as_map(attribution, obs.shape)
     obs = obs.detach()
     b, h, w, _ = obs.shape
     n_pix, k_steps = h * w, int(steps)
     fill = make_substrate(obs, substrate, blur_sigma)
-    rank = _rank(maps)  # (B, N)
     counts = torch.round(torch.arange(k_steps + 1, dtype=torch.float64) * n_pix / k_steps)
     counts = counts.long().to(obs.device)  # (K+1,) pixels changed at each step
+    if _splits_ties(maps, counts) and tie_orders > 1:
+        gen = torch.Generator().manual_seed(int(seed))
+        ranks = [_rank(maps, gen) for _ in range(tie_orders)]
+    else:
+        ranks = [_rank(maps)]
     with eval_mode(policy):
         actions = resolve_actions(policy, obs, actions)
-        total = b * (k_steps + 1)
-        step = total if internal_batch_size is None else int(internal_batch_size)
-        out = torch.empty(total, dtype=obs.dtype, device=obs.device)
-        for start in range(0, total, step):
-            idx = torch.arange(start, min(start + step, total), device=obs.device)
-            bi, ki = idx // (k_steps + 1), idx % (k_steps + 1)
-            changed = (rank[bi] < counts[ki][:, None]).view(-1, h, w, 1).to(obs.dtype)
-            if mode == "deletion":
-                x = obs[bi] * (1 - changed) + fill[bi] * changed
-            else:
-                x = fill[bi] * (1 - changed) + obs[bi] * changed
-            out[start:start + len(idx)] = action_score(policy(x), actions[bi], "prob").to(obs.dtype)
-    return out.view(b, k_steps + 1)
+        curves = [_curve(policy, obs, fill, actions, rank, counts, mode, internal_batch_size)
+                  for rank in ranks]
+    return torch.stack(curves).mean(0)
+
+
+def _curve(policy: Policy, obs: torch.Tensor, fill: torch.Tensor, actions: torch.Tensor,
+           rank: torch.Tensor, counts: torch.Tensor, mode: str,
+           internal_batch_size: int | None) -> torch.Tensor:
+    """One removal curve (B, K + 1) for one ranking ``rank`` (B, N) of the pixels."""
+    b, h, w, _ = obs.shape
+    k1 = counts.shape[0]
+    total = b * k1
+    step = total if internal_batch_size is None else int(internal_batch_size)
+    out = torch.empty(total, dtype=obs.dtype, device=obs.device)
+    for start in range(0, total, step):
+        idx = torch.arange(start, min(start + step, total), device=obs.device)
+        bi, ki = idx // k1, idx % k1
+        changed = (rank[bi] < counts[ki][:, None]).view(-1, h, w, 1).to(obs.dtype)
+        if mode == "deletion":
+            x = obs[bi] * (1 - changed) + fill[bi] * changed
+        else:
+            x = fill[bi] * (1 - changed) + obs[bi] * changed
+        out[start:start + len(idx)] = action_score(policy(x), actions[bi], "prob").to(obs.dtype)
+    return out.view(b, k1)
 
 
 def _trapezoid(curve: torch.Tensor) -> torch.Tensor:
@@ -160,7 +215,8 @@ def _trapezoid(curve: torch.Tensor) -> torch.Tensor:
 def deletion_auc(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
                  actions: torch.Tensor | None = None, steps: int = 20,
                  substrate: str | float | torch.Tensor = "zero", blur_sigma: float = 2.0,
-                 internal_batch_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
+                 internal_batch_size: int | None = DEFAULT_CHUNK, tie_orders: int = 8,
+                 seed: int = 0) -> torch.Tensor:
     """Deletion AUC (Petsiuk et al. 2018), (B,), in [0, 1]; **lower is better**.
 
     ``AUC = (1/K) sum_{k=1..K} (p_{k-1} + p_k) / 2`` with ``p_k = pi(a* | x with the n_k most
@@ -175,17 +231,21 @@ def deletion_auc(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
         substrate: removed pixels become ``"zero"`` (black, the paper's deletion substrate and
             beacon's background; default), ``"blur"``, a number or a tensor like ``obs``.
         internal_batch_size: observations per forward chunk.
+        tie_orders, seed: random tie orders averaged when a step cuts through equal
+            attributions, and their seed (:func:`removal_curve`).
     Raises:
         ValueError: attribution shape not matching ``obs``, non-finite values.
     """
     return _trapezoid(removal_curve(policy, obs, attribution, actions, "deletion", steps,
-                                    substrate, blur_sigma, internal_batch_size))
+                                    substrate, blur_sigma, internal_batch_size, tie_orders,
+                                    seed))
 
 
 def insertion_auc(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
                   actions: torch.Tensor | None = None, steps: int = 20,
                   substrate: str | float | torch.Tensor = "blur", blur_sigma: float = 2.0,
-                  internal_batch_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
+                  internal_batch_size: int | None = DEFAULT_CHUNK, tie_orders: int = 8,
+                  seed: int = 0) -> torch.Tensor:
     """Insertion AUC (Petsiuk et al. 2018), (B,), in [0, 1]; **higher is better**.
 
     Starts from the substrate (default a blurred copy, as in the paper) and inserts the ``n_k``
@@ -193,7 +253,8 @@ def insertion_auc(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
     :func:`deletion_auc`.
     """
     return _trapezoid(removal_curve(policy, obs, attribution, actions, "insertion", steps,
-                                    substrate, blur_sigma, internal_batch_size))
+                                    substrate, blur_sigma, internal_batch_size, tie_orders,
+                                    seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +264,13 @@ def insertion_auc(policy: Policy, obs: torch.Tensor, attribution: torch.Tensor,
 def ghr(attribution: torch.Tensor, relevance) -> torch.Tensor:
     """Ground-truth hit rate, (B,), in [0, 1]; **higher is better**.
 
-    ``GHR = |top_{|R|}(A) & R| / |R|``: of the ``|R|`` most attributed pixels (ties broken in
-    row-major order), the fraction inside the relevance mask ``R``. A random map scores
-    ``|R| / (H W)`` on average.
+    ``GHR = |top_{|R|}(A) & R| / |R|``: of the ``|R|`` most attributed pixels, the fraction
+    inside the relevance mask ``R``; when the ``|R|``-th largest value is shared by several
+    pixels, its expectation over a uniformly random tie order (exact, :func:`_inclusion`), so a
+    constant map scores ``|R| / (H W)`` instead of whatever row-major order puts first. A
+    uniformly random map scores ``|R| / (H W)`` on average; maps that only light up the
+    objects in the frame score well above that without looking at the policy (the benchmark
+    reports such model-free baselines).
 
     Args:
         attribution: (B, H, W) (or (B, H, W, C), reduced to ``sum_c |A_c|``).
@@ -216,16 +281,17 @@ def ghr(attribution: torch.Tensor, relevance) -> torch.Tensor:
     maps = _as_map(attribution)
     rel = _as_relevance(relevance, tuple(maps.shape)).to(maps.device)
     k = rel.flatten(1).sum(1)  # (B,) |R|
-    top = _rank(maps) < k[:, None]
-    return (top & rel.flatten(1)).sum(1).to(maps.dtype) / k.to(maps.dtype)
+    hits = (_inclusion(maps, k) * rel.flatten(1).to(maps.dtype)).sum(1)
+    return hits / k.to(maps.dtype)
 
 
 def pointing_game(attribution: torch.Tensor, relevance, tolerance: int = 0) -> torch.Tensor:
-    """Pointing game (Zhang et al. 2016), (B,) of 0/1; **higher is better**.
+    """Pointing game (Zhang et al. 2016), (B,) in [0, 1]; **higher is better**.
 
-    A hit when the most attributed pixel (the first in row-major order among ties) lies in
-    ``R`` dilated by ``tolerance`` pixels (Chebyshev distance; the paper uses 15 px on
-    224-px images, 0 suits beacon's 3-px cells).
+    A hit (1) when the most attributed pixel lies in ``R`` dilated by ``tolerance`` pixels
+    (Chebyshev distance; the paper uses 15 px on 224-px images, 0 suits beacon's 3-px cells);
+    when several pixels share the maximum, the expected hit over a random choice among them
+    (the fraction of them inside), so 0/1 for a map with a unique peak.
     """
     maps = _as_map(attribution)
     rel = _as_relevance(relevance, tuple(maps.shape)).to(maps.device)
@@ -234,8 +300,7 @@ def pointing_game(attribution: torch.Tensor, relevance, tolerance: int = 0) -> t
     if tolerance:
         t = int(tolerance)
         rel = torch.nn.functional.max_pool2d(rel[:, None].float(), 2 * t + 1, 1, t)[:, 0] > 0
-    peak = (_rank(maps) == 0).view_as(rel)
-    return (peak & rel).flatten(1).any(1).to(maps.dtype)
+    return (_inclusion(maps, 1) * rel.flatten(1).to(maps.dtype)).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,10 +331,11 @@ def pgd_perturbation(policy: Policy, obs: torch.Tensor, actions: torch.Tensor, e
 
 
 def top_k_intersection(a: torch.Tensor, b: torch.Tensor, k) -> torch.Tensor:
-    """``|top_k(a) & top_k(b)| / k`` per sample for (B, H, W) maps; ``k`` an int or (B,)."""
+    """``|top_k(a) & top_k(b)| / k`` per sample for (B, H, W) maps; ``k`` an int or (B,).
+    With ties at a map's ``k``-th value, the expectation over independent random tie orders
+    of the two maps (exact: ``sum_i P(i in top_k(a)) P(i in top_k(b)) / k``)."""
     k = torch.as_tensor(k, device=a.device).expand(a.shape[0])
-    top_a, top_b = _rank(a) < k[:, None], _rank(b) < k[:, None]
-    return (top_a & top_b).sum(1).to(a.dtype) / k.to(a.dtype)
+    return (_inclusion(a, k) * _inclusion(b, k)).sum(1) / k.to(a.dtype)
 
 
 def asr_m(policy: Policy, obs: torch.Tensor,

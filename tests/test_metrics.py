@@ -87,10 +87,75 @@ def test_ghr_by_hand():
     attr = torch.tensor([[[0.1, 0.9], [0.5, 0.2]], [[0.9, 0.1], [0.5, 0.2]]])
     rel = torch.tensor([[True, False], [True, False]])  # |R| = 2, broadcast over the batch
     assert torch.allclose(metrics.ghr(attr, rel), torch.tensor([0.5, 1.0]))
-    # ties are broken in row-major order: a constant map picks the first |R| pixels
+    # ties never decide by position: a constant map scores |R| / N wherever R lies
     flat = torch.ones(1, 2, 2)
-    assert torch.allclose(metrics.ghr(flat, torch.tensor([[[True, True], [False, False]]])),
-                          torch.tensor([1.0]))
+    for rel in ([[True, True], [False, False]], [[False, False], [True, True]]):
+        assert torch.allclose(metrics.ghr(flat, torch.tensor([rel])), torch.tensor([0.5]))
+    # top-2 of [[3, 1], [1, 0]]: the 3 for sure, one of the two 1s at random
+    part = torch.tensor([[[3.0, 1.0], [1.0, 0.0]]])
+    assert torch.allclose(metrics.ghr(part, torch.tensor([[[True, False], [True, False]]])),
+                          torch.tensor([0.75]))  # row-major order would have said 0.5
+
+
+def monte_carlo(maps, k, draws=4000):
+    """P(pixel in top-k) by drawing random tie orders: the oracle for the exact inclusion."""
+    gen = torch.Generator().manual_seed(0)
+    hits = sum((metrics._rank(maps, gen) < k).double() for _ in range(draws))
+    return hits / draws
+
+
+def test_tie_expectations_agree_with_random_tie_orders():
+    gen = torch.Generator().manual_seed(1)
+    maps = torch.randint(0, 3, (4, 5, 5), generator=gen).double()  # many ties
+    rel = torch.rand(4, 5, 5, generator=gen) < 0.3
+    rel[:, 0, 0] = True
+    k = rel.flatten(1).sum(1)
+    p = monte_carlo(maps, k[:, None])
+    assert torch.allclose(metrics._inclusion(maps, k), p, atol=0.03)
+    want = (p * rel.flatten(1)).sum(1) / k
+    assert torch.allclose(metrics.ghr(maps, rel), want, atol=0.03)
+    other = torch.randint(0, 3, (4, 5, 5), generator=gen).double()
+    q = monte_carlo(other, 6)
+    assert torch.allclose(metrics.top_k_intersection(maps, other, 6),
+                          (monte_carlo(maps, 6) * q).sum(1) / 6, atol=0.03)
+    two_peaks = torch.zeros(1, 3, 3)
+    two_peaks[0, 0, 0] = two_peaks[0, 2, 2] = 1.0
+    rel = torch.zeros(1, 3, 3, dtype=torch.bool)
+    rel[0, 2, 2] = True
+    assert float(metrics.pointing_game(two_peaks, rel)) == 0.5
+
+
+class FirstRowPolicy(nn.Module):
+    """``pi(0) = sigmoid(10 (mean of row ``row`` - 0.5))``: only one row of the frame matters."""
+
+    def __init__(self, row: int):
+        super().__init__()
+        self.row = row
+
+    def forward(self, x):
+        s = x[:, self.row].mean(dim=(1, 2))
+        return torch.stack([10 * (s - 0.5), torch.zeros_like(s)], dim=-1)
+
+
+def test_deletion_of_tied_pixels_does_not_depend_on_their_position():
+    obs = torch.ones(1, 6, 6, 1, dtype=torch.float64)
+    flat = torch.zeros(1, 6, 6, dtype=torch.float64)  # a map that says nothing
+    top, bottom = FirstRowPolicy(0), FirstRowPolicy(5)
+    # one (row-major) order: deleting the top row first looks very faithful, the bottom not
+    rm_top = float(metrics.deletion_auc(top, obs, flat, tie_orders=1))
+    rm_bottom = float(metrics.deletion_auc(bottom, obs, flat, tie_orders=1))
+    assert rm_bottom - rm_top > 0.3
+    # random tie orders: the same score wherever the decisive row is
+    r_top = float(metrics.deletion_auc(top, obs, flat, tie_orders=64))
+    r_bottom = float(metrics.deletion_auc(bottom, obs, flat, tie_orders=64))
+    assert abs(r_top - r_bottom) < 0.05
+    assert r_top == float(metrics.deletion_auc(top, obs, flat, tie_orders=64))  # seeded
+    # a map without ties at the cuts takes the one exact order
+    ranked = torch.arange(36, dtype=torch.float64).view(1, 6, 6)
+    assert float(metrics.deletion_auc(top, obs, ranked, tie_orders=8)) == \
+        float(metrics.deletion_auc(top, obs, ranked, tie_orders=1))
+    with pytest.raises(ValueError, match="tie_orders must be an integer >= 1"):
+        metrics.deletion_auc(top, obs, flat, tie_orders=0)
 
 
 def test_pointing_game_by_hand():
