@@ -60,17 +60,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _plain(value: object) -> str:
+    """A default as a user would type it: ``1,10,50`` for a list, ``4`` for 4.0."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_plain(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append ``(default: X)`` to the help of every option that has a default and does not
-    state it already, so that every ``--help`` shows the defaults (options without a help
-    text get one)."""
+    """Every ``--help`` shows the defaults: an option's help that ends with its default in
+    parentheses (``(64)``) says ``(default: 64)``; one that does not mention it gets
+    ``(default: X)`` appended (options without a help text get one)."""
     for action in parser._actions:  # argparse keeps no public list of its actions
         default = action.default
         if (not action.option_strings or default is None or default is False
                 or default is argparse.SUPPRESS or default == {} or "default" in (action.help or "")):
             continue
-        shown = str(default).replace("%", "%%")
-        action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
+        shown = _plain(default).replace("%", "%%")
+        text = (action.help or "").rstrip()
+        if text.endswith(f"({shown})"):
+            action.help = f"{text[:-len(shown) - 2]}(default: {shown})"
+        else:
+            action.help = f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 # RLlib notices that every run would print and that say nothing about the user's run.
