@@ -149,6 +149,7 @@ class AdversaryConfig(TrainConfig):
     env: str = ""
     """victim environment; empty: the one in the victim's run.json"""
     iterations: int = 20
+    policies: str | None = "shared"
     train_batch_size: int | None = 2000
     num_env_runners: int | None = 0
     num_envs_per_env_runner: int | None = 8

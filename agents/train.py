@@ -77,8 +77,9 @@ class TrainConfig:
     """policy encoder: cnn | vit | hybrid"""
     net: dict[str, Any] = field(default_factory=dict)
     """encoder settings (hidden, channels, ...)"""
-    policies: str = "shared"
-    """one shared policy for all agents, or one per agent"""
+    policies: str | None = None
+    """one shared policy for all agents, or one per agent; None: the env's choice (per-agent
+    for cooperative_pong, whose agents see the same screen), else shared"""
     defense: str = "none"
     """none | adv | scorpio | sgam | fgmf | fgmf+adv"""
     defense_settings: dict[str, Any] = field(default_factory=dict)
@@ -126,11 +127,16 @@ class TrainConfig:
           and capped at :data:`MAX_AUTO_BATCH`: every iteration then ends at least one
           episode per env copy, so RLlib's episode statistics are not NaN (NOTES-rllib.md,
           pitfall 15).
+        * ``policies`` when None: the env's declared choice (``per-agent`` for an env whose
+          agents all see the same frame, where one shared policy could not tell them apart),
+          else ``shared``.
         * ``net["channels"]`` of the ``cnn`` arch when ``net`` sets none: the env's declared
           ``cnn_channels`` (16-32-32 for the PettingZoo envs' 32 x 32 frames).
         Bad values stay as they are for :meth:`validate` to name.
         """
         declared = self.training_defaults()
+        policies = self.policies if self.policies is not None else declared.get("policies",
+                                                                                  "shared")
         runners = self.num_env_runners
         if runners is None:
             runners = declared.get("num_env_runners", SAMPLING_DEFAULTS["num_env_runners"])
@@ -145,8 +151,9 @@ class TrainConfig:
         if (self.arch == "cnn" and isinstance(net, dict) and "channels" not in net
                 and "cnn_channels" in declared):
             net = {**net, "channels": list(declared["cnn_channels"])}
-        return dataclasses.replace(self, train_batch_size=batch, num_env_runners=runners,
-                                   num_envs_per_env_runner=per_runner, net=net)
+        return dataclasses.replace(self, policies=policies, train_batch_size=batch,
+                                   num_env_runners=runners, num_envs_per_env_runner=per_runner,
+                                   net=net)
 
     def training_defaults(self) -> dict[str, Any]:
         """The env's declared training defaults (``{}`` when the env cannot be looked up:
@@ -173,7 +180,8 @@ class TrainConfig:
         value and what is allowed. Checks every setting (``None`` ones as :meth:`resolved`
         fills them in), builds the environment once with ``env_kwargs`` (cached per
         settings), and writes nothing."""
-        if None in (self.train_batch_size, self.num_env_runners, self.num_envs_per_env_runner):
+        if None in (self.policies, self.train_batch_size, self.num_env_runners,
+                    self.num_envs_per_env_runner):
             self.resolved().validate()
             return
         user_env = [self.env] if is_import_path(self.env) else []  # envs.make_env checks it

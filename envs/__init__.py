@@ -231,35 +231,40 @@ def episode_limit(name: str, **kwargs: Any) -> int | None:
     return None
 
 
-TRAINING_KEYS = ("num_env_runners", "num_envs_per_env_runner", "cnn_channels")
+TRAINING_KEYS = ("num_env_runners", "num_envs_per_env_runner", "cnn_channels", "policies")
 """What an env may declare about how it is trained (its ``TRAINING`` dict)."""
 
 
 def training_defaults(name: str) -> dict[str, Any]:
     """How env ``name`` wants to be trained by default: the ``TRAINING`` dict declared in its
     module or on its factory (keys from :data:`TRAINING_KEYS`: ``num_env_runners`` and
-    ``num_envs_per_env_runner``, integers >= 0, and ``cnn_channels``, the ``cnn`` arch's three
-    filter counts), else ``{}`` (the toolkit's defaults). The PettingZoo envs declare two env
-    runners with one env each, so that their slow steps use both cores of a small machine,
-    and a smaller CNN for their 32 x 32 frames.
+    ``num_envs_per_env_runner``, integers >= 0, ``cnn_channels``, the ``cnn`` arch's three
+    filter counts, and ``policies``, ``"shared"`` or ``"per-agent"``), else ``{}`` (the
+    toolkit's defaults). The PettingZoo envs declare two env runners with one env each, so
+    that their slow steps use both cores of a small machine, and a smaller CNN for their
+    32 x 32 frames; cooperative_pong declares one policy per agent (both paddles see the same
+    screen: a shared policy would move them alike).
 
     Raises:
         ValueError: a declaration with other keys or values (one line).
     """
     declared = _env_module_attr(name, "TRAINING") or {}
-    ok = isinstance(declared, dict) and set(declared) <= set(TRAINING_KEYS)
-    if ok:
-        for key, value in declared.items():
-            values = list(value) if key == "cnn_channels" and isinstance(value, (list, tuple)) \
-                else [value]
-            if key == "cnn_channels" and len(values) != 3:
-                ok = False
-            ok = ok and all(isinstance(v, int) and not isinstance(v, bool)
-                            and v >= (1 if key == "cnn_channels" else 0) for v in values)
-    if not ok:
+    if not (isinstance(declared, dict) and set(declared) <= set(TRAINING_KEYS)
+            and all(_declared_ok(k, v) for k, v in declared.items())):
         raise ValueError(f"env {name!r}: TRAINING must be a dict of {', '.join(TRAINING_KEYS)} "
-                         f"(integers >= 0; cnn_channels three integers >= 1), got {declared!r}")
+                         f"(runner counts integers >= 0; cnn_channels three integers >= 1; "
+                         f"policies 'shared' or 'per-agent'), got {declared!r}")
     return dict(declared)
+
+
+def _declared_ok(key: str, value: Any) -> bool:
+    def count(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    if key == "policies":
+        return value in ("shared", "per-agent")
+    if key == "cnn_channels":
+        return isinstance(value, (list, tuple)) and len(value) == 3 and all(count(v, 1) for v in value)
+    return count(value, 0)
 
 
 def check_settings(name: str, constructor: Callable[..., Any], kwargs: dict[str, Any]) -> None:

@@ -267,6 +267,8 @@ def test_resolved_defaults_follow_the_env(env, kwargs, batch, runners, per_runne
     cfg = TrainConfig(env=env, env_kwargs=kwargs).resolved()
     assert (cfg.train_batch_size, cfg.num_env_runners, cfg.num_envs_per_env_runner) == \
         (batch, runners, per_runner)
+    # both pong paddles see the same screen: one policy each
+    assert cfg.policies == ("per-agent" if env == "cooperative_pong" else "shared")
     assert cfg.net.get("channels") == channels
     # the guarantee: a full-length episode fits in every env copy's share of the batch
     from envs import episode_limit, make_env
@@ -280,6 +282,7 @@ def test_resolved_keeps_what_the_user_set():
                       num_envs_per_env_runner=3, net={"channels": [8, 8, 8]}).resolved()
     assert (cfg.train_batch_size, cfg.num_env_runners, cfg.num_envs_per_env_runner) == (500, 0, 3)
     assert cfg.net == {"channels": [8, 8, 8]}
+    assert TrainConfig(env="cooperative_pong", policies="shared").resolved().policies == "shared"
     # fewer runners: the batch still holds an episode per env copy (1 x 3 x 5 x 125 = 1875)
     assert TrainConfig(env="pistonball", num_env_runners=0, num_envs_per_env_runner=3
                        ).resolved().train_batch_size == 2000

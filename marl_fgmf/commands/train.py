@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=d.arch, help=f"policy encoder: {' | '.join(ARCHS)}")
     p.add_argument("--net", type=parse_settings, default={}, metavar="K=V,...",
                    help="encoder settings, e.g. hidden=128")
-    p.add_argument("--policies", default=d.policies, help=f"{' | '.join(POLICY_MODES)}")
+    p.add_argument("--policies", default=d.policies,
+                   help=f"{' | '.join(POLICY_MODES)} (default: the env's: per-agent for "
+                        f"cooperative_pong, whose paddles see the same screen; shared otherwise)")
     p.add_argument("--defense", default=d.defense, help=f"{' | '.join(DEFENSES)}")
     p.add_argument("--scorpio", type=parse_settings, default={}, metavar="K=V,...",
                    help="SCOR-PIO settings (lambda_curv, lambda_grad, rho, rho_salient, "
