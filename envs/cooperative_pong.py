@@ -47,22 +47,17 @@ from __future__ import annotations
 
 from pettingzoo import ParallelEnv
 
-from envs._preprocess import (check_bool, check_int, check_render_mode,
-                              make_drawn_parallel, pixel_pipeline)
+from envs._preprocess import (PETTINGZOO_TRAINING, check_bool, check_int,
+                              check_render_mode, make_drawn_parallel, pixel_pipeline)
 
 NAME = "cooperative_pong"
 ACTION_NAMES = ("stay", "up", "down")
 """Names of the discrete actions 0, 1, 2 of both paddles."""
 
-TRAINING = {"num_env_runners": 2, "num_envs_per_env_runner": 1, "cnn_channels": (16, 32, 32),
-            "policies": "per-agent"}
-"""How ``marl-fgmf train`` trains on this env by default (:func:`envs.training_defaults`): a
-step of this env is slow next to the learner's update, so two env runners step one env each in
-parallel (both cores of a small machine), and the train batch holds a full-length episode per
-runner, so every iteration ends episodes (:meth:`agents.train.TrainConfig.resolved`); the
-``cnn`` arch gets 16-32-32 filters (a third of the default's update time at 32 x 32, which
-kept training at about half the env's raw speed). Both paddles see the same screen, so one
-shared policy would move them alike: each paddle gets its own policy (``per-agent``)."""
+TRAINING = {**PETTINGZOO_TRAINING, "policies": "per-agent"}
+"""How ``marl-fgmf train`` trains on this env by default (:data:`envs._preprocess.
+PETTINGZOO_TRAINING`); both paddles see the same screen, so one shared policy would move them
+alike: each paddle gets its own policy (``per-agent``)."""
 
 
 def make_cooperative_pong(size: int = 32, frame_stack: int = 1, grayscale: bool = False,

@@ -48,20 +48,16 @@ from __future__ import annotations
 
 from pettingzoo import ParallelEnv
 
-from envs._preprocess import (check_bool, check_int, check_number, check_render_mode,
-                              make_drawn_parallel, pixel_pipeline)
+from envs._preprocess import (PETTINGZOO_TRAINING, check_bool, check_int, check_number,
+                              check_render_mode, make_drawn_parallel, pixel_pipeline)
 
 NAME = "pistonball"
 ACTION_NAMES = ("down", "stay", "up")
 """Names of the discrete actions 0, 1, 2 (the piston moves 4 pixels down, stays, 4 pixels up)."""
 
-TRAINING = {"num_env_runners": 2, "num_envs_per_env_runner": 1, "cnn_channels": (16, 32, 32)}
-"""How ``marl-fgmf train`` trains on this env by default (:func:`envs.training_defaults`): a
-step of this env is slow next to the learner's update, so two env runners step one env each in
-parallel (both cores of a small machine), and the train batch holds a full-length episode per
-runner, so every iteration ends episodes (:meth:`agents.train.TrainConfig.resolved`); the
-``cnn`` arch gets 16-32-32 filters (a third of the default's update time at 32 x 32, which
-kept training at about half the env's raw speed)."""
+TRAINING = PETTINGZOO_TRAINING
+"""How ``marl-fgmf train`` trains on this env by default (:data:`envs._preprocess.
+PETTINGZOO_TRAINING`)."""
 
 
 def make_pistonball(n_pistons: int = 5, size: int = 32, frame_stack: int = 1,

@@ -58,8 +58,8 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
-from envs._preprocess import (ObservationMap, check_bool, check_int, check_render_mode,
-                              make_parallel, stack_frames)
+from envs._preprocess import (PETTINGZOO_TRAINING, ObservationMap, check_bool, check_int,
+                              check_render_mode, make_parallel, stack_frames)
 
 NAME = "pursuit"
 ACTION_NAMES = ("left", "right", "down", "up", "stay")
@@ -67,13 +67,9 @@ ACTION_NAMES = ("left", "right", "down", "up", "stay")
 PettingZoo's own comments call 2 "up" and 3 "down" in its y-up convention)."""
 CHANNEL_SCALE = np.array([255.0, 85.0, 85.0], np.float32)  # walls, pursuers, evaders
 
-TRAINING = {"num_env_runners": 2, "num_envs_per_env_runner": 1, "cnn_channels": (16, 32, 32)}
-"""How ``marl-fgmf train`` trains on this env by default (:func:`envs.training_defaults`): a
-step of this env is slow next to the learner's update, so two env runners step one env each in
-parallel (both cores of a small machine), and the train batch holds a full-length episode per
-runner, so every iteration ends episodes (:meth:`agents.train.TrainConfig.resolved`); the
-``cnn`` arch gets 16-32-32 filters (a third of the default's update time at 32 x 32, which
-kept training at about half the env's raw speed)."""
+TRAINING = PETTINGZOO_TRAINING
+"""How ``marl-fgmf train`` trains on this env by default (:data:`envs._preprocess.
+PETTINGZOO_TRAINING`)."""
 
 
 def grid_to_image(grid: np.ndarray, size: int) -> np.ndarray:

@@ -17,8 +17,6 @@ import torch
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
-from ray.rllib.connectors.env_to_module.observation_preprocessor import \
-    SingleAgentObservationPreprocessor
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -34,6 +32,7 @@ from envs.rllib import register_rllib_env
 from marl_fgmf.attribution import find_cam_layer, grad_cam_plus_plus
 from marl_fgmf.audit import has_input_filter
 from marl_fgmf.sgam import SGAM
+from rllib_frames import UnitFrames
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,20 +74,6 @@ def ppo_config(defense: str, module_class=DefaultPPOTorchRLModule, model_config=
             .rl_module(rl_module_spec=spec)
             .learners(learner_class=FGMFPPOTorchLearner, learner_config_dict=d["learner_config"])
             .debugging(seed=0, log_level="ERROR"))
-
-
-class UnitFrames(SingleAgentObservationPreprocessor):
-    """uint8 frames -> float32 in [0, 1] (a user pipeline's normalization)."""
-
-    def recompute_output_observation_space(self, input_observation_space, input_action_space):
-        def cast(space):
-            return gym.spaces.Box(0.0, 1.0, space.shape, np.float32)
-        if isinstance(input_observation_space, gym.spaces.Dict):
-            return gym.spaces.Dict({k: cast(v) for k, v in input_observation_space.spaces.items()})
-        return cast(input_observation_space)
-
-    def preprocess(self, observation, episode):
-        return np.asarray(observation, dtype=np.float32) / 255.0
 
 
 def frames(n: int = 6, seed: int = 0) -> torch.Tensor:

@@ -22,8 +22,6 @@ import pytest
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
-from ray.rllib.connectors.env_to_module.observation_preprocessor import \
-    SingleAgentObservationPreprocessor
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
@@ -33,6 +31,7 @@ from agents import load_policy
 from agents.checkpoint import (RL_MODULE_SUBDIR, CheckpointError, UntrustedCheckpointWarning,
                                agent_policy_map, load_agent_policies, policy_ids)
 from conftest import save_untrained_run
+from rllib_frames import FloatFrames
 from envs import make_env
 from envs.rllib import register_rllib_env
 from marl_fgmf import cli
@@ -42,20 +41,6 @@ ENV_KWARGS = {"n_agents": 2, "max_steps": 10}
 ENV_ARGS = ["--env", "beacon", "--env-kwargs", "n_agents=2,max_steps=10"]
 MODULE_ID = "ppo_policy"  # neither "shared" nor an agent id: one module serves every agent
 CONV = {"conv_filters": [[8, [3, 3], 2], [16, [3, 3], 2]], "head_fcnet_hiddens": [16]}
-
-
-class FloatFrames(SingleAgentObservationPreprocessor):
-    """uint8 frames -> float32 0-255 (what SuperSuit's dtype_v0 does in a user pipeline)."""
-
-    def recompute_output_observation_space(self, input_observation_space, input_action_space):
-        def cast(space):
-            return gym.spaces.Box(0.0, 255.0, space.shape, np.float32)
-        if isinstance(input_observation_space, gym.spaces.Dict):
-            return gym.spaces.Dict({k: cast(v) for k, v in input_observation_space.spaces.items()})
-        return cast(input_observation_space)
-
-    def preprocess(self, observation, episode):
-        return np.asarray(observation, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
