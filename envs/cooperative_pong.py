@@ -7,9 +7,11 @@
 | Action space        | ``Discrete(3)``: 0 stay, 1 up, 2 down (``ACTION_NAMES``)             |
 | Observation space   | ``Box(0, 255, (size, size, C * frame_stack), uint8)``, C = 3 (RGB)   |
 |                     | or 1 (``grayscale=True``); both agents see the same whole screen     |
-| Speed (2-core CPU)  | about 320 env-steps/s (640 agent-steps/s) at 32x32                   |
+| Speed (2-core CPU)  | about 116 env-steps/s (232 agent-steps/s) at 32x32; PPO training     |
+|                     | with the defaults about 104 (90%)                                    |
 
-Speeds: random actions, one idle 2-core CPU; expect about half on a shared machine.
+Speeds: ``python scripts/bench_envs.py`` (random actions in one process, then training with the
+defaults), one idle 2-core CPU, 2026-12-06; expect less on a shared machine.
 
 Two paddles keep a ball in play for as long as they can. The screen (280 x 480, white
 objects on black) is every agent's observation.

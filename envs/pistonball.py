@@ -7,10 +7,11 @@
 | Action space        | ``Discrete(3)``: 0 down 4 px, 1 stay, 2 up 4 px (``ACTION_NAMES``)   |
 | Observation space   | ``Box(0, 255, (size, size, C * frame_stack), uint8)``, C = 3 (RGB)   |
 |                     | or 1 (``grayscale=True``)                                            |
-| Speed (2-core CPU)  | about 350 env-steps/s (1750 agent-steps/s) with 5 pistons at 32x32;  |
-|                     | about 90 with 20 pistons (physics and rendering grow with pistons)   |
+| Speed (2-core CPU)  | about 110 env-steps/s (550 agent-steps/s) with 5 pistons at 32x32,   |
+|                     | drawn; PPO training with the defaults about 69 (63%)                 |
 
-Speeds: random actions, one idle 2-core CPU; expect about half on a shared machine.
+Speeds: ``python scripts/bench_envs.py`` (random actions in one process, then training with the
+defaults), one idle 2-core CPU, 2026-12-06; expect less on a shared machine.
 
 A physics game (chipmunk): the pistons must cooperate to roll the ball to the left wall. Each
 piston sees an RGB window of 457 x 120 pixels (tall and narrow) around itself and its two

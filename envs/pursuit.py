@@ -8,9 +8,11 @@
 |                     | the observation image (``ACTION_NAMES``; see *Actions* below)        |
 | Observation space   | ``Box(0, 255, (size, size, 3 * frame_stack), uint8)``, ``size``      |
 |                     | defaults to ``obs_range`` (7): one pixel per grid cell               |
-| Speed (2-core CPU)  | about 380 env-steps/s (3000 agent-steps/s) with 8 pursuers at 32x32  |
+| Speed (2-core CPU)  | about 173 env-steps/s (1380 agent-steps/s) with 8 pursuers on the    |
+|                     | native 7x7 grid; PPO training with the defaults about 146 (84%)      |
 
-Speeds: random actions, one idle 2-core CPU; expect about half on a shared machine.
+Speeds: ``python scripts/bench_envs.py`` (random actions in one process, then training with the
+defaults), one idle 2-core CPU, 2026-12-06; expect less on a shared machine.
 
 Pursuers (controlled) hunt evaders (random walkers) on an ``x_size`` x ``y_size`` grid with
 an obstacle in the middle. Each pursuer observes the ``obs_range`` x ``obs_range`` (default
