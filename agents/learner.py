@@ -30,6 +30,7 @@ result dict, ``metrics.csv`` and TensorBoard. Observations get a fresh leaf tens
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -41,7 +42,7 @@ from ray.rllib.utils.annotations import override
 
 from agents.checkpoint import CheckpointError, FilteredModulePolicy, rl_module_policy
 from agents.networks import PolicyNetwork
-from marl_fgmf.adapter import INPUT_RANGES
+from marl_fgmf.adapter import to_protocol
 from marl_fgmf.adv_training import AdvTrainingConfig, sa_kl_regularizer
 from marl_fgmf.attribution import find_cam_layer
 from marl_fgmf.scorpio import IterationSubspaces, ScorpioConfig
@@ -82,7 +83,8 @@ def fgmf_view(module: torch.nn.Module, module_id: str, components: tuple[str, ..
         except CheckpointError as exc:
             raise FGMFModuleError(f"FGMF learner: {exc}") from None
         adapter = policy.inner if isinstance(policy, FilteredModulePolicy) else policy
-        to_unit = _unit_converter(adapter.layout, INPUT_RANGES[adapter.input_range])
+        to_unit = functools.partial(to_protocol, layout=adapter.layout,
+                                    input_range=adapter.input_range)
     kind = type(module).__name__
     if "sgam" in components:
         if not isinstance(getattr(policy, "input_filter", None), SGAM):
@@ -101,15 +103,6 @@ def fgmf_view(module: torch.nn.Module, module_id: str, components: tuple[str, ..
     if "scorpio" in components:
         warn_if_no_curvature(policy, module_id, kind)
     return policy, to_unit
-
-
-def _unit_converter(layout: str, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    def to_unit(obs: torch.Tensor) -> torch.Tensor:
-        x = obs.float()
-        if layout == "NCHW":
-            x = x.permute(0, 2, 3, 1)
-        return x / scale if scale != 1.0 else x
-    return to_unit
 
 
 _WARNED: set[tuple[str, str]] = set()

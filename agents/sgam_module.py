@@ -37,7 +37,7 @@ from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPP
 from ray.rllib.core.columns import Columns
 
 from agents.checkpoint import observation_declaration
-from marl_fgmf.adapter import INPUT_RANGES
+from marl_fgmf.adapter import from_protocol, to_protocol
 from marl_fgmf.sgam import SGAM, SGAMConfig
 
 __all__ = ["SGAMInputMixin", "SGAMDefaultPPOTorchRLModule"]
@@ -60,8 +60,7 @@ class SGAMInputMixin:
         layout, input_range, obs_shape = observation_declaration(
             self.observation_space, type(self).__name__)  # type: ignore[attr-defined]
         config = SGAMConfig(**settings)  # ValueError naming a bad setting
-        self._sgam_layout = layout
-        self._sgam_scale = INPUT_RANGES[input_range]
+        self._sgam_layout, self._sgam_range = layout, input_range
         self._sgam_skip = False
         self.input_filter = SGAM(in_channels=int(obs_shape[-1]), **config.to_dict())
 
@@ -76,13 +75,8 @@ class SGAMInputMixin:
             self._sgam_skip = previous
 
     def _filtered(self, batch: dict[str, Any]) -> dict[str, Any]:
-        obs = batch[Columns.OBS]
-        x = obs.float()
-        if self._sgam_layout == "NCHW":
-            x = x.permute(0, 2, 3, 1)
-        y = self.input_filter(x / self._sgam_scale) * self._sgam_scale
-        if self._sgam_layout == "NCHW":
-            y = y.permute(0, 3, 1, 2)
+        x = to_protocol(batch[Columns.OBS], self._sgam_layout, self._sgam_range)
+        y = from_protocol(self.input_filter(x), self._sgam_layout, self._sgam_range)
         return {**batch, Columns.OBS: y}
 
     def _once(self, forward, batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -40,7 +40,8 @@ from torch import nn
 
 from marl_fgmf.protocol import check_obs, eval_mode
 
-__all__ = ["LAYOUTS", "INPUT_RANGES", "PolicyAdapter", "adapt_policy", "describe_output"]
+__all__ = ["LAYOUTS", "INPUT_RANGES", "PolicyAdapter", "adapt_policy", "describe_output",
+           "from_protocol", "to_protocol"]
 
 LAYOUTS = ("NHWC", "NCHW")
 """Input layouts a wrapped module may take: channels last or channels first."""
@@ -48,6 +49,23 @@ LAYOUTS = ("NHWC", "NCHW")
 INPUT_RANGES = {"unit": 1.0, "uint8": 255.0, "float255": 255.0}
 """Input ranges a wrapped module may expect, with the factor applied to the [0, 1] protocol
 input (``uint8`` and ``float255`` both receive unrounded floats 0-255)."""
+
+
+def from_protocol(obs: torch.Tensor, layout: str, input_range: str) -> torch.Tensor:
+    """Protocol input (float (B, H, W, C) in [0, 1]) -> what a module with this ``layout`` and
+    ``input_range`` takes: ``255 * obs`` (unrounded) for the 0-255 ranges, channels first for
+    ``NCHW``. Differentiable."""
+    x = obs if input_range == "unit" else obs * INPUT_RANGES[input_range]
+    return x.permute(0, 3, 1, 2) if layout == "NCHW" else x
+
+
+def to_protocol(x: torch.Tensor, layout: str, input_range: str) -> torch.Tensor:
+    """The inverse of :func:`from_protocol`: a module's input (any dtype, e.g. uint8 frames)
+    -> float (B, H, W, C) in [0, 1]."""
+    x = x.float()
+    if layout == "NCHW":
+        x = x.permute(0, 2, 3, 1)
+    return x if input_range == "unit" else x / INPUT_RANGES[input_range]
 
 
 def describe_output(out: Any) -> str:
@@ -131,8 +149,7 @@ class PolicyAdapter(nn.Module):
     # ------------------------------------------------------------------ conversion
     def convert(self, obs: torch.Tensor) -> torch.Tensor:
         """Protocol input ``(B, H, W, C)`` in [0, 1] -> what the module takes (differentiable)."""
-        x = obs if self.input_range == "unit" else obs * INPUT_RANGES[self.input_range]
-        return x.permute(0, 3, 1, 2) if self.layout == "NCHW" else x
+        return from_protocol(obs, self.layout, self.input_range)
 
     def _module_input_text(self, obs: torch.Tensor) -> str:
         b, h, w, c = obs.shape
