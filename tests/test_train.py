@@ -165,15 +165,19 @@ def test_ctrl_c_leaves_last_checkpoint_loadable(tmp_path):
     cmd = [sys.executable, "-m", "marl_fgmf.cli", "train", "--out", str(out), "--iterations",
            "200", "--train-batch-size", "200", "--minibatch-size", "100", "--num-epochs", "1",
            "--num-envs-per-env-runner", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: SIGINT at its default disposition in the child, even
+    # when something in this test process (a library) left SIGINT ignored, which a child
+    # inherits (Python then never raises KeyboardInterrupt and the run ends with exit 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and latest_checkpoint(out) is None:
         time.sleep(0.5)
     assert latest_checkpoint(out) is not None, "no checkpoint appeared"
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out_text[-1000:], err[-2000:])
     assert "Traceback" not in err
     ckpt = latest_checkpoint(out)
     policy = load_policy(out, device="cpu")
