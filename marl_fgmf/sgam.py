@@ -60,7 +60,8 @@ from torch.nn import functional as F
 from marl_fgmf.attribution import find_cam_layer, grad_cam_plus_plus
 from marl_fgmf.protocol import check_obs
 
-__all__ = ["SGAM", "SGAMConfig", "SaliencyHead", "attach_sgam", "sgam_distillation_loss"]
+__all__ = ["SGAM", "SGAMConfig", "SaliencyHead", "attach_sgam", "distillation_target",
+           "sgam_distillation_loss"]
 
 SMOOTHINGS = ("mean", "gaussian")
 
@@ -183,6 +184,7 @@ class SGAM(nn.Module):
                              .clone(), persistent=False)
         self.last_mask: torch.Tensor | None = None
         self._bypass = False
+        self._detached = False
 
     @property
     def config(self) -> dict[str, Any]:
@@ -204,6 +206,20 @@ class SGAM(nn.Module):
             yield self
         finally:
             self._bypass = prev
+
+    @contextlib.contextmanager
+    def saliency_detached(self) -> Iterator["SGAM"]:
+        """Within the context, the mask ``m(x)`` is computed without a graph: the filter's
+        output is unchanged and differentiable in ``x`` through ``m * x + (1 - m) * s(x)``,
+        but no loss reaches the saliency head through ``m``. For training: the head learns
+        from :func:`sgam_distillation_loss` only (DESIGN.md section 3), and the policy loss
+        skips the head's backward. Evaluations and attacks run outside it (the full
+        derivative, mask included)."""
+        prev, self._detached = self._detached, True
+        try:
+            yield self
+        finally:
+            self._detached = prev
 
     def _check(self, obs: torch.Tensor) -> None:
         if obs.dim() != 4 or obs.shape[-1] != self.in_channels:
@@ -227,10 +243,11 @@ class SGAM(nn.Module):
         if d < 2:
             return torch.ones_like(c)
         n_keep = min(d - 1, max(1, round(self.keep * d)))
-        # k-th smallest: the n-th largest is the (d - n + 1)-th smallest.
-        upper = flat.kthvalue(d - n_keep + 1, dim=1, keepdim=True).values
-        lower = flat.kthvalue(d - n_keep, dim=1, keepdim=True).values
-        tau = 0.5 * (upper + lower)
+        # the n-th and (n+1)-th largest values = the two smallest of the (unsorted) top n+1,
+        # a multiset that ties do not change (one selection, not two kthvalue sorts)
+        top = flat.topk(n_keep + 1, dim=1, sorted=False).values
+        two = top.topk(2, dim=1, largest=False, sorted=True).values  # ((n+1)-th, n-th)
+        tau = 0.5 * two.sum(dim=1, keepdim=True)
         scale = self.temperature * flat.std(dim=1, keepdim=True).clamp_min(1e-6)
         return torch.sigmoid((flat - tau) / scale).view_as(c)
 
@@ -250,14 +267,24 @@ class SGAM(nn.Module):
         return F.conv2d(x, w, groups=self.in_channels).permute(0, 2, 3, 1)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) in [0, 1] -> (B, H, W, C) in [0, 1]; stores ``last_mask``."""
+        """(B, H, W, C) in [0, 1] -> (B, H, W, C) in [0, 1]; stores ``last_mask``; the identity
+        inside :meth:`bypassed`."""
         if self._bypass:
             return obs
+        return self.filter(obs)
+
+    def filter(self, obs: torch.Tensor) -> torch.Tensor:
+        """``SGAM(x)``, also inside :meth:`bypassed` (for what the encoder behind the filter
+        sees, e.g. SCOR-PIO's rows on an SGAM policy); stores ``last_mask``."""
         self._check(obs)
         if self.keep >= 1:  # exactly the identity
             self.last_mask = torch.ones(obs.shape[:3], dtype=obs.dtype, device=obs.device)
             return obs
-        m = self.mask(obs)  # (B, H, W)
+        if self._detached:
+            with torch.no_grad():
+                m = self.mask(obs)
+        else:
+            m = self.mask(obs)  # (B, H, W)
         self.last_mask = m.detach()
         m = m[..., None]
         smoothed = self.smooth(obs)
@@ -308,8 +335,25 @@ def attach_sgam(policy: nn.Module, require_cam_layer: bool = True, **settings: A
     return sgam
 
 
+def distillation_target(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
+                        actions: torch.Tensor | None = None) -> torch.Tensor:
+    """The distillation target of :func:`sgam_distillation_loss`: (B, H, W) detached, the
+    Grad-CAM++ map of ``policy`` (greedy or given ``actions``) on the raw ``obs`` with SGAM
+    bypassed, upsampled and divided by its per-sample max. One forward and a backward to the
+    cam layer; compute it once per row and training iteration and pass it as ``target``.
+
+    Raises:
+        ValueError: a policy without a ``cam_layer``.
+    """
+    find_cam_layer(policy)
+    with sgam.bypassed():
+        return grad_cam_plus_plus(policy, obs.detach(), actions, score="logit", relu=True,
+                                  normalize=True, upsample=True).detach()
+
+
 def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
-                           actions: torch.Tensor | None = None, return_info: bool = False
+                           actions: torch.Tensor | None = None, return_info: bool = False,
+                           target: torch.Tensor | None = None
                            ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """Distill the policy's Grad-CAM++ map into the SGAM saliency head.
 
@@ -331,6 +375,8 @@ def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
         return_info: also return a dict of floats: ``distill_loss``, ``keep_ratio`` (mean of
             ``m``) and ``top_overlap`` (fraction of the target's top-``keep`` pixels among the
             head's top-``keep`` pixels: how well the head ranks).
+        target: (B, H, W) a target computed before by :func:`distillation_target` (reused
+            across SGD steps: the Grad-CAM++ pass is skipped); default computed here.
     Returns:
         The scalar loss, or ``(loss, info)`` with ``return_info``.
     Cost: one forward of the policy and a backward to its cam layer (Grad-CAM++), plus one
@@ -339,11 +385,12 @@ def sgam_distillation_loss(sgam: SGAM, policy: nn.Module, obs: torch.Tensor,
         ValueError: non-finite obs; a policy without a ``cam_layer``.
     """
     check_obs(obs)
-    find_cam_layer(policy)
     obs = obs.detach()
-    with sgam.bypassed():
-        target = grad_cam_plus_plus(policy, obs, actions, score="logit", relu=True,
-                                    normalize=True, upsample=True).detach()  # (B, H, W)
+    if target is None:
+        target = distillation_target(sgam, policy, obs, actions)
+    elif target.shape != obs.shape[:3]:
+        raise ValueError(f"target must be (B, H, W) = {tuple(obs.shape[:3])}, got "
+                         f"{tuple(target.shape)}")
     pred = sgam.saliency(obs)
     loss = F.mse_loss(pred, target.to(pred.dtype))
     if not return_info:
