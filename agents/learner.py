@@ -30,9 +30,11 @@ result dict, ``metrics.csv`` and TensorBoard. Observations get a fresh leaf tens
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
@@ -42,11 +44,13 @@ from ray.rllib.utils.annotations import override
 
 from agents.checkpoint import CheckpointError, FilteredModulePolicy, rl_module_policy
 from agents.networks import PolicyNetwork
+from agents.threads import apply_thread_budget
 from marl_fgmf.adapter import to_protocol
 from marl_fgmf.adv_training import AdvTrainingConfig, sa_kl_regularizer
 from marl_fgmf.attribution import find_cam_layer
-from marl_fgmf.scorpio import IterationSubspaces, ScorpioConfig
-from marl_fgmf.sgam import SGAM, sgam_distillation_loss
+from marl_fgmf.scorpio import (IterationSubspaces, ScorpioConfig, row_keys,
+                               select_keyed_rows)
+from marl_fgmf.sgam import SGAM, distillation_target, sgam_distillation_loss
 
 PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
                     torch.nn.RReLU, torch.nn.Hardtanh)
@@ -133,6 +137,9 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
 
     @override(PPOTorchLearner)
     def build(self) -> None:
+        # the thread budget (agents.threads): the driver's CPUs for a local learner, the
+        # learner actor's num_cpus_per_learner for a remote one
+        self.num_threads = apply_thread_budget()
         super().build()
         cfg = dict(self.config.learner_config_dict or {})
         self._scorpio_cfg = ScorpioConfig(**cfg["scorpio"]) if cfg.get("scorpio") else None
@@ -143,6 +150,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             self._sgam_fraction = float(cfg["sgam"].get("distill_fraction", 0.0625))
         # module id -> IterationSubspaces of the current iteration (cleared after each update)
         self._fgmf_cache: dict[str, IterationSubspaces] = {}
+        # module id -> (salt, row key -> Grad-CAM++ target) of the current iteration
+        self._distill_cache: dict[str, tuple[int, dict[bytes, torch.Tensor]]] = {}
         # module id -> (policy-protocol view, obs -> [0, 1] NHWC), checked now, not at the
         # first update
         self._components = tuple(name for name, on in (
@@ -155,6 +164,47 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         # the draw of SCOR-PIO's rows: from ScorpioConfig.seed, else torch's RNG (seeded by RLlib)
         seed = self._scorpio_cfg.seed if self._scorpio_cfg is not None else None
         self._salt_rng = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.fgmf_timings: dict[str, float] | None = None
+        """Set to ``{}`` to accumulate seconds per FGMF component (``scripts/profile_learner.py``);
+        None (the default) times nothing."""
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to ``fgmf_timings[name]`` when profiling (the device is
+        synchronized on both ends, so GPU work is counted where it is queued); else nothing."""
+        if self.fgmf_timings is None:
+            yield
+            return
+        sync = torch.cuda.synchronize if torch.device(self._device).type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.fgmf_timings[name] = self.fgmf_timings.get(name, 0.0) + time.perf_counter() - t0
+
+    @override(PPOTorchLearner)
+    def _update(self, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+        # One SGD step. SGAM's saliency head learns from its distillation loss only: the
+        # policy loss (and SCOR-PIO, adv) see the filter with its mask detached
+        # (SGAM.saliency_detached), which also keeps the head out of the step's backward.
+        with contextlib.ExitStack() as stack:
+            for policy, _ in self._views.values():
+                filt = getattr(policy, "input_filter", None)
+                if isinstance(filt, SGAM):
+                    stack.enter_context(filt.saliency_detached())
+            return super()._update(batch)
+
+    @override(PPOTorchLearner)
+    def compute_gradients(self, loss_per_module, **kwargs):
+        with self.timed("backward"):
+            return super().compute_gradients(loss_per_module, **kwargs)
+
+    @override(PPOTorchLearner)
+    def apply_gradients(self, gradients_dict) -> None:
+        with self.timed("optimizer"):
+            super().apply_gradients(gradients_dict)
 
     def _view(self, module_id: str) -> tuple[torch.nn.Module, Callable]:
         """The module's (policy, to_unit) (:func:`fgmf_view`), built once per module (a module
@@ -173,13 +223,34 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
         self._fgmf_cache.clear()  # next iteration: a fresh draw of rows and new subspaces
+        self._distill_cache.clear()  # and new distillation rows and targets
 
     def _iteration_rows(self, module_id: str) -> IterationSubspaces:
         rows = self._fgmf_cache.get(module_id)
         if rows is None:
             salt = int(torch.randint(0, 2 ** 62, (1,), generator=self._salt_rng))
-            rows = self._fgmf_cache[module_id] = IterationSubspaces(self._scorpio_cfg, salt)
+            rows = self._fgmf_cache[module_id] = IterationSubspaces(
+                self._scorpio_cfg, salt, timed=self.timed)
         return rows
+
+    def _distill_rows(self, module_id: str, policy: torch.nn.Module, obs: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of this minibatch the SGAM head is distilled on and their Grad-CAM++
+        targets: a keyed draw of about ``distill_fraction`` of the rows (the same rows in every
+        epoch, as SCOR-PIO draws), each row's target computed once per iteration (its first
+        minibatch) and reused on the later epochs."""
+        cache = self._distill_cache.get(module_id)
+        if cache is None:
+            salt = int(torch.randint(0, 2 ** 62, (1,), generator=self._salt_rng))
+            cache = self._distill_cache[module_id] = (salt, {})
+        salt, targets = cache
+        keys = row_keys(obs, salt)
+        drawn = select_keyed_rows(keys, self._sgam_fraction)
+        new = {keys[i]: i for i in drawn if keys[i] not in targets}
+        if new:
+            fresh = distillation_target(policy.input_filter, policy, obs[list(new.values())])
+            targets.update(zip(new, fresh))
+        return obs[drawn], torch.stack([targets[keys[i]] for i in drawn])
 
     @override(PPOTorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
@@ -196,21 +267,32 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         extra = torch.zeros((), device=loss.device)
         logs: dict[str, float] = {}
         if self._scorpio_cfg is not None:
-            reg, info = self._iteration_rows(module_id).penalty(policy, obs)
+            # Behind SGAM: the curvature of the encoder at what it sees, z = SGAM(x) (computed
+            # once per drawn row), the space BPDA attacks in; the saliency head stays out of
+            # the double-backward graph (a constant-factor cost, issue 14).
+            sgam = policy.input_filter if isinstance(getattr(policy, "input_filter", None),
+                                                     SGAM) else None
+            with self.timed("scorpio_penalty"), (
+                    sgam.bypassed() if sgam is not None else contextlib.nullcontext()):
+                reg, info = self._iteration_rows(module_id).penalty(
+                    policy, obs, transform=sgam.filter if sgam is not None else None)
             extra = extra + reg
             logs.update({f"fgmf_scorpio_{k}": v for k, v in info.items()})
         if self._sgam_weight > 0:
             # Grad-CAM++ costs a forward+backward: distill on a random sub-batch.
-            n = max(1, int(round(obs.shape[0] * self._sgam_fraction)))
-            rows = obs[torch.randperm(obs.shape[0], device=obs.device)[:n]]
-            distill, info = sgam_distillation_loss(policy.input_filter, policy, rows,
-                                                   return_info=True)
+            with self.timed("sgam_distill"):
+                rows, target = self._distill_rows(module_id, policy, obs)
+                distill, info = sgam_distillation_loss(policy.input_filter, policy, rows,
+                                                       return_info=True, target=target)
             extra = extra + self._sgam_weight * distill
             logs.update({f"fgmf_sgam_{k}": v for k, v in info.items()})
         if self._adv_cfg is not None:
-            reg, info = sa_kl_regularizer(policy, obs, self._adv_cfg)
+            with self.timed("adv"):
+                reg, info = sa_kl_regularizer(policy, obs, self._adv_cfg)
             extra = extra + reg
             logs.update({f"fgmf_{k}": v for k, v in info.items()})
-        logs["fgmf_extra_loss"] = float(extra.detach())
-        self.metrics.log_dict({k: float(v) for k, v in logs.items()}, key=module_id, window=1)
+        with self.timed("logging"):
+            logs["fgmf_extra_loss"] = float(extra.detach())
+            self.metrics.log_dict({k: float(v) for k, v in logs.items()}, key=module_id,
+                                  window=1)
         return loss + extra

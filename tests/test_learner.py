@@ -80,8 +80,17 @@ def spy(monkeypatch):
         steps[-1]["penalized"].append(subspace.obs.detach().clone())
         return real_reg(policy, obs, config, subspace=subspace)
 
+    real_penalty = iteration.IterationSubspaces.penalty
+
+    def penalty(self, policy, obs, transform=None):
+        # the rows SCOR-PIO draws from (behind SGAM it is regularized at SGAM(row))
+        steps[-1]["drawn_from"] = obs.detach().clone()
+        steps[-1]["transform"] = transform
+        return real_penalty(self, policy, obs, transform=transform)
+
     monkeypatch.setattr(FGMFPPOTorchLearner, "compute_loss_for_module", loss)
     monkeypatch.setattr(iteration, "scorpio_regularizer", reg)
+    monkeypatch.setattr(iteration.IterationSubspaces, "penalty", penalty)
     return steps
 
 
@@ -203,9 +212,11 @@ def test_loss_mask_rows_never_reach_a_term(spy, monkeypatch):
     monkeypatch.setattr(learner_module, "sgam_distillation_loss", sgam)
     update(learner, batch)
     for step in spy:
-        pen = keys_of(step["penalized"][0])
-        # reg_fraction 1: every unmasked row of the minibatch, no masked one
-        assert pen == keys_of(step["obs"]) and pen <= kept and not pen & masked
+        drawn = keys_of(step["drawn_from"])
+        # reg_fraction 1: every unmasked row of the minibatch, no masked one; behind SGAM,
+        # regularized at SGAM(row) (the encoder's input), one penalized row per drawn row
+        assert drawn == keys_of(step["obs"]) and drawn <= kept and not drawn & masked
+        assert step["transform"] is not None and len(step["penalized"][0]) == len(drawn)
     assert sgam_rows and all(not keys_of(r) & masked for r in sgam_rows)
 
 

@@ -2,8 +2,9 @@
 computed once per iteration (DESIGN.md section 3; no RLlib here, the learner calls it)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -26,22 +27,30 @@ def row_keys(obs: torch.Tensor, salt: int) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest() for row in arr]
 
 
-def select_keyed_rows(keys: list[bytes], config: ScorpioConfig) -> list[int]:
+def select_keyed_rows(keys: list[bytes], config: ScorpioConfig | float,
+                      max_rows: int | None = None) -> list[int]:
     """The rows of a minibatch to regularize, drawn by key: row ``i`` is drawn when
-    ``u_i < reg_fraction`` with ``u_i`` its key read as a number in [0, 1).
+    ``u_i < fraction`` with ``u_i`` its key read as a number in [0, 1).
 
-    A content-based Bernoulli(``reg_fraction``) draw: about ``reg_fraction`` of every
-    minibatch, and the same observation is drawn (or not) in every minibatch of the iteration.
-    At least one row (the lowest key) and at most ``max_reg_samples`` (the lowest keys);
-    returned sorted.
+    A content-based Bernoulli(``fraction``) draw: about ``fraction`` of every minibatch, and
+    the same observation is drawn (or not) in every minibatch of the iteration. At least one
+    row (the lowest key) and at most ``max_rows`` (the lowest keys); returned sorted.
+    ``config``: a :class:`ScorpioConfig` (``fraction`` = ``reg_fraction``, ``max_rows`` =
+    ``max_reg_samples``) or the fraction itself, in (0, 1].
     """
     if not keys:
         raise ValueError("select_keyed_rows needs at least one row")
+    if isinstance(config, ScorpioConfig):
+        fraction, max_rows = config.reg_fraction, config.max_reg_samples
+    else:
+        fraction = float(config)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {config!r}")
     u = [int.from_bytes(k, "little") / 2.0 ** (8 * len(k)) for k in keys]
     order = sorted(range(len(u)), key=u.__getitem__)
-    chosen = [i for i in order if u[i] < config.reg_fraction] or order[:1]
-    if config.max_reg_samples is not None:
-        chosen = chosen[:config.max_reg_samples]
+    chosen = [i for i in order if u[i] < fraction] or order[:1]
+    if max_rows is not None:
+        chosen = chosen[:max_rows]
     return sorted(chosen)
 
 
@@ -59,19 +68,27 @@ class IterationSubspaces:
     (about ``reg_fraction`` of the train batch) plus 3 passes per drawn row per SGD step.
     """
 
-    def __init__(self, config: ScorpioConfig, salt: int) -> None:
+    def __init__(self, config: ScorpioConfig, salt: int,
+                 timed: Callable[[str], ContextManager] | None = None) -> None:
         self.config = config
         self.salt = int(salt)
+        # profiling hook: timed("scorpio_subspace") wraps the subspace computation
+        self._timed = timed or (lambda name: contextlib.nullcontext())
         self._rows: dict[bytes, ExploitableSubspace] = {}
         self.computed_rows = 0  # rows whose subspace this iteration computed
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def penalty(self, policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor
+    def penalty(self, policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """``(R, info)`` of :func:`scorpio_regularizer` on the drawn rows of ``obs``, plus
-        ``info["new_subspace_rows"]``: rows whose subspace this call computed."""
+        ``info["new_subspace_rows"]``: rows whose subspace this call computed.
+
+        ``transform`` (optional): maps drawn rows to what ``policy`` is regularized at, once
+        per row per iteration (no gradient flows through it); e.g. an input filter's output,
+        with ``policy`` the network behind the filter. Rows are still drawn on ``obs``."""
         check_obs(obs)
         keys = row_keys(obs, self.salt)
         drawn = select_keyed_rows(keys, self.config)
@@ -80,7 +97,12 @@ class IterationSubspaces:
             if keys[i] not in self._rows and keys[i] not in new:
                 new[keys[i]] = i
         if new:
-            fresh = compute_exploitable_subspace(policy, obs[list(new.values())], self.config)
+            rows = obs[list(new.values())].detach()
+            if transform is not None:
+                with torch.no_grad():
+                    rows = transform(rows).clamp(0.0, 1.0)  # float rounding of a convex blend
+            with self._timed("scorpio_subspace"):
+                fresh = compute_exploitable_subspace(policy, rows, self.config)
             for j, key in enumerate(new):
                 self._rows[key] = fresh.rows([j])
             self.computed_rows += len(new)

@@ -41,15 +41,17 @@ def double_backward_safe() -> Iterator[None]:
 class ScorpioConfig:
     """Settings of SCOR-PIO 2.0, validated at construction (``ValueError`` names the setting).
 
-    Defaults are starting points sized for the ratio target of issue 3 (update time at most
-    2x plain PPO). The exact HVP penalty costs about 8-9 plain PPO steps per regularized row
-    (a double-backward graph, backpropagated once more; measured by
-    ``scripts/profile_scorpio.py`` on the default CNN, one CPU core), so the SGD-step ratio is
-    about ``1 + 8.5 * reg_fraction`` with a reused subspace: ``reg_fraction = 1/16`` gives
-    about 1.5-1.6, ``1/8`` about 2.0, ``1/4`` about 3.0. IG uses 8 steps, which is enough to
-    rank coordinates (the mask needs an ordering of ``|IG|``, not completeness); computed once
-    per iteration it adds about ``7 * reg_fraction / K`` for ``K`` SGD steps per iteration.
-    Tune the lambdas on the task: both terms are in the units of ``l = -log pi``.
+    Defaults are sized for the cost target of issue 14 (FGMF's whole training at most 1.5x
+    plain PPO's). The exact HVP penalty costs about 9 plain forward/backward passes per
+    regularized row (a double-backward graph, backpropagated once more: 3.1 ms a row against
+    0.34 ms on the default CNN at 21x21, one CPU thread, ``scripts/profile_learner.py``), so
+    an SGD step costs about ``1 + 9 * reg_fraction`` plain steps plus a fixed ~7 ms per call;
+    ``reg_fraction = 1/32`` gives about 1.3-1.4 (``1/16`` about 1.6-1.7). ``R`` is a mean
+    over the drawn rows, so the fraction sets the variance of the penalty's gradient, not its
+    expected size. IG uses 8 steps, which is enough to rank coordinates (the mask needs an
+    ordering of ``|IG|``, not completeness); computed once per row and iteration it adds about
+    ``9 * reg_fraction / num_epochs``. Tune the lambdas on the task: both terms are in the
+    units of ``l = -log pi``.
     """
 
     lambda_curv: float = 0.01
@@ -69,10 +71,11 @@ class ScorpioConfig:
     power_iters: int = 0
     """Power-iteration refinements of ``v`` (>= 0); each costs one HVP pass, so the default
     keeps the cost within ``ig_steps + 3`` passes; the sign direction is CURE's choice."""
-    reg_fraction: float = 0.0625
+    reg_fraction: float = 0.03125
     """Fraction in (0, 1] of the minibatch rows the penalty is computed on (at least 1 row;
     in training a content-based draw of about this fraction of each minibatch, see
-    :class:`IterationSubspaces`); 1/16 keeps the update-time ratio near 1.6 (see above)."""
+    :class:`IterationSubspaces`); 1/32 (1/16 before issue 14) keeps the update-time ratio
+    near 1.3-1.4 (see above)."""
     max_reg_samples: int | None = None
     """Optional cap (>= 1) on the sub-batch rows, for a fixed absolute cost on large batches."""
     ig_internal_batch_size: int | None = None
