@@ -22,7 +22,7 @@ import pickle
 import re
 from typing import Any, Callable
 
-import torch
+from agents.threads import apply_thread_budget
 
 __all__ = ["Job", "SHIPPED", "describe_error", "get_result", "remote_call", "run_jobs",
            "set_threads", "ship", "short_node"]
@@ -32,11 +32,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 def set_threads(num_cpus: float) -> int:
     """Torch intra-op (and OpenMP) threads = the CPUs Ray gave this task, never more than the
-    machine has; returns the count."""
-    n = max(1, min(int(num_cpus), os.cpu_count() or 1))
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
-    return n
+    machine has; returns the count (:func:`agents.threads.apply_thread_budget`)."""
+    return apply_thread_budget(num_cpus)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -264,6 +264,7 @@ def build_algo_config(cfg: TrainConfig):
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec  # lazy: RLlib
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec  # lazy: RLlib
 
+    from agents.callbacks import ThreadBudgetCallback  # lazy: imports RLlib
     from agents.learner import FGMFPPOTorchLearner  # lazy: imports RLlib
     from agents.rl_module import FGMFTorchRLModule  # lazy: imports RLlib
 
@@ -298,6 +299,7 @@ def build_algo_config(cfg: TrainConfig):
                   learner_class=FGMFPPOTorchLearner,
                   learner_config_dict=defense["learner_config"])
         .debugging(seed=cfg.seed, log_level="ERROR")
+        .callbacks(ThreadBudgetCallback)  # env runners: torch threads = their CPUs
         # a lost env runner (a node without the package, a crash) stops training with its
         # cause instead of being restarted or dropped silently (fewer samples, exit 0)
         .fault_tolerance(restart_failed_env_runners=False, ignore_env_runner_failures=False)
