@@ -190,10 +190,10 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         # policy loss (and SCOR-PIO, adv) see the filter with its mask detached
         # (SGAM.saliency_detached), which also keeps the head out of the step's backward.
         with contextlib.ExitStack() as stack:
-            for policy, _ in self._views.values():
-                filt = getattr(policy, "input_filter", None)
-                if isinstance(filt, SGAM):
-                    stack.enter_context(filt.saliency_detached())
+            for module_id in self.module.keys():
+                for layer in self.module[module_id].unwrapped().modules():
+                    if isinstance(layer, SGAM):
+                        stack.enter_context(layer.saliency_detached())
             return super()._update(batch)
 
     @override(PPOTorchLearner)

@@ -230,3 +230,68 @@ def test_terms_are_logged_once_per_module_under_fgmf_keys():
     assert any(k.startswith("fgmf_") and "kl" in k for k in keys), keys
     r = res["fgmf_scorpio_R"].peek()
     assert r > 0 and res["fgmf_extra_loss"].peek() >= r
+
+
+def test_sgam_head_learns_from_distillation_only():
+    """The policy loss sees SGAM with its mask detached: without distillation the head's
+    weights stay exactly where they were, while the encoder trains."""
+    learner, obs_space, act_space = make_learner(
+        "sgam", {"sgam": {"distill_weight": 0.0}})
+    net = learner.module["shared"].unwrapped().net
+    head = {k: v.detach().clone() for k, v in net.input_filter.head.state_dict().items()}
+    enc = {k: v.detach().clone() for k, v in net.encoder.state_dict().items()}
+    update(learner, train_batch(obs_space, act_space))
+    assert all(torch.equal(v, net.input_filter.head.state_dict()[k]) for k, v in head.items())
+    assert any(not torch.equal(v, net.encoder.state_dict()[k]) for k, v in enc.items())
+    assert not net.input_filter._detached  # only inside the SGD step
+    learner, _, _ = make_learner("sgam", {"sgam": {"distill_weight": 1.0}})
+    net = learner.module["shared"].unwrapped().net
+    head = {k: v.detach().clone() for k, v in net.input_filter.head.state_dict().items()}
+    update(learner, train_batch(obs_space, act_space))
+    assert any(not torch.equal(v, net.input_filter.head.state_dict()[k]) for k, v in head.items())
+
+
+def test_scorpio_behind_sgam_regularizes_what_the_encoder_sees(spy):
+    """fgmf: R is evaluated at z = SGAM(x) of the drawn rows (the head is frozen here: no
+    distillation, and the policy loss does not reach it), with SGAM bypassed."""
+    learner, obs_space, act_space = make_learner(
+        "fgmf", {"scorpio": {**SCORPIO, "reg_fraction": 1.0}, "sgam": {"distill_weight": 0.0}})
+    update(learner, train_batch(obs_space, act_space))
+    sgam = learner.module["shared"].unwrapped().net.input_filter
+    for step in spy:
+        with torch.no_grad():
+            z = sgam.filter(step["drawn_from"]).clamp(0, 1)
+        pen = step["penalized"][0]
+        assert keys_of(pen) == keys_of(z) or torch.allclose(
+            pen[torch.argsort(pen.flatten(1).sum(1))], z[torch.argsort(z.flatten(1).sum(1))],
+            atol=1e-6)
+        assert not torch.equal(z, step["drawn_from"])  # the filter changed the rows
+
+
+def test_distillation_targets_once_per_drawn_row(monkeypatch):
+    learner, obs_space, act_space = make_learner(
+        "sgam", {"sgam": {"distill_fraction": 0.25}})
+    computed, distilled = [], []
+    real_target = learner_module.distillation_target
+    real_loss = learner_module.sgam_distillation_loss
+
+    def target(sgam, policy, obs, actions=None):
+        computed.append(keys_of(obs))
+        return real_target(sgam, policy, obs, actions)
+
+    def loss(sgam, policy, rows, **kw):
+        assert kw["target"].shape == rows.shape[:3]
+        distilled.append(keys_of(rows))
+        return real_loss(sgam, policy, rows, **kw)
+
+    monkeypatch.setattr(learner_module, "distillation_target", target)
+    monkeypatch.setattr(learner_module, "sgam_distillation_loss", loss)
+    update(learner, train_batch(obs_space, act_space))
+    per_epoch = N // MINIBATCH
+    assert len(distilled) == EPOCHS * per_epoch and len(computed) <= per_epoch
+    everything = set().union(*computed)
+    assert sum(len(c) for c in computed) == len(everything)  # each row's target once
+    assert set().union(*distilled) == everything
+    # the same rows in every epoch (a keyed draw), about distill_fraction of each minibatch
+    assert set().union(*distilled[per_epoch:]) == set().union(*distilled[:per_epoch])
+    assert learner._distill_cache == {}  # dropped after the update

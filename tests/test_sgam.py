@@ -186,3 +186,47 @@ def test_config_round_trip():
     clone.load_state_dict(sgam.state_dict())
     x = obs_batch(2)
     assert torch.equal(clone(x), sgam(x))
+
+
+def test_saliency_detached_keeps_the_output_and_input_gradient_not_the_head_gradient():
+    net = make_net("cnn")
+    sgam = attach_sgam(net, keep=0.5)
+    x = obs_batch().requires_grad_(True)
+    full = sgam(x)
+    with sgam.saliency_detached():
+        detached = sgam(x)
+        torch.log_softmax(net(x), -1)[:, 0].sum().backward()
+    assert torch.equal(full, detached)
+    assert x.grad is not None and x.grad.abs().sum() > 0  # through m * x + (1 - m) * s(x)
+    assert all(p.grad is None for p in sgam.head.parameters())
+    assert not sgam._detached  # restored on exit
+    # the head's own distillation loss still trains it
+    loss = sgam_distillation_loss(sgam, net, obs_batch())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sgam.head.parameters())
+
+
+def test_filter_applies_inside_bypassed():
+    net = make_net("cnn")
+    sgam = attach_sgam(net, keep=0.5)
+    x = obs_batch()
+    with sgam.bypassed():
+        assert torch.equal(sgam(x), x)
+        inside = sgam.filter(x)
+    assert torch.equal(inside, sgam(x)) and not torch.equal(inside, x)
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.3, 0.5, 0.9, 0.99])
+def test_mask_threshold_is_the_quantile_with_ties(keep):
+    """The one-topk threshold equals the two-kthvalue definition, ties included."""
+    sgam = SGAM(3, keep=keep)
+    c = torch.rand(7, 9, 11, generator=torch.Generator().manual_seed(3))
+    for sal in (c, (c * 4).round() / 4):  # ties: only 5 distinct values
+        flat = sal.flatten(1)
+        d = flat.shape[1]
+        n = min(d - 1, max(1, round(keep * d)))
+        tau = 0.5 * (flat.kthvalue(d - n + 1, dim=1, keepdim=True).values
+                     + flat.kthvalue(d - n, dim=1, keepdim=True).values)
+        scale = sgam.temperature * flat.std(dim=1, keepdim=True).clamp_min(1e-6)
+        expected = torch.sigmoid((flat - tau) / scale).view_as(sal)
+        assert torch.allclose(sgam.mask_from_saliency(sal), expected, atol=1e-7)
