@@ -17,7 +17,6 @@ Connecting to the cluster is :mod:`agents.ray_session`'s (which re-exports these
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from typing import Any, Callable

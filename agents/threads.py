@@ -30,7 +30,9 @@ import torch
 __all__ = ["ENV_VAR", "cpu_budget", "machine_cpus", "apply_thread_budget"]
 
 ENV_VAR = "MARL_FGMF_CPUS"
-"""Environment variable: the CPUs each marl-fgmf process may use (a whole number >= 1)."""
+"""Environment variable: the CPUs each marl-fgmf process may use (a whole number >= 1), or
+``all``: every process uses all the machine's CPUs whatever it was given (torch's own default;
+only to measure what the budget saves, as ``scripts/bench_overhead.py`` does)."""
 
 
 def machine_cpus() -> int:
@@ -65,13 +67,15 @@ def cpu_budget() -> int:
     """
     limit = machine_cpus()
     raw = os.environ.get(ENV_VAR)
+    if raw is not None and raw.strip().lower() == "all":
+        return limit
     if raw is not None and raw.strip():
         try:
             n = int(raw)
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"{ENV_VAR} must be a whole number of CPUs >= 1, got {raw!r}")
+            raise ValueError(f"{ENV_VAR} must be a whole number of CPUs >= 1 or 'all', got {raw!r}")
         return min(n, limit)
     assigned = _ray_assigned_cpus()
     if assigned is not None:
@@ -85,12 +89,15 @@ def apply_thread_budget(num_cpus: float | None = None) -> int:
 
     ``num_cpus`` given (a Ray job's reservation): exactly that many, at least 1 and at most
     :func:`machine_cpus`. None: at most :func:`cpu_budget`, keeping a lower count the process
-    already set (a user's or a test's ``torch.set_num_threads(1)`` stays).
+    already set (a user's or a test's ``torch.set_num_threads(1)`` stays). With
+    ``MARL_FGMF_CPUS=all``: all the machine's CPUs either way.
 
     Raises:
         ValueError: a bad ``MARL_FGMF_CPUS`` (:func:`cpu_budget`).
     """
-    if num_cpus is None:
+    if os.environ.get(ENV_VAR, "").strip().lower() == "all":
+        n = machine_cpus()  # no budget: the comparison arm of the benchmarks
+    elif num_cpus is None:
         n = min(cpu_budget(), torch.get_num_threads())
     else:
         n = int(math.floor(num_cpus))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -432,3 +433,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, address: str 
         if started:
             import ray  # lazy: Ray (0.4 s) stays out of `marl-fgmf train --help`
             ray.shutdown()
+
+
+def train_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training run as a Ray job (:func:`agents.jobs.run_jobs`, which sets this task's
+    torch threads to its ``num_cpus``; the learner keeps that budget).
+
+    Args:
+        spec: ``{"config": TrainConfig fields, "out": run directory}``.
+    Returns:
+        ``{"wall_s", "threads", "last"}``: the training's wall time, the torch threads it ran
+        with and its last metrics row.
+    """
+    cfg = TrainConfig.from_json(dict(spec["config"]))
+    t0 = time.perf_counter()
+    result = train(cfg, spec["out"], progress=False)
+    return {"wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+            "last": result["last"]}

@@ -31,7 +31,7 @@ def test_env_var_sets_the_budget_capped_at_the_machine(monkeypatch):
 @pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
 def test_bad_env_var_is_one_line(monkeypatch, bad):
     monkeypatch.setenv(ENV_VAR, bad)
-    with pytest.raises(ValueError, match=rf"^MARL_FGMF_CPUS must be a whole number of CPUs >= 1, got '{bad}'$"):
+    with pytest.raises(ValueError, match=rf"^MARL_FGMF_CPUS must be a whole number of CPUs >= 1 or 'all', got '{bad}'$"):
         cpu_budget()
 
 
@@ -44,6 +44,8 @@ def test_apply_caps_keeps_lower_and_sets_explicit(monkeypatch, threads_restored)
     assert apply_thread_budget() == 1 and torch.get_num_threads() == 1
     import os
     assert os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv(ENV_VAR, "all")  # the benchmarks' comparison arm: no budget
+    assert cpu_budget() == machine_cpus() == apply_thread_budget(1) == torch.get_num_threads()
 
 
 @pytest.mark.slow

@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
+from agents.threads import apply_thread_budget, cpu_budget
 from marl_fgmf.commands import (UsageError, add_checkpoint_arguments, add_cluster_arguments,
                                 check_device, check_output, cluster_settings, parse_eps_list,
                                 parse_settings, positive_int)
@@ -133,7 +133,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[str], dict[str, dic
 def run(args: argparse.Namespace) -> int:
     keys, settings = _check_arguments(args)
     address, runtime_env = cluster_settings(args)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    apply_thread_budget(min(2, cpu_budget()))  # small batches: 2 threads at most
     argv = sys.argv[1:]
     result = evaluate_attacks(
         args.checkpoint, keys, settings, env=args.env, env_kwargs=args.env_kwargs, eps=args.eps,

@@ -77,10 +77,10 @@ def _audit_on_cluster(args: argparse.Namespace, settings: dict, address: str | N
 def run(args: argparse.Namespace) -> int:
     # lazy: torch and the attacks (2 s) and the envs (numpy, PettingZoo) stay out of
     # `marl-fgmf audit --help`
-    import torch  # lazy: see above
+    from agents.threads import apply_thread_budget, cpu_budget  # lazy: see above
     from envs import is_import_path, list_envs  # lazy: see above
     from marl_fgmf.audit import audit_checkpoint  # lazy: see above
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    apply_thread_budget(min(2, cpu_budget()))  # small batches: 2 threads at most
     if args.env is not None and args.env not in list_envs() and not is_import_path(args.env):
         raise UsageError(f"unknown env {args.env!r}; allowed: {', '.join(list_envs())}")
     if not Path(args.checkpoint).exists():

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
+from agents.threads import apply_thread_budget, cpu_budget
 from marl_fgmf.commands import (add_checkpoint_arguments, non_negative_int, parse_settings,
                                 positive_int)
 from marl_fgmf.workflows.explain import METHOD_NAMES, explain_run, format_summary
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # a shared small machine
+    apply_thread_budget(min(2, cpu_budget()))  # small batches: 2 threads at most
     result = explain_run(args.checkpoint, args.out, env=args.env, env_kwargs=args.env_kwargs,
                          episodes=args.episodes, method=args.method,
                          max_steps=args.max_steps or None,

@@ -121,8 +121,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, env: str | None =
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # lazy: torch (1 s) stays out of `marl-fgmf export --help`
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # lazy: torch (1 s) stays out of `marl-fgmf export --help`
+    from agents.threads import apply_thread_budget, cpu_budget
+    apply_thread_budget(min(2, cpu_budget()))  # small batches: 2 threads at most
     result = export_checkpoint(args.checkpoint, args.out, env=args.env,
                                env_kwargs=args.env_kwargs, overwrite=args.overwrite)
     print(f"exported {len(result['modules'])} module(s) ({', '.join(result['modules'])}) of "
