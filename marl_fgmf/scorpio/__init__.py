@@ -50,7 +50,15 @@ with the batch size (measured flat within 10% from B = 128 to 512). In training,
 drawn in every minibatch it falls into during the iteration), and each drawn row's subspace
 is computed ONCE per iteration, the first time the row is drawn, then reused across epochs:
 ``R`` is re-evaluated at the current parameters for 3 passes per row per SGD step.
-``scripts/profile_scorpio.py`` measures the ratios.
+``scripts/profile_scorpio.py`` and ``scripts/profile_learner.py`` measure the ratios.
+
+**Behind an input filter** (FGMF: SGAM in front of the encoder): the learner passes
+``transform=SGAM.filter`` to :meth:`IterationSubspaces.penalty` and the policy with SGAM
+bypassed, so ``R`` is the curvature of the encoder at what it sees, ``z = SGAM(x)`` (computed
+once per drawn row and iteration, without a graph). That is the space a BPDA attacker steps in
+(it differentiates the encoder at ``SGAM(x)``) and it keeps the saliency head, its quantile
+and its sigmoid out of the double-backward graph, which had made SCOR-PIO inside FGMF cost
+twice SCOR-PIO alone (issue 14).
 
 Networks need smooth activations (SiLU, GELU): a ReLU network's input Hessian is zero except
 through the softmax (NOTES-rllib.md, pitfall 7). Attention layers are evaluated with PyTorch's
