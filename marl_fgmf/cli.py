@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if os.environ.get("MARL_FGMF_CPUS"):  # the thread budget, checked before any work
+            from agents.threads import cpu_budget  # lazy: torch; only when the variable is set
+            cpu_budget()
         return int(_module(args.command).run(args) or 0)
     except (UsageError, ValueError, FileNotFoundError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -72,3 +72,18 @@ def test_env_runners_tasks_and_learner_keep_their_budget(ray_session, monkeypatc
         assert algo.learner_group._learner.num_threads == 1 and torch.get_num_threads() == 1
     finally:
         algo.stop()
+
+
+def test_cli_refuses_a_bad_budget_before_writing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    env = {**os.environ, ENV_VAR: "two"}
+    proc = subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "train", "--iterations", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("marl-fgmf train: error: MARL_FGMF_CPUS must be a whole "
+                                   "number of CPUs >= 1 or 'all', got 'two'")
+    assert not out.exists()
