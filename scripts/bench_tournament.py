@@ -26,6 +26,10 @@ Results to expect: matches are independent, CPU-bound and single-threaded, so on
 idle 2-core machine 2 workers should finish in about half the time (target speed-up >= 1.7x);
 on a machine shared with other jobs the speed-up drops with the load (the JSON records the load
 average before and after).
+
+``--threads budget,all`` plays the same tournaments a second time with every match's torch on
+all cores (``MARL_FGMF_CPUS=all``) instead of its one CPU: with 2 workers, two jobs at once on
+one machine, what the thread budget saves (issue 14).
 """
 from __future__ import annotations
 
@@ -62,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", default="4/255,8/255", help="budgets (4/255,8/255)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per worker count (1)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (2)")
+    p.add_argument("--threads", default="budget",
+                   help="thread arms to compare (budget,all): 'budget' = each match's torch "
+                        "uses its num_cpus (the toolkit's rule), 'all' = every core "
+                        "(MARL_FGMF_CPUS=all, torch's own default); with --workers 2 this is "
+                        "two jobs at once on one machine (budget)")
     p.add_argument("--quick", action="store_true",
                    help="a short check: 1 episode, 2 attackers (fgsm, random), 1 eps")
     p.add_argument("--json", default=None, help="result file (default OUT/bench_tournament.json)")
@@ -176,8 +185,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from marl_fgmf.tournament import TournamentConfig
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _temp_dir=tmp)
+    arms = [a.strip() for a in args.threads.split(",") if a.strip()]
+    if not arms or set(arms) - {"budget", "all"} or (nodes is not None and arms != ["budget"]):
+        print(f"bench_tournament: error: --threads takes budget and/or all (not with --nodes), "
+              f"got {args.threads!r}", file=sys.stderr)
+        return 2
+
+    def start_ray(arm: str) -> None:
+        env = {"env_vars": {"MARL_FGMF_CPUS": "all"}} if arm == "all" else None
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _temp_dir=tmp, runtime_env=env)
+
+    start_ray(arms[0])
     warm = 0.0
     try:
         defenders = ensure_defenders(out, args.defenders)
@@ -191,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()
         runs = []
         if nodes is None:
-            warm = warm_up(max(workers))
-            for rep in range(args.repeats):
-                for w in workers:
-                    run = timed_run(cfg, out / f"run_w{w}_r{rep}", w)
-                    runs.append({"workers": w, "repeat": rep, **run, "matches": n_matches})
-                    print(f"workers={w} repeat={rep}: {run['wall_s']:.1f}s for {n_matches} "
-                          f"matches (sum of match times {run['sum_match_s']:.1f}s)", flush=True)
+            for i, arm in enumerate(arms):
+                if i:
+                    ray.shutdown()
+                    start_ray(arm)
+                warm = warm_up(max(workers))
+                for rep in range(args.repeats):
+                    for w in workers:
+                        run = timed_run(cfg, out / f"run_w{w}_r{rep}", w)
+                        runs.append({"workers": w, "threads": arm, "repeat": rep, **run,
+                                     "matches": n_matches})
+                        print(f"threads={arm} workers={w} repeat={rep}: {run['wall_s']:.1f}s "
+                              f"for {n_matches} matches (sum of match times "
+                              f"{run['sum_match_s']:.1f}s)", flush=True)
     finally:
         ray.shutdown()
     try:
@@ -207,17 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
-    base = statistics.median(r["wall_s"] for r in runs if r[unit] == counts[0])
     rows = []
-    for c in counts:
-        wall = statistics.median(r["wall_s"] for r in runs if r[unit] == c)
-        rows.append({unit: c, "wall_s": wall, "matches_per_s": n_matches / wall,
-                     "matches_per_min": 60 * n_matches / wall, "speedup": base / wall})
+    for arm in (arms if nodes is None else ["budget"]):
+        mine = [r for r in runs if r.get("threads", "budget") == arm]
+        base = statistics.median(r["wall_s"] for r in mine if r[unit] == counts[0])
+        for c in counts:
+            wall = statistics.median(r["wall_s"] for r in mine if r[unit] == c)
+            rows.append({"threads": arm, unit: c, "wall_s": wall,
+                         "matches_per_s": n_matches / wall,
+                         "matches_per_min": 60 * n_matches / wall, "speedup": base / wall})
     print()
-    print(f"{unit:>7}  {'wall s':>8}  {'matches/min':>11}  {'speed-up':>8}")
+    print(f"{'threads':>8}  {unit:>7}  {'wall s':>8}  {'matches/min':>11}  {'speed-up':>8}")
     for r in rows:
-        print(f"{r[unit]:>7}  {r['wall_s']:>8.1f}  {r['matches_per_min']:>11.1f}  "
-              f"{r['speedup']:>7.2f}x")
+        print(f"{r['threads']:>8}  {r[unit]:>7}  {r['wall_s']:>8.1f}  "
+              f"{r['matches_per_min']:>11.1f}  {r['speedup']:>7.2f}x")
     print(f"({n_matches} matches: {len(defenders)} defenders x {len(attackers)} attackers x "
           f"{len(eps)} eps + clean, {episodes} episodes each; load average before "
           f"{load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
