@@ -9,8 +9,14 @@ calls ``super()`` and adds, per module, the terms switched on by ``learner_confi
   iteration); each drawn row's exploitable subspace (IG mask and direction) is computed once
   per iteration and reused on the later epochs (NOTES-rllib.md pitfall 8: this is what keeps
   the cost a constant factor). The per-iteration object is dropped after the update.
+* SCOR-PIO behind SGAM (``fgmf``): the penalty is the encoder's, at ``z = SGAM(x)`` of each
+  drawn row (``IterationSubspaces.penalty(transform=SGAM.filter)`` with SGAM bypassed): the
+  space a BPDA attacker steps in, without the saliency head in the double backward.
 * SGAM: :func:`marl_fgmf.sgam.sgam_distillation_loss` trains the one-pass saliency head
-  toward the policy's Grad-CAM++ map.
+  toward the policy's Grad-CAM++ map, on about ``distill_fraction`` of each minibatch drawn by
+  key (the same rows every epoch), each row's target computed once per iteration. The head
+  learns from that loss only: in every SGD step the mask is computed without a graph
+  (``SGAM.saliency_detached``), so the policy loss does not reach it.
 * adv (baseline): :func:`marl_fgmf.adv_training.sa_kl_regularizer`.
 
 **Any RLlib module**, not only the toolkit's: at build time each module is turned into its
@@ -21,6 +27,9 @@ switched-on terms need; a module that cannot serve fails the build with one line
 module and what is missing (SGAM: an input filter, :class:`agents.sgam_module.SGAMInputMixin`,
 and a spatial feature map for Grad-CAM++). SCOR-PIO on a network whose activations are all
 piecewise linear (ReLU: zero input curvature, NOTES-rllib.md pitfall 7) warns once.
+
+The learner sets torch's threads to its budget when it is built (:mod:`agents.threads`), and
+``fgmf_timings = {}`` makes it time each component (``scripts/profile_learner.py``).
 
 The loss returned is ``PPO + R`` with ``R`` = the sum of the terms, in the graph. Every term
 is logged each update, one ``log_dict`` per module under ``fgmf_*`` keys, so it shows in the
@@ -175,7 +184,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         if self.fgmf_timings is None:
             yield
             return
-        sync = torch.cuda.synchronize if torch.device(self._device).type == "cuda" else (lambda: None)
+        on_gpu = torch.device(self._device).type == "cuda"
+        sync = torch.cuda.synchronize if on_gpu else (lambda: None)
         sync()
         t0 = time.perf_counter()
         try:
@@ -279,7 +289,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             extra = extra + reg
             logs.update({f"fgmf_scorpio_{k}": v for k, v in info.items()})
         if self._sgam_weight > 0:
-            # Grad-CAM++ costs a forward+backward: distill on a random sub-batch.
+            # Grad-CAM++ costs a forward+backward: distill on a keyed sub-batch, each row's
+            # target computed once per iteration.
             with self.timed("sgam_distill"):
                 rows, target = self._distill_rows(module_id, policy, obs)
                 distill, info = sgam_distillation_loss(policy.input_filter, policy, rows,

@@ -16,7 +16,9 @@ DESIGN.md section 3::
   convolutions, predicts the per-sample channel weights ``w_k`` from the globally pooled
   features (a linear layer), and returns ``softplus(sum_k w_k F^k + b)``, upsampled
   (bilinear) to H x W and divided by its per-sample max. It is trained by
-  :func:`sgam_distillation_loss` toward the policy's true Grad-CAM++ map.
+  :func:`sgam_distillation_loss` toward the policy's true Grad-CAM++ map, and by that loss
+  only: the learner runs each SGD step inside :meth:`SGAM.saliency_detached`, so the policy
+  loss reaches the encoder through the blend but never the head.
 * ``tau(x)``: per-sample quantile of ``c`` at ``1 - keep`` (between the ``n``-th and
   ``n+1``-th largest values, ``n = round(keep * H * W)``), so the top ``keep`` fraction of
   pixels has ``m > 1/2``; ``T`` (``temperature``) sets how sharp the mask is, in units of the
