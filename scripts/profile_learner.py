@@ -131,7 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="skip token encoders (vit, hybrid) above this many pixels a frame "
                         "(attention over thousands of tokens: minutes per update on a CPU)")
     p.add_argument("--out", default="results/profile_learner.json", help="JSON output")
+    p.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     args = p.parse_args(argv)
+    if args.table_only:
+        if not Path(args.out).is_file():
+            p.error(f"--table-only: no results at {args.out}")
+        result = json.loads(Path(args.out).read_text())
+        print_table(result["configs"])
+        return result
     archs = [a for a in args.archs.split(",") if a]
     defenses = [d for d in args.defenses.split(",") if d]
     try:
