@@ -46,7 +46,8 @@ class ScorpioConfig:
     regularized row (a double-backward graph, backpropagated once more: 3.1 ms a row against
     0.34 ms on the default CNN at 21x21, one CPU thread, ``scripts/profile_learner.py``), so
     an SGD step costs about ``1 + 9 * reg_fraction`` plain steps plus a fixed ~7 ms per call;
-    ``reg_fraction = 1/32`` gives about 1.3-1.4 (``1/16`` about 1.6-1.7). ``R`` is a mean
+    ``reg_fraction = 1/32`` gave update-time ratios of 1.26-1.63 across the CNN, ViT and
+    hybrid encoders at 21x21 to 84x84 frames (``1/16`` about 1.6-1.7 at 21x21). ``R`` is a mean
     over the drawn rows, so the fraction sets the variance of the penalty's gradient, not its
     expected size. IG uses 8 steps, which is enough to rank coordinates (the mask needs an
     ordering of ``|IG|``, not completeness); computed once per row and iteration it adds about
@@ -75,7 +76,7 @@ class ScorpioConfig:
     """Fraction in (0, 1] of the minibatch rows the penalty is computed on (at least 1 row;
     in training a content-based draw of about this fraction of each minibatch, see
     :class:`IterationSubspaces`); 1/32 (1/16 before issue 14) keeps the update-time ratio
-    near 1.3-1.4 (see above)."""
+    at 1.3-1.6 (see above)."""
     max_reg_samples: int | None = None
     """Optional cap (>= 1) on the sub-batch rows, for a fixed absolute cost on large batches."""
     ig_internal_batch_size: int | None = None
