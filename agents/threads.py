@@ -57,6 +57,11 @@ def _ray_assigned_cpus() -> float | None:
         return None
 
 
+def _unbudgeted() -> bool:
+    """``MARL_FGMF_CPUS=all``: no budget (the benchmarks' comparison arm)."""
+    return os.environ.get(ENV_VAR, "").strip().lower() == "all"
+
+
 def cpu_budget() -> int:
     """The CPUs this process may use: ``MARL_FGMF_CPUS``, else Ray's assignment (a task or
     actor with ``num_cpus`` < 1 gets 1), else :func:`machine_cpus`; never more than the
@@ -67,7 +72,7 @@ def cpu_budget() -> int:
     """
     limit = machine_cpus()
     raw = os.environ.get(ENV_VAR)
-    if raw is not None and raw.strip().lower() == "all":
+    if _unbudgeted():
         return limit
     if raw is not None and raw.strip():
         try:
@@ -95,7 +100,7 @@ def apply_thread_budget(num_cpus: float | None = None) -> int:
     Raises:
         ValueError: a bad ``MARL_FGMF_CPUS`` (:func:`cpu_budget`).
     """
-    if os.environ.get(ENV_VAR, "").strip().lower() == "all":
+    if _unbudgeted():
         n = machine_cpus()  # no budget: the comparison arm of the benchmarks
     elif num_cpus is None:
         n = min(cpu_budget(), torch.get_num_threads())
