@@ -4,11 +4,14 @@ A thin subclass of ``PPOTorchLearner`` (RLlib new API stack): ``compute_loss_for
 calls ``super()`` and adds, per module, the terms switched on by ``learner_config_dict``
 (see :mod:`agents.defenses`); the maths lives in ``marl_fgmf`` (no RLlib there):
 
-* SCOR-PIO 2.0: :class:`marl_fgmf.scorpio.IterationSubspaces`. Each SGD step penalizes about
+* SCOR-PIO 2.0: :class:`marl_fgmf.scorpio.IterationSubspaces`. Each SGD step draws about
   ``reg_fraction`` of the rows of its own minibatch (a content-based draw, fresh each
   iteration); each drawn row's exploitable subspace (IG mask and direction) is computed once
   per iteration and reused on the later epochs (NOTES-rllib.md pitfall 8: this is what keeps
-  the cost a constant factor). The per-iteration object is dropped after the update.
+  the cost a constant factor). Every ``reg_every``-th step penalizes the rows of the last
+  ``reg_every`` minibatches at once (fewer double-backward calls, same rows and weight; the
+  ``fgmf_scorpio_*`` logs are those of the last evaluating step). The per-iteration object is
+  dropped after the update.
 * SCOR-PIO behind SGAM (``fgmf``): the penalty is the encoder's, at ``z = SGAM(x)`` of each
   drawn row (``IterationSubspaces.penalty(transform=SGAM.filter)`` with SGAM bypassed): the
   space a BPDA attacker steps in, without the saliency head in the double backward.
@@ -31,8 +34,9 @@ piecewise linear (ReLU: zero input curvature, NOTES-rllib.md pitfall 7) warns on
 The learner sets torch's threads to its budget when it is built (:mod:`agents.threads`), and
 ``fgmf_timings = {}`` makes it time each component (``scripts/profile_learner.py``).
 
-The loss returned is ``PPO + R`` with ``R`` = the sum of the terms, in the graph. Every term
-is logged each update, one ``log_dict`` per module under ``fgmf_*`` keys, so it shows in the
+The learner connector (GAE's value pass) runs without an autograd graph. The loss returned
+is ``PPO + R`` with ``R`` = the sum of the terms, in the graph. Every term is logged each
+update, one ``log_dict`` per module under ``fgmf_*`` keys, so it shows in the
 result dict, ``metrics.csv`` and TensorBoard. Observations get a fresh leaf tensor
 (``fwd_out`` has no graph to them, pitfall 5); artificial PPO timesteps are dropped with
 ``Columns.LOSS_MASK`` (pitfall 6).
@@ -57,7 +61,7 @@ from agents.threads import apply_thread_budget
 from marl_fgmf.adapter import to_protocol
 from marl_fgmf.adv_training import AdvTrainingConfig, sa_kl_regularizer
 from marl_fgmf.attribution import find_cam_layer
-from marl_fgmf.scorpio import (IterationSubspaces, ScorpioConfig, row_keys,
+from marl_fgmf.scorpio import (IterationSubspaces, ScorpioConfig, row_digests, row_keys,
                                select_keyed_rows)
 from marl_fgmf.sgam import SGAM, distillation_target, sgam_distillation_loss
 
@@ -206,6 +210,14 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
                         stack.enter_context(layer.saliency_detached())
             return super()._update(batch)
 
+    @override(Learner)
+    def _make_batch_if_necessary(self, training_data):
+        # The learner connector (GAE's value pass over the whole train batch) produces data,
+        # not a loss: without an autograd graph it skips the graph's bookkeeping and memory
+        # (through SGAM's head too).
+        with torch.no_grad():
+            return super()._make_batch_if_necessary(training_data)
+
     @override(PPOTorchLearner)
     def compute_gradients(self, loss_per_module, **kwargs):
         with self.timed("backward"):
@@ -243,8 +255,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
                 self._scorpio_cfg, salt, timed=self.timed)
         return rows
 
-    def _distill_rows(self, module_id: str, policy: torch.nn.Module, obs: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _distill_rows(self, module_id: str, policy: torch.nn.Module, obs: torch.Tensor,
+                      digests: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of this minibatch the SGAM head is distilled on and their Grad-CAM++
         targets: a keyed draw of about ``distill_fraction`` of the rows (the same rows in every
         epoch, as SCOR-PIO draws), each row's target computed once per iteration (its first
@@ -254,7 +266,7 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             salt = int(torch.randint(0, 2 ** 62, (1,), generator=self._salt_rng))
             cache = self._distill_cache[module_id] = (salt, {})
         salt, targets = cache
-        keys = row_keys(obs, salt)
+        keys = row_keys(digests, salt)
         drawn = select_keyed_rows(keys, self._sgam_fraction)
         new = {keys[i]: i for i in drawn if keys[i] not in targets}
         if new:
@@ -276,6 +288,9 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             return loss
         extra = torch.zeros((), device=loss.device)
         logs: dict[str, float] = {}
+        # the minibatch's rows hashed once, for every keyed draw of this step
+        digests = (row_digests(obs) if self._scorpio_cfg is not None or self._sgam_weight > 0
+                   else None)
         if self._scorpio_cfg is not None:
             # Behind SGAM: the curvature of the encoder at what it sees, z = SGAM(x) (computed
             # once per drawn row), the space BPDA attacks in; the saliency head stays out of
@@ -285,14 +300,16 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             with self.timed("scorpio_penalty"), (
                     sgam.bypassed() if sgam is not None else contextlib.nullcontext()):
                 reg, info = self._iteration_rows(module_id).penalty(
-                    policy, obs, transform=sgam.filter if sgam is not None else None)
+                    policy, obs, transform=sgam.filter if sgam is not None else None,
+                    digests=digests)
             extra = extra + reg
-            logs.update({f"fgmf_scorpio_{k}": v for k, v in info.items()})
+            if "R" in info:  # an evaluating step (ScorpioConfig.reg_every)
+                logs.update({f"fgmf_scorpio_{k}": v for k, v in info.items()})
         if self._sgam_weight > 0:
             # Grad-CAM++ costs a forward+backward: distill on a keyed sub-batch, each row's
             # target computed once per iteration.
             with self.timed("sgam_distill"):
-                rows, target = self._distill_rows(module_id, policy, obs)
+                rows, target = self._distill_rows(module_id, policy, obs, digests)
                 distill, info = sgam_distillation_loss(policy.input_filter, policy, rows,
                                                        return_info=True, target=target)
             extra = extra + self._sgam_weight * distill

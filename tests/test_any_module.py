@@ -198,7 +198,8 @@ def batch(seed: int = 0) -> MultiAgentBatch:
 
 @pytest.mark.parametrize("defense", ["scorpio", "fgmf"])
 def test_learner_loss_on_a_default_module_is_ppo_plus_r_in_the_gradient(defense, monkeypatch):
-    settings = {"scorpio": {"reg_fraction": 0.25, "lambda_curv": 1e5, "lambda_grad": 1e5}}
+    settings = {"scorpio": {"reg_fraction": 0.25, "lambda_curv": 1e5, "lambda_grad": 1e5,
+                            "reg_every": 1}}  # R at every step, each one checked
     module_class = SGAMDefaultPPOTorchRLModule if defense == "fgmf" else DefaultPPOTorchRLModule
     learner = local_learner(defense, module_class, settings)
     checked = []

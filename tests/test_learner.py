@@ -24,7 +24,8 @@ from marl_fgmf.scorpio import row_keys, select_keyed_rows
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N, MINIBATCH, EPOCHS = 96, 32, 2
-SCORPIO = {"reg_fraction": 0.25, "lambda_curv": 1.0, "lambda_grad": 100.0}
+# reg_every=1: R at every SGD step, so that each step's loss can be checked against its rows
+SCORPIO = {"reg_fraction": 0.25, "lambda_curv": 1.0, "lambda_grad": 100.0, "reg_every": 1}
 
 
 def make_learner(defense: str = "scorpio", settings: dict | None = None):
@@ -82,11 +83,11 @@ def spy(monkeypatch):
 
     real_penalty = iteration.IterationSubspaces.penalty
 
-    def penalty(self, policy, obs, transform=None):
+    def penalty(self, policy, obs, transform=None, digests=None):
         # the rows SCOR-PIO draws from (behind SGAM it is regularized at SGAM(row))
         steps[-1]["drawn_from"] = obs.detach().clone()
         steps[-1]["transform"] = transform
-        return real_penalty(self, policy, obs, transform=transform)
+        return real_penalty(self, policy, obs, transform=transform, digests=digests)
 
     monkeypatch.setattr(FGMFPPOTorchLearner, "compute_loss_for_module", loss)
     monkeypatch.setattr(iteration, "scorpio_regularizer", reg)
@@ -295,3 +296,28 @@ def test_distillation_targets_once_per_drawn_row(monkeypatch):
     # the same rows in every epoch (a keyed draw), about distill_fraction of each minibatch
     assert set().union(*distilled[per_epoch:]) == set().union(*distilled[:per_epoch])
     assert learner._distill_cache == {}  # dropped after the update
+
+
+def test_gae_value_pass_runs_without_a_graph_and_the_loss_with_one(monkeypatch):
+    # the learner connector's value pass (GAE) is data, not a loss: no autograd graph
+    # (issue 14); the loss's values (given embeddings) keep theirs
+    from agents.rl_module import FGMFTorchRLModule
+    seen: list[tuple[bool, bool]] = []
+    real = FGMFTorchRLModule.compute_values
+
+    def spy(self, batch, embeddings=None):
+        seen.append((embeddings is None, torch.is_grad_enabled()))
+        return real(self, batch, embeddings)
+
+    monkeypatch.setattr(FGMFTorchRLModule, "compute_values", spy)
+    cfg = TrainConfig(env="beacon", defense="fgmf", train_batch_size=N, minibatch_size=MINIBATCH,
+                      num_epochs=1, seed=0, defense_settings={"scorpio": dict(SCORPIO)})
+    algo = build_algo_config(cfg).build_algo()
+    try:
+        algo.train()
+    finally:
+        algo.stop()
+    gae = [grad for alone, grad in seen if alone]
+    loss = [grad for alone, grad in seen if not alone]
+    assert gae and not any(gae), seen
+    assert loss and all(loss), seen

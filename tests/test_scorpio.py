@@ -14,7 +14,7 @@ from agents import make_policy_network
 from marl_fgmf.attribution import integrated_gradients
 from marl_fgmf.scorpio import (ExploitableSubspace, IterationSubspaces, ScorpioConfig,
                                compute_exploitable_subspace, double_backward_safe,
-                               exploitable_mask, hvp, row_keys, scorpio_regularizer,
+                               exploitable_mask, hvp, row_digests, row_keys, scorpio_regularizer,
                                select_keyed_rows, select_sub_batch)
 
 OBS = (9, 9, 3)
@@ -398,7 +398,7 @@ def test_keyed_draw_is_a_fraction_at_least_one_at_most_the_cap():
 
 def test_iteration_penalizes_the_minibatch_rows_and_computes_each_subspace_once():
     net = make_net()
-    cfg = ScorpioConfig(reg_fraction=0.25, lambda_curv=1.0, lambda_grad=1.0)
+    cfg = ScorpioConfig(reg_fraction=0.25, lambda_curv=1.0, lambda_grad=1.0, reg_every=1)
     x = obs_batch(64)
     rows = IterationSubspaces(cfg, salt=11)
     drawn = select_keyed_rows(row_keys(x, 11), cfg)
@@ -424,6 +424,47 @@ def test_iteration_penalizes_the_minibatch_rows_and_computes_each_subspace_once(
     assert rows.computed_rows == len(drawn)
     # another iteration (salt) draws other rows
     assert select_keyed_rows(row_keys(x, 12), cfg) != drawn
+
+
+def test_iteration_penalty_every_k_steps_is_k_times_r_on_the_pending_rows():
+    net = make_net()
+    cfg = ScorpioConfig(reg_fraction=0.25, lambda_curv=1.0, lambda_grad=1.0, reg_every=2)
+    x = obs_batch(96)
+    rows = IterationSubspaces(cfg, salt=3)
+    drawn = select_keyed_rows(row_keys(x, 3), cfg)
+    parts = [x[:32], x[32:64], x[64:]]
+    # step 1: subspaces computed, no penalty (a zero without a graph, no "R" to log)
+    reg1, info1 = rows.penalty(net, parts[0])
+    d1 = [i for i in drawn if i < 32]
+    assert float(reg1) == 0.0 and reg1.grad_fn is None and "R" not in info1
+    assert info1["new_subspace_rows"] == len(d1) and rows.pending_rows == len(d1)
+    # step 2: 2 x R on the rows of steps 1 and 2, at the current parameters
+    with torch.no_grad():
+        net.pi.weight.mul_(1.5)  # an SGD step in between
+    reg2, info2 = rows.penalty(net, parts[1])
+    d12 = [i for i in drawn if i < 64]
+    # the reference: each row's subspace as computed at its first sight (steps 1 and 2)
+    ref_sub = ExploitableSubspace.cat([rows._rows[k] for k in
+                                       (row_keys(x[i:i + 1], 3)[0] for i in d12)])
+    ref, _ = scorpio_regularizer(net, None, cfg, subspace=ref_sub)
+    assert reg2.grad_fn is not None and torch.allclose(reg2, 2 * ref, rtol=1e-10)
+    assert info2["reg_samples"] == len(d12) and info2["R"] == pytest.approx(float(reg2))
+    assert torch.equal(ref_sub.obs, x[d12]) and rows.pending_rows == 0
+    # step 3 pends again; what is left at the iteration's end is never penalized
+    reg3, info3 = rows.penalty(net, parts[2])
+    assert "R" not in info3 and rows.pending_rows == len(drawn) - len(d12)
+    # digests given by the caller draw the same rows
+    again = IterationSubspaces(cfg, salt=3)
+    again.penalty(net, parts[0], digests=row_digests(parts[0]))
+    assert again.pending_rows == len(d1)
+    with pytest.raises(ValueError, match="digests has 1 entries"):
+        again.penalty(net, parts[0], digests=row_digests(parts[0][:1]))
+
+
+def test_row_keys_from_digests_equal_row_keys_from_rows():
+    x = obs_batch(8)
+    assert row_keys(row_digests(x), 5) == row_keys(x, 5) != row_keys(x, 6)
+    assert row_keys(x[[3, 3]], 5)[0] == row_keys(x[[3, 3]], 5)[1] == row_keys(x, 5)[3]
 
 
 def test_subspace_rows_and_cat():

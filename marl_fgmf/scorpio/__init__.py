@@ -73,9 +73,10 @@ Example:
     >>> (ppo_loss + reg).backward()
     >>> reg, info = scorpio_regularizer(policy, obs, cfg)  # all in one: select, mask, R
     >>> rows = IterationSubspaces(cfg, salt=iteration)                   # in a learner
-    >>> reg, info = rows.penalty(policy, minibatch_obs)                  # every SGD step
+    >>> reg, info = rows.penalty(policy, minibatch_obs)  # every SGD step (R every reg_every-th)
 """
-from marl_fgmf.scorpio.iteration import IterationSubspaces, row_keys, select_keyed_rows
+from marl_fgmf.scorpio.iteration import (IterationSubspaces, row_digests, row_keys,
+                                         select_keyed_rows)
 from marl_fgmf.scorpio.regularizer import (ExploitableSubspace, ScorpioConfig,
                                            compute_exploitable_subspace, double_backward_safe,
                                            exploitable_mask, hvp, scorpio_regularizer,
@@ -84,5 +85,5 @@ from marl_fgmf.scorpio.regularizer import (ExploitableSubspace, ScorpioConfig,
 __all__ = [
     "ScorpioConfig", "ExploitableSubspace", "hvp", "exploitable_mask", "select_sub_batch",
     "compute_exploitable_subspace", "scorpio_regularizer", "double_backward_safe",
-    "row_keys", "select_keyed_rows", "IterationSubspaces",
+    "row_digests", "row_keys", "select_keyed_rows", "IterationSubspaces",
 ]
