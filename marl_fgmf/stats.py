@@ -9,16 +9,32 @@ McNemar's exact test (torch-free; scipy where scipy has the method).
   ``stats.bootstrap``), seeded.
 * :func:`mcnemar_greater`: the exact one-sided McNemar (sign) test on paired outcomes.
 * :func:`iqm`: the interquartile mean (Agarwal et al., NeurIPS 2021).
+
+Aggregates across runs (training seeds) and tasks (environments), after Agarwal, Schwarzer,
+Castro, Courville and Bellemare, "Deep Reinforcement Learning at the Edge of the Statistical
+Precipice" (NeurIPS 2021), written from the paper's definitions. Scores are a mapping
+``task -> 1-D array of per-run scores``; tasks may have different numbers of runs.
+
+* :func:`normalize_score`: ``(score - random) / (reference - random)``.
+* :func:`stratified_bootstrap_ci`: resample runs with replacement within each task, percentile
+  interval of any statistic of the mapping.
+* :func:`aggregate_iqm`, :func:`aggregate_mean`, :func:`aggregate_median` and
+  :func:`aggregate_with_ci` (every method and metric with its interval, as JSON).
+* :func:`probability_of_improvement`: ``P(X > Y)``, the task-averaged Mann-Whitney statistic.
+* :func:`performance_profile`: the fraction of runs above each ``tau``, with CI bands.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as _scipy_stats
 
-__all__ = ["t_quantile", "mean_ci95", "summarize", "bootstrap_ci", "mcnemar_greater", "iqm"]
+__all__ = ["t_quantile", "mean_ci95", "summarize", "bootstrap_ci", "mcnemar_greater", "iqm",
+           "normalize_score", "stratified_bootstrap_ci", "aggregate_iqm", "aggregate_mean",
+           "aggregate_median", "AGGREGATES", "aggregate_with_ci", "probability_of_improvement",
+           "performance_profile"]
 
 
 def _values(values: Any) -> list[float]:
@@ -113,3 +129,240 @@ def iqm(values: Iterable[float] | Any) -> float:
     if vals.size == 0:
         raise ValueError("iqm needs at least one value, got none")
     return float(_scipy_stats.trim_mean(vals, 0.25))
+
+
+# ------------------------------------------------------------------ aggregates across tasks
+# Agarwal et al., "Deep Reinforcement Learning at the Edge of the Statistical Precipice",
+# NeurIPS 2021: scores are ``{task: (n_runs,) array}``, runs = training seeds, tasks = envs.
+
+Scores = Mapping[Any, Any]
+
+
+def _array(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):  # a torch tensor, without importing torch here
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def normalize_score(score: Any, random: Any, reference: Any) -> float | np.ndarray:
+    """Normalized score ``(score - random) / (reference - random)``: 0 is the random policy,
+    1 the reference (the clean undefended policy, or the optimum where known). Broadcasts like
+    numpy; scalars in give a float out.
+
+    Raises:
+        ValueError: a non-finite input, or ``reference == random`` (nothing to scale by).
+    """
+    s, r, ref = _array(score), _array(random), _array(reference)
+    for name, a in (("score", s), ("random", r), ("reference", ref)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"normalize_score: {name} has non-finite values; all must be finite")
+    span = ref - r
+    if (span == 0).any():
+        raise ValueError("normalize_score: reference == random; they must differ to scale by")
+    out = (s - r) / span
+    return float(out) if out.ndim == 0 else out
+
+
+def _check_scores(scores: Scores, name: str = "scores") -> dict[Any, np.ndarray]:
+    """``{task: finite non-empty 1-D float array}``, tasks in sorted order (by ``str``)."""
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError(f"{name}: need a non-empty mapping task -> run scores, "
+                         f"got {scores!r:.60}")
+    checked = {}
+    for task in sorted(scores, key=str):
+        runs = _array(scores[task])
+        if runs.ndim != 1:
+            raise ValueError(f"{name}[{task!r}]: runs must be a 1-D array, got shape {runs.shape}")
+        if runs.size == 0:
+            raise ValueError(f"{name}[{task!r}]: no runs; every task needs at least one run score")
+        if not np.isfinite(runs).all():
+            bad = np.flatnonzero(~np.isfinite(runs)).tolist()[:5]
+            raise ValueError(f"{name}[{task!r}]: non-finite scores at runs {bad}; "
+                             "all must be finite")
+        checked[task] = runs
+    return checked
+
+
+def _check_bootstrap(confidence: float, n_resamples: int) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples}")
+
+
+def _stratified_bootstrap(samples: Sequence[dict[Any, np.ndarray]],
+                          statistic: Callable[..., Any], confidence: float, n_resamples: int,
+                          seed: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point estimate and percentile interval of ``statistic(*samples)`` (checked samples).
+
+    Each resample draws, for every sample and every task independently, as many runs as the
+    task has, with replacement from that task's runs only (the stratification); the draws
+    come from one ``numpy.random.default_rng(seed)`` in sample, then sorted-task order.
+    """
+    _check_bootstrap(confidence, n_resamples)
+    rng = np.random.default_rng(seed)
+    point = np.asarray(statistic(*samples), dtype=float)
+    drawn = [{task: runs[rng.integers(0, runs.size, size=(n_resamples, runs.size))]
+              for task, runs in sample.items()} for sample in samples]  # (n_resamples, n_runs)
+    values = np.stack([np.asarray(statistic(*({task: runs[b] for task, runs in d.items()}
+                                               for d in drawn)), dtype=float)
+                       for b in range(n_resamples)])
+    alpha = 1.0 - confidence
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2], axis=0)
+    return point, low, high
+
+
+def _scalar_or_array(*arrays: np.ndarray) -> tuple[Any, ...]:
+    return tuple(float(a) if a.ndim == 0 else a for a in arrays)
+
+
+def stratified_bootstrap_ci(scores: Scores, statistic: Callable[[dict[Any, np.ndarray]], Any],
+                            confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+                            ) -> tuple[Any, Any, Any]:
+    """Stratified percentile bootstrap (Agarwal et al., NeurIPS 2021).
+
+    A resample keeps every task and its number of runs ``N_m`` and draws ``N_m`` runs with
+    replacement from that task's runs only, independently per task (a run never moves to
+    another task); ``statistic`` is recomputed on each resample and the interval is the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of those values.
+
+    Args:
+        scores: ``{task: 1-D array of per-run scores}`` (finite, at least one run per task).
+        statistic: called with a ``{task: 1-D array}`` dict (tasks in sorted order) and
+            returning a scalar or a 1-D array (then the interval is per element); e.g.
+            :func:`aggregate_iqm`. Pooled statistics use ``np.concatenate(list(d.values()))``.
+        seed: the resamples depend on it only (same seed, same numbers).
+
+    Returns:
+        ``(point_estimate, low, high)``: floats for a scalar statistic, else arrays.
+    """
+    return _scalar_or_array(*_stratified_bootstrap((_check_scores(scores),), statistic,
+                                                   confidence, n_resamples, seed))
+
+
+def _pooled_iqm(checked: dict[Any, np.ndarray]) -> float:
+    pooled = np.sort(np.concatenate(list(checked.values())))
+    cut = int(0.25 * pooled.size)  # whole runs trimmed from each end, as scipy's trim_mean
+    return float(pooled[cut:pooled.size - cut].mean())
+
+
+def _mean_of_task_means(checked: dict[Any, np.ndarray]) -> float:
+    return float(np.mean([runs.mean() for runs in checked.values()]))
+
+
+def _median_of_task_means(checked: dict[Any, np.ndarray]) -> float:
+    return float(np.median([runs.mean() for runs in checked.values()]))
+
+
+def aggregate_iqm(scores: Scores) -> float:
+    """Interquartile mean of all ``run x task`` scores pooled (Agarwal et al., NeurIPS 2021):
+    the 25% trimmed mean ``IQM = 1/(n - 2k) sum_{i=k+1}^{n-k} x_(i)`` of the ``n`` pooled
+    scores sorted, ``k = floor(n / 4)`` (what scipy's ``trim_mean(.., 0.25)`` computes).
+    Pooling weights a task by its run count (equally when all have the same number of runs)."""
+    return _pooled_iqm(_check_scores(scores))
+
+
+def aggregate_mean(scores: Scores) -> float:
+    """Mean over tasks of the per-task mean score ``(1/M) sum_m mean_n x_{m,n}`` (each task
+    weighted equally; the pooled mean when all tasks have the same number of runs)."""
+    return _mean_of_task_means(_check_scores(scores))
+
+
+def aggregate_median(scores: Scores) -> float:
+    """Median over tasks of the per-task mean score, the median of Agarwal et al. (NeurIPS
+    2021): ``median_m mean_n x_{m,n}``."""
+    return _median_of_task_means(_check_scores(scores))
+
+
+AGGREGATES: dict[str, Callable[[Scores], float]] = {
+    "iqm": aggregate_iqm, "mean": aggregate_mean, "median": aggregate_median}
+_UNCHECKED = {"iqm": _pooled_iqm, "mean": _mean_of_task_means, "median": _median_of_task_means}
+
+
+def aggregate_with_ci(scores_by_method: Mapping[str, Scores],
+                      metrics: Sequence[str] = ("iqm", "mean", "median"),
+                      confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+                      ) -> dict[str, Any]:
+    """Every method's aggregates (:data:`AGGREGATES`) with stratified bootstrap intervals.
+
+    Every method and metric is resampled from the same ``seed``, so a method's numbers do not
+    depend on which other methods are compared with it.
+
+    Returns:
+        JSON-serializable ``{"confidence", "n_resamples", "seed", "methods": {method:
+        {"runs": {task: n}, metric: {"estimate", "low", "high"}, ...}}}``.
+    """
+    unknown = [m for m in metrics if m not in AGGREGATES]
+    if unknown or not metrics:
+        raise ValueError(f"aggregate_with_ci: metrics {list(metrics)} unknown or empty; "
+                         f"allowed: {sorted(AGGREGATES)}")
+    if not isinstance(scores_by_method, Mapping) or not scores_by_method:
+        raise ValueError("aggregate_with_ci: need a non-empty mapping "
+                         "method -> {task: run scores}")
+    _check_bootstrap(confidence, n_resamples)
+    methods: dict[str, Any] = {}
+    for method, scores in scores_by_method.items():
+        checked = _check_scores(scores, f"scores_by_method[{method!r}]")
+        record: dict[str, Any] = {"runs": {str(t): int(r.size) for t, r in checked.items()}}
+        for metric in metrics:
+            point, low, high = _stratified_bootstrap((checked,), _UNCHECKED[metric],
+                                                     confidence, n_resamples, seed)
+            record[metric] = {"estimate": float(point), "low": float(low), "high": float(high)}
+        methods[str(method)] = record
+    return {"confidence": confidence, "n_resamples": int(n_resamples), "seed": seed,
+            "methods": methods}
+
+
+def _improvement(x: dict[Any, np.ndarray], y: dict[Any, np.ndarray]) -> float:
+    per_task = [((xr[:, None] > yr[None, :]).mean() + 0.5 * (xr[:, None] == yr[None, :]).mean())
+                for xr, yr in zip(x.values(), y.values())]  # same sorted tasks
+    return float(np.mean(per_task))
+
+
+def probability_of_improvement(x_scores: Scores, y_scores: Scores, confidence: float = 0.95,
+                               n_resamples: int = 2000, seed: int = 0
+                               ) -> tuple[float, float, float]:
+    """Probability that method X beats method Y on a task drawn at random (Agarwal et al.,
+    NeurIPS 2021): ``P(X > Y) = (1/M) sum_m P(X_m > Y_m)`` with the Mann-Whitney
+    statistic per task ``P(X_m > Y_m) = 1/(N K) sum_i sum_j S(x_{m,i}, y_{m,j})``, ``S = 1``
+    if ``x > y``, ``1/2`` if equal, ``0`` otherwise (so ``P(X > Y) + P(Y > X) = 1``). The
+    interval resamples X's runs and Y's runs within each task independently.
+
+    Returns:
+        ``(estimate, low, high)``.
+
+    Raises:
+        ValueError: the two methods' tasks differ (the message names the missing ones).
+    """
+    x, y = _check_scores(x_scores, "x_scores"), _check_scores(y_scores, "y_scores")
+    if x.keys() != y.keys():
+        no_y = sorted(map(str, x.keys() - y.keys()))
+        no_x = sorted(map(str, y.keys() - x.keys()))
+        raise ValueError(f"probability_of_improvement: tasks differ: missing from y_scores "
+                         f"{no_y}, missing from x_scores {no_x}; both need the same tasks")
+    return _scalar_or_array(*_stratified_bootstrap((x, y), _improvement, confidence,
+                                                   n_resamples, seed))
+
+
+def performance_profile(scores: Scores, taus: Any, confidence: float = 0.95,
+                        n_resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """Score distribution (performance profile) of Agarwal et al. (NeurIPS 2021):
+    ``F(tau) = (1/M) sum_m (1/N_m) sum_n [x_{m,n} > tau]``, the fraction of runs scoring above
+    ``tau``, each task weighted equally, with stratified bootstrap bands per ``tau``.
+
+    Returns:
+        JSON-serializable ``{"tau", "fraction", "low", "high"}`` lists, in the order of ``taus``.
+    """
+    checked = _check_scores(scores)
+    tau = _array(taus)
+    if tau.ndim != 1 or tau.size == 0 or not np.isfinite(tau).all():
+        raise ValueError("performance_profile: taus must be a non-empty finite 1-D array, "
+                         f"got {taus!r:.60}")
+
+    def profile(sample: dict[Any, np.ndarray]) -> np.ndarray:
+        return np.mean([(runs[:, None] > tau[None, :]).mean(0) for runs in sample.values()], 0)
+
+    point, low, high = _stratified_bootstrap((checked,), profile, confidence, n_resamples, seed)
+    return {"tau": tau.tolist(), "fraction": point.tolist(), "low": low.tolist(),
+            "high": high.tolist()}

@@ -14,6 +14,7 @@ from PIL import Image
 from agents import make_policy_network
 from marl_fgmf import viz
 from marl_fgmf.pgca import explain
+from marl_fgmf.stats import performance_profile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -138,3 +139,21 @@ def test_plot_heatmap_and_curves(tmp_path):
               "fgmf": (eps, [2.9, 2.7, 2.4, 1.8], [0.1, 0.1, 0.2, 0.3])}
     assert_png(viz.plot_curves(curves, tmp_path / "robust.png", reference=3.0, eps_in_255=True,
                                title="robust return vs eps"))
+
+
+def test_plot_performance_profiles(tmp_path):
+    rng = np.random.default_rng(0)
+    taus = np.linspace(-0.25, 1.5, 36)
+    profiles = {name: performance_profile({t: rng.normal(mu + d, 0.25, 5)
+                                           for t, d in [("beacon", 0.1), ("pong", -0.1)]},
+                                          taus, n_resamples=200)
+                for name, mu in [("fgmf", 0.8), ("ppo", 0.4)]}
+    profiles["no band"] = {"tau": [0.0, 0.5, 1.0], "fraction": [1.0, 0.5, 0.0]}
+    path = viz.plot_performance_profiles(profiles, tmp_path / "profiles.png")
+    assert_png(path)
+    with Image.open(path) as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+    with pytest.raises(ValueError, match="got no profiles"):
+        viz.plot_performance_profiles({}, tmp_path / "none.png")
+    with pytest.raises(ValueError, match="needs 'tau' and 'fraction'"):
+        viz.plot_performance_profiles({"m": {"tau": [0.0]}}, tmp_path / "bad.png")

@@ -26,7 +26,8 @@ Modules:
   observation, step by step) and :func:`render_rgb`.
 * :mod:`.plots` :func:`plot_learning_curve` (mean return against environment steps),
   :func:`plot_heatmap` (annotated matrix: defenders x attackers), :func:`plot_curves` (several
-  y(x) curves with error bands: robust return against eps).
+  y(x) curves with error bands: robust return against eps), :func:`plot_performance_profiles`
+  (fraction of runs above tau per method, with bootstrap bands).
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from marl_fgmf.viz.animation import animate_episode, render_rgb
 from marl_fgmf.viz.common import (CONSENSUS_CMAP, DPI, MAGNITUDE_CMAP, RELEVANCE_COLOUR,
                                   new_figure, save_figure)
 from marl_fgmf.viz.figures import BEACON_ACTIONS, PANEL_TITLES, plot_agent_frame, plot_frame
-from marl_fgmf.viz.plots import plot_curves, plot_heatmap, plot_learning_curve
+from marl_fgmf.viz.plots import (plot_curves, plot_heatmap, plot_learning_curve,
+                                 plot_performance_profiles)
 
 __all__ = ["plot_agent_frame", "plot_frame", "animate_episode", "plot_learning_curve",
-           "plot_heatmap", "plot_curves", "save_figure", "render_rgb", "BEACON_ACTIONS",
-           "PANEL_TITLES", "new_figure", "DPI", "MAGNITUDE_CMAP", "CONSENSUS_CMAP",
-           "RELEVANCE_COLOUR"]
+           "plot_heatmap", "plot_curves", "plot_performance_profiles", "save_figure",
+           "render_rgb", "BEACON_ACTIONS", "PANEL_TITLES", "new_figure", "DPI", "MAGNITUDE_CMAP",
+           "CONSENSUS_CMAP", "RELEVANCE_COLOUR"]

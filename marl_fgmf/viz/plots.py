@@ -1,5 +1,6 @@
 """Training and tournament plots: :func:`plot_learning_curve` (mean return against environment
-steps), :func:`plot_heatmap` (annotated matrix) and :func:`plot_curves` (y(x) with 95 % bands)."""
+steps), :func:`plot_heatmap` (annotated matrix), :func:`plot_curves` (y(x) with 95 % bands) and
+:func:`plot_performance_profiles` (fraction of runs above tau, with bootstrap bands)."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,7 @@ import numpy as np
 
 from marl_fgmf.viz.common import colorbar, new_figure, save_figure, to_numpy
 
-__all__ = ["plot_learning_curve", "plot_heatmap", "plot_curves"]
+__all__ = ["plot_learning_curve", "plot_heatmap", "plot_curves", "plot_performance_profiles"]
 
 _X_KEYS = ("env_steps", "num_env_steps_sampled_lifetime", "timesteps", "steps", "step")
 _Y_KEYS = ("mean_return", "episode_return_mean", "return_mean", "return")
@@ -175,6 +176,43 @@ def plot_curves(curves: Mapping[str, Any], path: str | os.PathLike, *, xlabel: s
     if eps_in_255:
         ticks = sorted({float(x) for spec in curves.values() for x in _curve(spec)[0]})
         ax.set_xticks(ticks, [f"{round(t * 255):g}/255" for t in ticks], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_performance_profiles(profiles: Mapping[str, Mapping[str, Any]], path: str | os.PathLike,
+                              *, title: str = "Performance profiles",
+                              xlabel: str = "normalized robust return tau",
+                              ylabel: str = "fraction of runs > tau") -> Path:
+    """Performance profiles (Agarwal et al., NeurIPS 2021): one line per method, the fraction
+    of runs scoring above ``tau``, with its confidence band where given.
+
+    Args:
+        profiles: ``{method: {"tau": .., "fraction": .., "low": .., "high": ..}}`` (what
+            ``marl_fgmf.stats.performance_profile`` returns; ``low`` and ``high`` optional).
+        path: PNG to write.
+    """
+    if not profiles:
+        raise ValueError("plot_performance_profiles got no profiles")
+    fig = new_figure(6.0, 3.8)
+    ax = fig.subplots()
+    for label, profile in profiles.items():
+        if "tau" not in profile or "fraction" not in profile:
+            raise ValueError(f"profile {label!r} needs 'tau' and 'fraction'; has {sorted(profile)}")
+        taus, fraction = _curve((profile["tau"], profile["fraction"]))[:2]
+        order = np.argsort(taus)
+        line, = ax.plot(taus[order], fraction[order], linewidth=1.8, label=str(label))
+        if profile.get("low") is not None and profile.get("high") is not None:
+            low = np.asarray(to_numpy(profile["low"]), float)[order]
+            high = np.asarray(to_numpy(profile["high"]), float)[order]
+            ax.fill_between(taus[order], low, high, color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
