@@ -17,6 +17,11 @@ eot             :class:`EOT` wrapper (Athalye et al. 2018)        the wrapped at
 ensemble        :class:`Ensemble`, per-sample strongest           the members'
 ==============  ===============================================  ==============================
 
+Third-party attacks: :class:`ExternalAttack` wraps a torchattacks ``Attack`` or a function
+``obs -> adversarial obs`` (checked output, never clipped; :mod:`attacks.external`);
+``evaluate`` wraps a torchattacks object itself, and ``build_external("pkg.mod:attr", eps)``
+builds one from an import path (what tournament configs name with ``external:``).
+
 Objectives, targets and the success criterion are defined once in :mod:`attacks.objectives`;
 the base class (device, eval mode, seeding, projection) in :mod:`attacks.base`.
 :class:`LearnedAdversary` replays a trained adversary agent (:mod:`attacks.learned`).
@@ -37,12 +42,15 @@ from attacks.bpda import BPDA, StraightThrough
 from attacks.ensemble import Ensemble
 from attacks.eot import EOT
 from attacks.evaluate import evaluate
+from attacks.external import ExternalAttack
+from attacks.external_paths import build_external, external_code_id, load_external
 from attacks.fgsm import FGSM
 from attacks.learned import LearnedAdversary
 from attacks.objectives import OBJECTIVES
 from attacks.pgd import PGD
 from attacks.random_noise import RandomNoise
 from attacks.square import Square
+from attacks.torchattacks_bridge import NCHWPolicy, is_torchattacks, unbound_model
 
 ATTACKS: dict[str, type[Attack]] = {
     "random": RandomNoise,
@@ -188,7 +196,9 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
 
 
 __all__ = [
-    "ALIASES", "APGD", "ATTACKS", "Attack", "AttackContext", "BPDA", "EOT", "Ensemble", "FGSM",
-    "LearnedAdversary", "NORMS", "OBJECTIVES", "PGD", "RandomNoise", "Square", "StraightThrough",
-    "WRAPPERS", "apgd_checkpoints", "evaluate", "list_attacks", "make_attack",
+    "ALIASES", "APGD", "ATTACKS", "Attack", "AttackContext", "BPDA", "EOT", "Ensemble",
+    "ExternalAttack", "FGSM", "LearnedAdversary", "NCHWPolicy", "NORMS", "OBJECTIVES", "PGD",
+    "RandomNoise", "Square", "StraightThrough", "WRAPPERS", "apgd_checkpoints", "build_external",
+    "evaluate", "external_code_id", "is_torchattacks", "list_attacks", "load_external",
+    "make_attack", "unbound_model",
 ]

@@ -57,6 +57,9 @@ class Ensemble(Attack):
         policy = attacks[0].policy
         if any(a.policy is not policy for a in attacks):
             raise ValueError("all attacks of an Ensemble must attack the same policy object")
+        if any(a.eps is None for a in attacks):  # an ExternalAttack without a declared budget
+            raise ValueError("every Ensemble member needs a budget: declare eps on "
+                             "ExternalAttack(..., eps=...)")
         super().__init__(policy, max(a.eps for a in attacks), norm=attacks[0].norm,
                          objective=objective, target=target)
         self.attacks = attacks

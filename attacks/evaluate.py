@@ -16,11 +16,17 @@ import torch
 from torch import nn
 
 from attacks.base import Attack
+from attacks.external import ExternalAttack, is_torchattacks
 from marl_fgmf.protocol import policy_device, to_unit
 from marl_fgmf.stats import summarize
 
 PolicySpec = Union[nn.Module, Mapping, Callable[[str], nn.Module]]
-AttackSpec = Union[None, Attack, Callable[[nn.Module], Attack]]
+AttackSpec = Union[None, Attack, Callable[[nn.Module], Attack], Callable[..., Any]]
+"""None, an :class:`Attack`, a torchattacks ``Attack`` (wrapped in :class:`ExternalAttack`) or
+a factory ``policy -> Attack`` (or ``policy -> torchattacks Attack``)."""
+
+ACCEPTED = ("attack must be None, an Attack or a factory policy -> Attack, a torchattacks "
+            "Attack, or ExternalAttack(fn) for a function obs -> adversarial obs")
 
 
 def _policy_lookup(policy: PolicySpec) -> Callable[[str], nn.Module]:
@@ -137,15 +143,34 @@ def _check_action_space(env: Any, agent: str, logits: torch.Tensor) -> None:
 
 
 def _bind(attack: AttackSpec, policy: nn.Module, seed: int) -> Attack:
+    """``attack`` bound to ``policy`` and seeded. The dispatch, in this order:
+
+    1. an :class:`Attack` (:class:`ExternalAttack` included) is rebound (``with_policy``);
+    2. a torchattacks ``Attack`` is wrapped in :class:`ExternalAttack`, then rebound;
+    3. any other callable is a FACTORY, called as ``attack(policy)``; it must return an
+       :class:`Attack` (or a torchattacks ``Attack``, wrapped). A function ``obs -> adversarial
+       obs`` is a callable too, so it is never guessed: wrap it, ``ExternalAttack(fn)``.
+    """
+    if is_torchattacks(attack):
+        attack = ExternalAttack(attack)
     if isinstance(attack, Attack):
         bound = attack.with_policy(policy)
     elif callable(attack):
-        bound = attack(policy)
-        if not isinstance(bound, Attack):
-            raise ValueError(f"an attack factory must return an Attack, got {type(bound).__name__}")
+        hint = "a function obs -> adversarial obs must be wrapped: ExternalAttack(fn, eps=...)"
+        try:
+            bound = attack(policy)
+        except (TypeError, AttributeError) as exc:  # typically obs code handed a module
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ValueError(f"the attack factory {getattr(attack, '__qualname__', attack)!r} "
+                             f"failed on the policy ({type(exc).__name__}: {first}); a factory "
+                             f"takes the policy and returns an Attack; {hint}") from exc
+        if is_torchattacks(bound):
+            bound = ExternalAttack(bound, policy)
+        elif not isinstance(bound, Attack):
+            raise ValueError(f"an attack factory must return an Attack, got "
+                             f"{type(bound).__name__}; {hint}")
     else:
-        raise ValueError(f"attack must be None, an Attack or a factory policy -> Attack, "
-                         f"got {type(attack).__name__}")
+        raise ValueError(f"{ACCEPTED}; got {type(attack).__name__}")
     return bound.set_seed(seed)
 
 
@@ -164,8 +189,11 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
             agent id -> module (per-agent policies; agents sharing a module are batched).
         env: a PettingZoo ``ParallelEnv`` with image observations (uint8 frames are divided by
             255) and ``Discrete`` actions matching the policy's logits.
-        attack: ``None`` (clean), an :class:`~attacks.base.Attack` (rebound to each policy), or
-            a factory ``policy -> Attack``.
+        attack: ``None`` (clean), an :class:`~attacks.base.Attack` (rebound to each policy;
+            :class:`~attacks.external.ExternalAttack` wraps a function ``obs -> adversarial
+            obs``), a torchattacks ``Attack`` (wrapped in ``ExternalAttack`` automatically), or
+            a factory ``policy -> Attack``. Any other callable is taken as a factory: a bare
+            function ``obs -> adversarial obs`` is refused with a hint, never guessed.
         episodes: number of episodes, >= 1.
         seed: base seed for the env resets and the attack's randomness.
         progress: show a tqdm progress bar.
@@ -190,6 +218,8 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
     Example:
         >>> result = evaluate(net, make_env("beacon"), PGD(net, eps=4/255), episodes=5, seed=0)
         >>> result["team_return"]["mean"], result["clean"]["team_return"]["mean"]
+        >>> evaluate(net, env, torchattacks.PGD(unbound_model(), eps=4/255))   # wrapped
+        >>> evaluate(net, env, ExternalAttack(lambda obs: obs.flip(2), eps=1.0))
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
@@ -199,8 +229,9 @@ def evaluate(policy: PolicySpec, env: Any, attack: AttackSpec = None, episodes: 
                                   or max_steps < 1):
         raise ValueError(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
     if attack is not None and not (isinstance(attack, Attack) or callable(attack)):
-        raise ValueError(f"attack must be None, an Attack or a factory policy -> Attack, "
-                         f"got {type(attack).__name__}")
+        raise ValueError(f"{ACCEPTED}; got {type(attack).__name__}")
+    if is_torchattacks(attack):
+        attack = ExternalAttack(attack)  # its settings() name it in the result
     lookup = _policy_lookup(policy)
     runs = 2 if attack is not None and compare_clean else 1
     bar = None

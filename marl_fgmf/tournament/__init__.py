@@ -71,9 +71,20 @@ The configuration (YAML or JSON; relative paths are relative to the config file'
       - {name: pgd20, attack: pgd, settings: {steps: 20}}
       - {name: square, attack: square, settings: {n_queries: 200}}
       - {name: rl-adv, adversary: runs/adv}                    # a learned adversary run
+      - {name: ta-pgd, external: "torchattacks:PGD", settings: {steps: 10}}   # third-party
     audit: {eps: 8/255, n_obs: 64}                             # or false
     num_cpus_per_match: 1
     max_concurrency: 2          # matches in flight (default: the cluster's CPUs / num_cpus)
+
+An ``external`` attacker names, by import path, a torchattacks ``Attack`` class (built as
+``cls(model, eps=<eps>, **settings)``) or a factory called as ``factory(eps=<eps>,
+**settings)`` returning a torchattacks ``Attack`` or a function ``obs -> adversarial obs``
+(:func:`attacks.build_external`). The match's eps is its budget: the output of every call is
+checked against that ball (``norm: linf|l2``, default the torchattacks attack's own, else
+linf) and a violation fails the match, never clipped. The config check imports and builds it
+(one line if it does not); the fingerprint holds the import path, the settings, the norm and
+:func:`attacks.external_code_id` (the named module's source hash and its package's version:
+editing that module replays the matches; edits in the modules it imports are not seen).
 
 Example::
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from agents.checkpoint import CheckpointError, policy_ids, read_run_config, resolve_module_root
 from agents.train import TrainConfig
-from attacks import list_attacks, make_attack
+from attacks import build_external, list_attacks, make_attack
 from envs import is_import_path, list_envs, make_env
 from marl_fgmf.io import to_jsonable
 from marl_fgmf.tournament.errors import first_line
@@ -138,8 +138,9 @@ def check_defenders(defenders: Iterable[Any], env: str | None,
 
 
 def check_attackers(attackers: Iterable[Any], eps: list[float]) -> list[str]:
-    """Each attacker: a readable learned adversary run, or an attack name and settings that
-    build (on :func:`dummy_policy`, at the first eps)."""
+    """Each attacker: a readable learned adversary run, or an attack name and settings, or an
+    external import path and settings, that build (on :func:`dummy_policy`, at the first
+    eps)."""
     errors: list[str] = []
     dummy = dummy_policy()
     for a in attackers:
@@ -162,6 +163,13 @@ def check_attackers(attackers: Iterable[Any], eps: list[float]) -> list[str]:
         if reserved:
             errors.append(f"attacker {a.name}: setting(s) {', '.join(reserved)} are set by the "
                           f"tournament (eps list and seeds), remove them")
+            continue
+        if a.external is not None:  # imported and built (not run) on the placeholder policy
+            try:
+                build_external(a.external, eps[0] if eps else 8 / 255, a.settings, norm=a.norm,
+                               seed=0, policy=dummy)
+            except ValueError as exc:
+                errors.append(f"attacker {a.name}: {first_line(exc)}")
             continue
         try:
             make_attack(a.attack, dummy, eps=eps[0] if eps else 8 / 255, seed=0,

@@ -28,6 +28,7 @@ CLEAN = "clean"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 TOP_KEYS = {"name", "env", "env_kwargs", "episodes", "seeds", "eps", "defenders", "attackers",
             "audit", "num_cpus_per_match", "max_concurrency", "address"}
+ATTACKER_KEYS = {"name", "attack", "settings", "adversary", "external", "norm"}
 AUDIT_KEYS = {"enabled", "eps", "n_obs", "steps", "restarts", "large_eps", "n_queries",
               "objective", "margin", "alpha", "seed", "episodes"}
 
@@ -52,7 +53,8 @@ class DefenderSpec:
 
 @dataclass
 class AttackerSpec:
-    """An attacker: an analytic attack of :mod:`attacks` or a learned adversary run."""
+    """An attacker: an analytic attack of :mod:`attacks`, a learned adversary run, or an
+    external attack named by import path (:func:`attacks.build_external`)."""
 
     name: str
     attack: str | None = None
@@ -64,9 +66,17 @@ class AttackerSpec:
     added: bool = False
     """added by the tournament, not listed in the config: an adaptive attack through a
     defender's input filter (:mod:`marl_fgmf.tournament.adaptive`)"""
+    external: str | None = None
+    """import path ``package.module:attr`` of a torchattacks Attack class or a factory
+    ``(eps=..., **settings) -> torchattacks Attack | function obs -> adversarial obs``"""
+    norm: str | None = None
+    """external attackers only: the norm of the eps-ball their output is checked against
+    (default: the torchattacks attack's own, else linf)"""
 
     @property
     def kind(self) -> str:
+        if self.external is not None:
+            return "external"
         return "learned" if self.adversary is not None else "analytic"
 
 
@@ -199,25 +209,37 @@ class TournamentConfig:
             if not isinstance(a, dict):
                 errors.append(f"attacker #{i + 1} must be an attack name or a mapping, got {a!r}")
                 continue
-            extra = sorted(set(a) - {"name", "attack", "settings", "adversary"})
+            extra = sorted(set(a) - ATTACKER_KEYS)
             name = str(a.get("name", a.get("attack", f"#{i + 1}")))
             if extra:
                 errors.append(f"attacker {name}: unknown key(s) {', '.join(extra)}; allowed: "
-                              f"name, attack, settings, adversary")
+                              f"{', '.join(sorted(ATTACKER_KEYS))}")
             has_attack, has_adv = a.get("attack") is not None, a.get("adversary") is not None
-            if has_attack and has_adv:
-                errors.append(f"attacker {name}: give attack or adversary, not both")
-            if not has_attack and not has_adv and "name" not in a:
+            has_ext = a.get("external") is not None
+            if has_attack + has_adv + has_ext > 1:
+                errors.append(f"attacker {name}: give one of attack, adversary or external")
+            if not has_attack and not has_adv and not has_ext and "name" not in a:
                 errors.append(f"attacker #{i + 1}: give a name and an attack or an adversary")
+            if has_ext and "name" not in a:
+                errors.append(f"attacker #{i + 1}: an external attacker needs a name")
+            norm = a.get("norm")
+            if norm is not None and not has_ext:
+                errors.append(f"attacker {name}: norm applies to external attackers only "
+                              f"(analytic attacks take it in settings)")
+            elif norm is not None and norm not in ("linf", "l2"):
+                errors.append(f"attacker {name}: norm must be 'linf' or 'l2', got {norm!r}")
+                norm = None  # reported once, here
             settings = a.get("settings") or {}
             if not isinstance(settings, dict):
                 errors.append(f"attacker {name}: settings must be a mapping")
                 settings = {}
             if has_adv and settings:
                 errors.append(f"attacker {name}: settings apply to analytic attacks only")
-            attack = str(a["attack"]) if has_attack else (None if has_adv else name)
+            attack = str(a["attack"]) if has_attack else (None if has_adv or has_ext else name)
             attackers.append(AttackerSpec(name=name, attack=attack, settings=dict(settings),
-                                          adversary=path_of(a["adversary"]) if has_adv else None))
+                                          adversary=path_of(a["adversary"]) if has_adv else None,
+                                          external=str(a["external"]) if has_ext else None,
+                                          norm=None if norm is None else str(norm)))
 
         eps: list[float] = []
         raw_eps = data.get("eps")
@@ -311,9 +333,10 @@ class TournamentConfig:
     def validate(self, out: str | os.PathLike | None = None) -> list[str]:
         """Every problem of the configuration, one line each (empty when it is valid).
 
-        Checks: unknown attack or attack setting, missing or unreadable defender checkpoint,
-        bad training spec, unknown env or env setting, duplicate defender/attacker/match
-        names, invalid or duplicate eps and seeds, learned adversaries that cannot be read.
+        Checks: unknown attack or attack setting, an external attack that does not import or
+        build, missing or unreadable defender checkpoint, bad training spec, unknown env or
+        env setting, duplicate defender/attacker/match names, invalid or duplicate eps and
+        seeds, learned adversaries that cannot be read.
         Nothing is trained or loaded beyond reading run settings.
         """
         errors = list(self.parse_errors)

@@ -255,7 +255,7 @@ def cost_estimate(spec: dict[str, Any]) -> float:
     if spec["kind"] == "learned":
         return 2.0
     settings = spec.get("settings") or {}
-    name = str(spec.get("attack", "")).lower()
+    name = str(spec.get("attack") or spec.get("external") or "").lower()
     defaults = {"square": ("n_queries", 5000), "apgd": ("steps", 100), "pgd": ("steps", 10)}
     cost = 1.0
     for key, (setting, default) in defaults.items():

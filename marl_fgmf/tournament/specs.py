@@ -15,6 +15,7 @@ import torch
 from agents.checkpoint import (check_policy_fits_env, latest_checkpoint, load_agent_policies,
                                run_env)
 from agents.ray_session import ship
+from attacks import external_code_id
 from envs import make_env
 from marl_fgmf.io import to_jsonable
 from marl_fgmf.tournament.adaptive import added_attackers, filters_input
@@ -105,17 +106,23 @@ def match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: Shipped
         a = next(x for x in cfg.attackers_of(d.name, shipped.added) if x.name == m.attacker)
         spec.update(kind=a.kind, attack=a.attack, settings=dict(a.settings),
                     adversary=None if a.adversary is None else str(a.adversary))
+        if a.external is not None:
+            spec.update(external=a.external, norm=a.norm)
         if a.added:
             spec["added"] = True
     spec["fingerprint"] = fingerprint({
         "defender_hash": spec["defender_hash"], "policy_id": d.policy_id, "env": env_name,
         "env_kwargs": env_kwargs, "episodes": cfg.episodes, "seed": m.seed, "eps": m.eps,
         "kind": spec["kind"], "attack": spec.get("attack"),
-        "settings": spec.get("settings") if spec["kind"] == "analytic" else None,
+        "settings": spec.get("settings") if spec["kind"] in ("analytic", "external") else None,
         "adversary_hash": shipped.adversary_hash.get(m.attacker)
         if spec["kind"] == "learned" else None,
         # only where true, so that the fingerprints of listed attackers stay as they were
-        **({"added": True} if spec.get("added") else {})})
+        **({"added": True} if spec.get("added") else {}),
+        # the import path and its module's source hash and package version
+        **({"external": spec["external"], "norm": spec["norm"],
+            "external_code": external_code_id(spec["external"])}
+           if spec["kind"] == "external" else {})})
     return spec
 
 

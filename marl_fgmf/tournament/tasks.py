@@ -11,7 +11,7 @@ import datetime as _dt
 import time
 from typing import Any
 
-from attacks import evaluate, make_attack
+from attacks import build_external, evaluate, make_attack
 from envs import make_env
 from marl_fgmf.audit import audit_policies
 from marl_fgmf.protocol import eps_label, parse_budget
@@ -24,8 +24,9 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
     """Play one match (the body of a Ray task; also callable directly).
 
     Args:
-        spec: ``key, defender, attacker, kind (clean|analytic|learned), attack, settings, eps,
-            seed, episodes, env, env_kwargs, checkpoint`` (:func:`match_spec`; its
+        spec: ``key, defender, attacker, kind (clean|analytic|learned|external), attack,
+            settings, eps, seed, episodes, env, env_kwargs, checkpoint`` (and ``external``,
+            ``norm`` for an external attack) (:func:`match_spec`; its
             ``fingerprint`` and ``defender_hash`` are added to the record by the driver).
         policy: the defender (one module, or ``{agent: module}``), shipped by the driver.
         adversary: for ``kind == "learned"``, the adversary attack shipped by the driver
@@ -41,6 +42,9 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
         if spec["kind"] == "analytic":
             attack = make_attack(spec["attack"], first, eps=spec["eps"], seed=spec["seed"],
                                  **spec.get("settings", {}))
+        elif spec["kind"] == "external":
+            attack = build_external(spec["external"], spec["eps"], spec.get("settings", {}),
+                                    norm=spec.get("norm"), seed=spec["seed"], policy=first)
         elif spec["kind"] == "learned":
             attack = adversary.with_policy(first)
             attack.eps = parse_budget(spec["eps"])
@@ -54,6 +58,7 @@ def play_match(spec: dict[str, Any], policy: Any, adversary: Any = None) -> dict
         "version": RECORD_VERSION, "status": "ok", "key": spec["key"],
         "defender": spec["defender"], "attacker": spec["attacker"], "kind": spec["kind"],
         "attack": spec.get("attack"), "added": bool(spec.get("added")),
+        **({"external": spec["external"]} if spec["kind"] == "external" else {}),
         "eps": spec["eps"], "eps_label": eps_label(spec["eps"]),
         "seed": spec["seed"], "episodes": spec["episodes"], "env": spec["env"],
         "env_kwargs": spec["env_kwargs"], "checkpoint": spec["checkpoint"],
