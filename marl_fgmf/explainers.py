@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from marl_fgmf.attribution import (RISE, GradCAMPlusPlus, IntegratedGradients, Occlusion, SmoothGrad,
-                                   spatial_map)
+from marl_fgmf.attribution import (RISE, BrightnessBaseline, GradCAMPlusPlus, IntegratedGradients,
+                                   Occlusion, RandomBaseline, SmoothGrad, spatial_map)
 from marl_fgmf.pgca import PGCA
 
 __all__ = ["METHODS", "make_explainer", "spatial_map", "attribution_map"]
@@ -27,12 +27,16 @@ METHODS: dict[str, Callable] = {
     "gradcampp": GradCAMPlusPlus,
     "rise": RISE,
     "pgca": PGCA,
+    "random": RandomBaseline,
+    "brightness": BrightnessBaseline,
 }
 """Explainer factories by name: ``METHODS[name](policy)`` has ``attribute(obs, actions=None,
 ...)``. Pixel methods (``ig``, ``smoothgrad``) return (B, H, W, C); spatial methods
 (``occlusion``, ``gradcampp``, ``rise``, ``pgca``) return (B, H, W); :func:`spatial_map`
 turns either into a (B, H, W) magnitude map (re-exported here from
-:mod:`marl_fgmf.attribution.base`)."""
+:mod:`marl_fgmf.attribution.base`). ``random`` and ``brightness`` are the model-free baselines
+(:mod:`marl_fgmf.attribution.baselines`, (B, H, W), no policy call: ``policy`` may be
+``None``), the reference every score of the others is read against."""
 
 
 def make_explainer(name: str, policy):

@@ -22,8 +22,13 @@ action ``a*``; each map is reduced to a (H, W) magnitude. Per method, mean and 9
   ``x + delta`` (higher: the explanation is stable under attack);
 * pointing game: the peak pixel lies in ``R`` (higher).
 
-Two reference rows bracket the scale: ``random`` (a uniform random map, GHR ~ |R| / HW) and
-``intensity`` (the pixel brightness, which lights up every object, distractors included).
+Two reference rows bracket the scale: ``random`` (a map uniform over ALL pixels: GHR ~ |R| / HW
+= 0.041, the all-pixel chance level) and ``intensity`` (the pixel brightness, the registered
+``brightness`` explainer's map, which lights up every object, distractors included). The
+all-pixel chance is not the bar a method must beat: the registered ``random`` explainer,
+uniform over the non-background pixels only, scores GHR ~0.35 on beacon frames without
+looking at the policy (``python scripts/bench_baselines.py``; this script's ``random`` row is
+the all-pixel map, not that explainer).
 The headline is PGCA's GHR over the best single method's GHR (target: >= 1.25).
 
 (b) **Cost**. Time to explain all agents of one beacon frame with :func:`marl_fgmf.pgca.explain`

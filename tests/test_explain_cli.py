@@ -136,3 +136,24 @@ def test_explain_caps_episodes_by_default_and_0_means_the_whole_episode(monkeypa
         assert explain_cmd.run(args) == 0
         assert seen[-1]["max_steps"] == want
     assert explain_cmd.DEFAULT_MAX_STEPS == 50
+
+
+def test_model_free_baselines_through_the_command(tmp_path):
+    """``--method random`` / ``brightness`` (the registered baselines) run through the same
+    command and metrics as the real explainers, on an untrained run saved without Ray."""
+    from conftest import save_untrained_run
+    from marl_fgmf.explainers import METHODS
+
+    assert set(METHOD_NAMES) == set(METHODS) and {"random", "brightness"} <= set(METHOD_NAMES)
+    run = save_untrained_run(tmp_path / "run", ["shared"])
+    code = main(["explain", "--checkpoint", str(run), "--method", "random", "--max-steps", "1",
+                 "--out", str(tmp_path / "random"), "--quiet"])
+    assert code == 0
+    result = explain_run(run, tmp_path / "brightness", method="brightness", max_steps=2,
+                         figures=False, gif=False, progress=False)
+    for method, metrics in (("random", json.loads((tmp_path / "random" / "metrics.json")
+                                                  .read_text())), ("brightness", result)):
+        assert metrics["method"] == method and metrics["explained_steps"] >= 1
+        assert 0.0 <= metrics["all_agents"]["ghr"]["mean"] <= 1.0
+    with pytest.raises(ValueError, match="method 'brightness' has no setting 'steps'"):
+        explain_run(run, tmp_path / "bad", method="brightness", settings={"steps": 4})

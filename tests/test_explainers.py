@@ -21,12 +21,15 @@ def obs():
 
 
 SETTINGS = {"ig": dict(steps=4), "smoothgrad": dict(n_samples=2), "occlusion": {},
-            "gradcampp": {}, "rise": dict(n_masks=20), "pgca": dict(steps=4)}
+            "gradcampp": {}, "rise": dict(n_masks=20), "pgca": dict(steps=4),
+            "random": dict(seed=3), "brightness": {}}
 
 
 def test_registry_names_classes_and_shapes(policy, obs):
     assert set(METHODS) == set(SETTINGS)
     assert METHODS["ig"] is attribution.IntegratedGradients and METHODS["pgca"] is pgca.PGCA
+    assert METHODS["random"] is attribution.RandomBaseline
+    assert METHODS["brightness"] is attribution.BrightnessBaseline
     for name, kw in SETTINGS.items():
         explainer = make_explainer(name, policy)
         assert isinstance(explainer, METHODS[name])

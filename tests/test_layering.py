@@ -3,7 +3,8 @@
 Groups, by module path:
 
 * algorithm: ``marl_fgmf.{protocol, stats, perturbation, attribution, explainers, scorpio, sgam,
-  pgca, adv_training, metrics}``: torch, numpy, scipy, the standard library and each other;
+  pgca, adv_training, metrics, adapter, sanity}``: torch, numpy, scipy, the standard library and
+  each other;
 * attacks: ``attacks.*``: never agents, envs, a workflow, Ray, RLlib, PettingZoo or SuperSuit;
 * agents: ``agents.*``: everything but a workflow;
 * envs: ``envs.*``: nothing of ours;
@@ -35,7 +36,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("marl_fgmf", "agents", "attacks", "envs")
 ALGORITHMS = ("protocol", "stats", "perturbation", "attribution", "explainers", "scorpio", "sgam",
-              "pgca", "adv_training", "metrics", "adapter")
+              "pgca", "adv_training", "metrics", "adapter", "sanity")
 ALGORITHM_THIRD_PARTY = {"torch", "numpy", "scipy"}
 ATTACKS_FORBIDDEN_THIRD_PARTY = {"ray", "pettingzoo", "supersuit", "gymnasium"}
 UTILITIES = ("io", "viz")

@@ -15,6 +15,9 @@ form DESIGN.md names.
   :class:`GradCAMPlusPlus` (Chattopadhay et al. 2018, ``grad_cam.py``).
 * Perturbation methods: :class:`Occlusion` (Zeiler & Fergus 2014, ``occlusion.py``),
   :class:`RISE` (Petsiuk et al. 2018, ``rise.py``).
+* Model-free baselines (``baselines.py``): :class:`RandomBaseline` (uniform over the frame's
+  non-background pixels) and :class:`BrightnessBaseline` (summed channel intensity): the
+  scores an explanation must beat without looking at the policy.
 
 The registry of methods by name (with PGCA) is :mod:`marl_fgmf.explainers`; this package never
 imports :mod:`marl_fgmf.pgca`, which builds on it.
@@ -27,6 +30,8 @@ from marl_fgmf.attribution.base import (DEFAULT_CHUNK, Attribution, GradientAttr
                                         greedy_actions, input_gradients, make_substrate,
                                         masked_scores, patch_masks, resolve_actions,
                                         spatial_map)
+from marl_fgmf.attribution.baselines import (BACKGROUND_RULES, BrightnessBaseline,
+                                             RandomBaseline, background_mask)
 from marl_fgmf.attribution.grad_cam import GradCAMPlusPlus, find_cam_layer, grad_cam_plus_plus
 from marl_fgmf.attribution.integrated_gradients import IntegratedGradients, integrated_gradients
 from marl_fgmf.attribution.occlusion import Occlusion, occlusion_patch_deltas, patch_deltas_to_map
@@ -37,6 +42,8 @@ __all__ = [
     # methods
     "IntegratedGradients", "integrated_gradients", "SmoothGrad", "GradCAMPlusPlus",
     "grad_cam_plus_plus", "find_cam_layer", "Occlusion", "RISE",
+    # model-free baselines
+    "RandomBaseline", "BrightnessBaseline", "background_mask", "BACKGROUND_RULES",
     # bases and their building blocks
     "Attribution", "GradientAttribution", "PerturbationAttribution", "DEFAULT_CHUNK",
     "greedy_actions", "resolve_actions", "action_log_prob", "input_gradients", "check_chunk",

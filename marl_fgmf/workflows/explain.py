@@ -48,8 +48,9 @@ from marl_fgmf.workflows.common import UsageError, check_output
 __all__ = ["DIRECTIONS", "METHOD_NAMES", "METHOD_TITLES", "METRIC_KEYS", "explain_run",
            "format_summary", "metric_summary", "select_frames"]
 
-METHOD_NAMES = ("pgca", "ig", "smoothgrad", "occlusion", "gradcampp", "rise")
-"""The explainers ``--method`` accepts (the keys of :data:`marl_fgmf.explainers.METHODS`)."""
+METHOD_NAMES = ("pgca", *(m for m in explainers.METHODS if m != "pgca"))
+"""The explainers ``--method`` accepts: the keys of :data:`marl_fgmf.explainers.METHODS`, PGCA
+(the default) first; ``random`` and ``brightness`` are the model-free baselines."""
 
 METRIC_KEYS = ("ghr", "pointing_game", "deletion_auc", "insertion_auc", "agreement", "action_prob")
 """Per-agent metrics of ``metrics.json`` (GHR and pointing game need relevance masks,
@@ -62,7 +63,8 @@ agreement (higher: both paradigms rank the pixels alike) and the explained actio
 
 METHOD_TITLES = {"pgca": "PGCA consensus", "ig": "Integrated Gradients |IG|",
                  "smoothgrad": "SmoothGrad |SG|", "occlusion": "occlusion |drop|",
-                 "gradcampp": "Grad-CAM++", "rise": "RISE"}
+                 "gradcampp": "Grad-CAM++", "rise": "RISE",
+                 "random": "random baseline (foreground)", "brightness": "brightness baseline"}
 
 
 def metric_summary(values: Sequence[float]) -> dict[str, Any]:
