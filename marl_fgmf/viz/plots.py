@@ -81,13 +81,8 @@ def plot_learning_curve(csv_or_records, path: str | os.PathLike, *, x: str | Non
     if reference is not None:
         ax.axhline(float(reference), color="black", linestyle="--", linewidth=1,
                    label=reference_label)
-    ax.set_xlabel("environment steps" if x in _X_KEYS else x)
-    ax.set_ylabel("mean episodic return" if y in _Y_KEYS else y)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, ax, "environment steps" if x in _X_KEYS else x,
+                   "mean episodic return" if y in _Y_KEYS else y, title, path)
 
 
 def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str],
@@ -176,13 +171,7 @@ def plot_curves(curves: Mapping[str, Any], path: str | os.PathLike, *, xlabel: s
     if eps_in_255:
         ticks = sorted({float(x) for spec in curves.values() for x in _curve(spec)[0]})
         ax.set_xticks(ticks, [f"{round(t * 255):g}/255" for t in ticks], fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, ax, xlabel, ylabel, title, path)
 
 
 def plot_performance_profiles(profiles: Mapping[str, Mapping[str, Any]], path: str | os.PathLike,
@@ -213,6 +202,12 @@ def plot_performance_profiles(profiles: Mapping[str, Mapping[str, Any]], path: s
             ax.fill_between(taus[order], low, high, color=line.get_color(), alpha=0.2,
                             linewidth=0)
     ax.set_ylim(-0.02, 1.02)
+    return _finish(fig, ax, xlabel, ylabel, title, path)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str,
+            path: str | os.PathLike) -> Path:
+    """Labels, title, grid and legend of a line plot, then write it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
