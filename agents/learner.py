@@ -11,7 +11,9 @@ calls ``super()`` and adds, per module, the terms switched on by ``learner_confi
   the cost a constant factor). Every ``reg_every``-th step penalizes the rows of the last
   ``reg_every`` minibatches at once (fewer double-backward calls, same rows and weight; the
   ``fgmf_scorpio_*`` logs are those of the last evaluating step). The per-iteration object is
-  dropped after the update.
+  dropped after the update; rows it drew but had not yet penalized are carried to the next
+  iteration's first evaluating step (never dropped, even with fewer SGD steps than
+  ``reg_every`` per iteration).
 * SCOR-PIO behind SGAM (``fgmf``): the penalty is the encoder's, at ``z = SGAM(x)`` of each
   drawn row (``IterationSubspaces.penalty(transform=SGAM.filter)`` with SGAM bypassed): the
   space a BPDA attacker steps in, without the saliency head in the double backward.
@@ -163,6 +165,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
             self._sgam_fraction = float(cfg["sgam"].get("distill_fraction", 0.0625))
         # module id -> IterationSubspaces of the current iteration (cleared after each update)
         self._fgmf_cache: dict[str, IterationSubspaces] = {}
+        # module id -> rows drawn in the last iteration but not yet penalized (reg_every)
+        self._scorpio_carry: dict[str, tuple[list, int]] = {}
         # module id -> (salt, row key -> Grad-CAM++ target) of the current iteration
         self._distill_cache: dict[str, tuple[int, dict[bytes, torch.Tensor]]] = {}
         # module id -> (policy-protocol view, obs -> [0, 1] NHWC), checked now, not at the
@@ -244,7 +248,10 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
     @override(Learner)
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
-        self._fgmf_cache.clear()  # next iteration: a fresh draw of rows and new subspaces
+        # next iteration: a fresh draw of rows and new subspaces; rows drawn but not yet
+        # penalized (ScorpioConfig.reg_every) are carried over, never dropped
+        self._scorpio_carry = {mid: rows.carry_over() for mid, rows in self._fgmf_cache.items()}
+        self._fgmf_cache.clear()
         self._distill_cache.clear()  # and new distillation rows and targets
 
     def _iteration_rows(self, module_id: str) -> IterationSubspaces:
@@ -252,7 +259,8 @@ class FGMFPPOTorchLearner(PPOTorchLearner):
         if rows is None:
             salt = int(torch.randint(0, 2 ** 62, (1,), generator=self._salt_rng))
             rows = self._fgmf_cache[module_id] = IterationSubspaces(
-                self._scorpio_cfg, salt, timed=self.timed)
+                self._scorpio_cfg, salt, timed=self.timed,
+                carry=self._scorpio_carry.pop(module_id, None))
         return rows
 
     def _distill_rows(self, module_id: str, policy: torch.nn.Module, obs: torch.Tensor,

@@ -321,3 +321,24 @@ def test_gae_value_pass_runs_without_a_graph_and_the_loss_with_one(monkeypatch):
     loss = [grad for alone, grad in seen if not alone]
     assert gae and not any(gae), seen
     assert loss and all(loss), seen
+
+
+def test_rows_pending_at_an_iterations_end_are_penalized_in_the_next(monkeypatch):
+    # one SGD step per iteration and reg_every=2: without the carry-over no step would ever
+    # evaluate R (a silent no-op defence); with it, every second iteration does, on both
+    # iterations' rows
+    learner, obs_space, act_space = make_learner(
+        settings={"scorpio": {**SCORPIO, "reg_every": 2}})
+    evaluated = []
+    real = iteration.scorpio_regularizer
+
+    def reg(policy, obs, config, subspace=None):
+        evaluated.append(len(subspace))
+        return real(policy, obs, config, subspace=subspace)
+
+    monkeypatch.setattr(iteration, "scorpio_regularizer", reg)
+    for seed in range(4):
+        learner.update(batch=train_batch(obs_space, act_space, seed=seed), minibatch_size=N,
+                       num_epochs=1, timesteps={"num_env_steps_sampled_lifetime": N})
+    assert len(evaluated) == 2, evaluated
+    assert all(n >= 2 for n in evaluated), evaluated  # at least one row from each iteration

@@ -450,9 +450,17 @@ def test_iteration_penalty_every_k_steps_is_k_times_r_on_the_pending_rows():
     assert reg2.grad_fn is not None and torch.allclose(reg2, 2 * ref, rtol=1e-10)
     assert info2["reg_samples"] == len(d12) and info2["R"] == pytest.approx(float(reg2))
     assert torch.equal(ref_sub.obs, x[d12]) and rows.pending_rows == 0
-    # step 3 pends again; what is left at the iteration's end is never penalized
+    # step 3 pends again; what is left at the iteration's end is carried to the next
+    # iteration and penalized at its first evaluating step (nothing is dropped)
     reg3, info3 = rows.penalty(net, parts[2])
-    assert "R" not in info3 and rows.pending_rows == len(drawn) - len(d12)
+    d3 = [i for i in drawn if i >= 64]
+    assert "R" not in info3 and rows.pending_rows == len(d3)
+    nxt = IterationSubspaces(cfg, salt=4, carry=rows.carry_over())
+    y = obs_batch(32, seed=9)
+    reg4, info4 = nxt.penalty(net, y)
+    d4 = select_keyed_rows(row_keys(y, 4), cfg)
+    assert info4["reg_samples"] == len(d3) + len(d4) and nxt.pending_rows == 0
+    assert reg4.grad_fn is not None
     # digests given by the caller draw the same rows
     again = IterationSubspaces(cfg, salt=3)
     again.penalty(net, parts[0], digests=row_digests(parts[0]))

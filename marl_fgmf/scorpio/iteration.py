@@ -72,10 +72,12 @@ class IterationSubspaces:
     ``reg_every``-th call returns ``reg_every`` times :func:`scorpio_regularizer` on the rows
     drawn in the last ``reg_every`` calls (the calls between return a zero without a graph and
     no ``"R"`` in ``info``): per iteration the same rows and the same total weight as a penalty
-    at every step, in fewer double-backward calls (:attr:`ScorpioConfig.reg_every`). Rows still
-    pending when the iteration ends (at most ``reg_every - 1`` minibatches') are not penalized.
-    Make one object per iteration (a new ``salt`` each time: a fresh draw) and drop it after
-    the iteration's last SGD step.
+    at every step, in fewer double-backward calls (:attr:`ScorpioConfig.reg_every`). Make one
+    object per iteration (a new ``salt`` each time: a fresh draw) and drop it after the
+    iteration's last SGD step, passing :meth:`carry_over` to the next one: rows still pending
+    at the end of an iteration (at most ``reg_every - 1`` minibatches') are penalized at the
+    next iteration's first evaluating step, so no drawn row is lost, even when an iteration
+    has fewer SGD steps than ``reg_every``.
 
     Cost per iteration: ``1 + ig_steps + power_iters`` passes for each distinct drawn row
     (about ``reg_fraction`` of the train batch) plus 3 passes per drawn row per epoch, in one
@@ -83,14 +85,16 @@ class IterationSubspaces:
     """
 
     def __init__(self, config: ScorpioConfig, salt: int,
-                 timed: Callable[[str], ContextManager] | None = None) -> None:
+                 timed: Callable[[str], ContextManager] | None = None,
+                 carry: tuple[list[ExploitableSubspace], int] | None = None) -> None:
         self.config = config
         self.salt = int(salt)
         # profiling hook: timed("scorpio_subspace") wraps the subspace computation
         self._timed = timed or (lambda name: contextlib.nullcontext())
         self._rows: dict[bytes, ExploitableSubspace] = {}
-        self._pending: list[bytes] = []  # drawn rows not yet penalized
-        self._calls = 0
+        # drawn rows not yet penalized (their subspaces), and the calls since the last penalty
+        self._pending: list[ExploitableSubspace] = list(carry[0]) if carry else []
+        self._calls = int(carry[1]) if carry else 0
         self.computed_rows = 0  # rows whose subspace this iteration computed
 
     def __len__(self) -> int:
@@ -99,7 +103,12 @@ class IterationSubspaces:
     @property
     def pending_rows(self) -> int:
         """Rows drawn since the last penalty evaluation (penalized at the next evaluating call)."""
-        return len(self._pending)
+        return sum(len(p) for p in self._pending)
+
+    def carry_over(self) -> tuple[list[ExploitableSubspace], int]:
+        """``(pending subspaces, calls since the last penalty)``: pass it as ``carry`` to the
+        next iteration's object, which penalizes these rows at its first evaluating call."""
+        return list(self._pending), self._calls % self.config.reg_every
 
     def penalty(self, policy: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -133,13 +142,13 @@ class IterationSubspaces:
             for j, key in enumerate(new):
                 self._rows[key] = fresh.rows([j])
             self.computed_rows += len(new)
-        self._pending.extend(keys[i] for i in drawn)
+        self._pending.extend(self._rows[keys[i]] for i in drawn)
         self._calls += 1
         every = self.config.reg_every
         if self._calls % every:
             zero = torch.zeros((), dtype=obs.dtype, device=obs.device)
             return zero, {"new_subspace_rows": float(len(new))}
-        subspace = ExploitableSubspace.cat([self._rows[key] for key in self._pending])
+        subspace = ExploitableSubspace.cat(self._pending)
         self._pending = []
         reg, info = scorpio_regularizer(policy, None, self.config,
                                         subspace=subspace.to(obs.device))

@@ -84,7 +84,8 @@ class ScorpioConfig:
     per iteration as a penalty at every step, in fewer and larger double-backward calls. A
     call has a fixed cost about that of 3-4 rows (parameter-sized products and sums in the
     third-order graph: 14 ms for 1 row, 31 ms for 8, 44 ms for 16 on the default CNN at
-    21x21, two CPU threads), so 2 cuts the penalty's time by about 30%. 1: every step.
+    21x21, two CPU threads), so 2 cuts the penalty's time by about 30%. 1: every step. Rows
+    pending when an iteration ends are penalized in the next one (never dropped).
     :func:`scorpio_regularizer` alone ignores it."""
     max_reg_samples: int | None = None
     """Optional cap (>= 1) on the sub-batch rows, for a fixed absolute cost on large batches."""
