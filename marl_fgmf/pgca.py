@@ -49,8 +49,8 @@ from marl_fgmf.attribution import (DEFAULT_CHUNK, action_score, check_chunk, int
                                    patch_masks, resolve_actions)
 from marl_fgmf.protocol import check_input_gradient, check_obs, eval_mode, expected_obs_shape
 
-__all__ = ["PGCAResult", "PGCA", "explain", "consensus_map", "spearman", "normalize_map",
-           "sgam_mask", "DEFAULTS"]
+__all__ = ["PGCAResult", "PGCA", "explain", "consensus_map", "spearman", "average_ranks",
+           "normalize_map", "sgam_mask", "DEFAULTS"]
 
 DEFAULTS: dict[str, Any] = {
     "steps": 32,            # IG interpolation points m
@@ -135,7 +135,7 @@ def consensus_map(gradient: torch.Tensor, perturbation: torch.Tensor, q: float =
     return torch.sqrt(g * p) * keep
 
 
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """Row-wise ranks 1..N with ties sharing their average rank, (B, N) -> (B, N)."""
     b, n = values.shape
     order = values.argsort(dim=1, stable=True)
@@ -158,8 +158,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``rho = corr(rank(a), rank(b))`` (Pearson correlation of average ranks, so ties are handled
     as in ``scipy.stats.spearmanr``); NaN where either sample is constant.
     """
-    ra = _average_ranks(a.flatten(1).double())
-    rb = _average_ranks(b.flatten(1).double())
+    ra = average_ranks(a.flatten(1).double())
+    rb = average_ranks(b.flatten(1).double())
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     denom = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
     rho = (ra * rb).sum(1) / denom

@@ -63,6 +63,7 @@ from torch import nn
 
 from marl_fgmf.attribution import background_mask, resolve_actions, spatial_map
 from marl_fgmf.explainers import METHODS
+from marl_fgmf.pgca import average_ranks
 from marl_fgmf.protocol import check_obs, eval_mode
 
 __all__ = ["MODES", "PIXELS", "RandomizationResult", "randomization_check", "randomizable_layers",
@@ -80,16 +81,6 @@ pixels (:func:`marl_fgmf.attribution.background_mask`, the most common colour)."
 # correlations
 # ---------------------------------------------------------------------------------------------
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """(B, N) -> (B, N) float64 ranks 0..N-1, tied values at the mean of their ranks."""
-    out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
-    for i, row in enumerate(x):
-        _, inverse, counts = torch.unique(row, return_inverse=True, return_counts=True)
-        first = torch.cumsum(counts, 0) - counts  # rank of each group's first member
-        out[i] = (first + (counts - 1) / 2.0).to(torch.float64)[inverse]
-    return out
-
-
 def _pearson_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Row-wise Pearson correlation of two (B, N) tensors, (B,) float64, NaN for a constant row."""
     x, y = x.double(), y.double()
@@ -106,7 +97,7 @@ def _correlate(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, rank
         raise ValueError(f"{name} needs two (B, ...) tensors of one shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     x, y = a.detach().flatten(1), b.detach().flatten(1)
-    prepare = _average_ranks if ranks else (lambda t: t)
+    prepare = (lambda t: average_ranks(t.double())) if ranks else (lambda t: t)
     if mask is None:
         return _pearson_rows(prepare(x), prepare(y))
     if tuple(mask.shape) != tuple(a.shape):
