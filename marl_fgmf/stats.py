@@ -242,9 +242,8 @@ def stratified_bootstrap_ci(scores: Scores, statistic: Callable[[dict[Any, np.nd
 
 
 def _pooled_iqm(checked: dict[Any, np.ndarray]) -> float:
-    pooled = np.sort(np.concatenate(list(checked.values())))
-    cut = int(0.25 * pooled.size)  # whole runs trimmed from each end, as scipy's trim_mean
-    return float(pooled[cut:pooled.size - cut].mean())
+    # the same 25% trimmed mean as iqm(), without its per-call validation (bootstrap loop)
+    return float(_scipy_stats.trim_mean(np.concatenate(list(checked.values())), 0.25))
 
 
 def _mean_of_task_means(checked: dict[Any, np.ndarray]) -> float:
