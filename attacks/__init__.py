@@ -11,10 +11,14 @@ random          :class:`RandomNoise`                              Linf, L2
 fgsm            :class:`FGSM` (Goodfellow et al. 2015)            Linf, L2
 pgd             :class:`PGD` (Madry et al. 2018)                  Linf, L2
 apgd            :class:`APGD` (Croce & Hein 2020), CE / DLR       Linf, L2
+apgdt           :class:`APGDT`, APGD-T, targeted DLR (>= 4 act.)  Linf, L2
+fab             :class:`FAB`, FAB-T (Croce & Hein 2020), minimal  Linf, L2
 square          :class:`Square` (Andriushchenko et al. 2020)      Linf, gradient-free
 bpda            :class:`BPDA` wrapper (Athalye et al. 2018)       the wrapped attack's
 eot             :class:`EOT` wrapper (Athalye et al. 2018)        the wrapped attack's
 ensemble        :class:`Ensemble`, per-sample strongest           the members'
+autoattack      :class:`AutoAttack` preset: APGD-CE, APGD-T,      Linf
+                FAB-T, Square (Croce & Hein 2020, standard)
 ==============  ===============================================  ==============================
 
 Third-party attacks: :class:`ExternalAttack` wraps a torchattacks ``Attack`` or a function
@@ -37,6 +41,8 @@ from typing import Any
 from torch import nn
 
 from attacks.apgd import APGD, apgd_checkpoints
+from attacks.apgdt import APGDT
+from attacks.autoattack import AutoAttack
 from attacks.base import NORMS, Attack, AttackContext
 from attacks.bpda import BPDA, StraightThrough
 from attacks.ensemble import Ensemble
@@ -44,6 +50,7 @@ from attacks.eot import EOT
 from attacks.evaluate import evaluate
 from attacks.external import ExternalAttack
 from attacks.external_paths import build_external, external_code_id, load_external
+from attacks.fab import FAB, project_hyperplane_box
 from attacks.fgsm import FGSM
 from attacks.learned import LearnedAdversary
 from attacks.objectives import OBJECTIVES
@@ -57,13 +64,17 @@ ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
     "pgd": PGD,
     "apgd": APGD,
+    "apgdt": APGDT,
+    "fab": FAB,
     "square": Square,
     "bpda": BPDA,
     "eot": EOT,
     "ensemble": Ensemble,
+    "autoattack": AutoAttack,
 }
 ALIASES = {"noise": "random", "random_noise": "random", "randomnoise": "random",
-           "auto_pgd": "apgd", "autopgd": "apgd"}
+           "auto_pgd": "apgd", "autopgd": "apgd", "apgd_t": "apgdt", "fab_t": "fab",
+           "fabt": "fab", "auto_attack": "autoattack", "aa": "autoattack"}
 WRAPPERS = ("bpda", "eot")
 DEFAULT_ENSEMBLE = ("fgsm", "pgd", "apgd", "square")
 
@@ -137,7 +148,8 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
     ``eval_mode``), and pass every other setting to the inner attack. ``ensemble`` takes
     ``attacks=`` (names or Attack instances, default fgsm, pgd, apgd, square) and passes each
     other setting to every member that accepts it (``seed`` becomes ``seed + i`` for member i;
-    ``objective``/``target`` also set the ensemble's yardstick).
+    ``objective``/``target`` also set the ensemble's yardstick). ``autoattack`` builds its own
+    members (:class:`AutoAttack`) from ``steps``, ``n_queries``, ``n_target_classes``, ``seed``.
 
     Raises:
         ValueError: unknown name (listing the valid ones) or a setting the attack does not take
@@ -146,6 +158,7 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
     Example:
         >>> attack = make_attack("pgd", policy, eps="4/255", steps=20)
         >>> attack = make_attack("bpda", policy, attack="apgd", eps=8/255, steps=50)
+        >>> attack = make_attack("autoattack", policy, eps=8/255, seed=0, n_queries=1000)
     """
     key = _resolve_name(name)
     cls = ATTACKS[key]
@@ -196,9 +209,9 @@ def make_attack(name: str, policy: nn.Module, **settings: Any) -> Attack:
 
 
 __all__ = [
-    "ALIASES", "APGD", "ATTACKS", "Attack", "AttackContext", "BPDA", "EOT", "Ensemble",
-    "ExternalAttack", "FGSM", "LearnedAdversary", "NCHWPolicy", "NORMS", "OBJECTIVES", "PGD",
-    "RandomNoise", "Square", "StraightThrough", "WRAPPERS", "apgd_checkpoints", "build_external",
-    "evaluate", "external_code_id", "is_torchattacks", "list_attacks", "load_external",
-    "make_attack", "unbound_model",
+    "ALIASES", "APGD", "APGDT", "ATTACKS", "Attack", "AttackContext", "AutoAttack", "BPDA", "EOT",
+    "Ensemble", "ExternalAttack", "FAB", "FGSM", "LearnedAdversary", "NCHWPolicy", "NORMS",
+    "OBJECTIVES", "PGD", "RandomNoise", "Square", "StraightThrough", "WRAPPERS",
+    "apgd_checkpoints", "build_external", "evaluate", "external_code_id", "is_torchattacks",
+    "list_attacks", "load_external", "make_attack", "project_hyperplane_box", "unbound_model",
 ]

@@ -98,6 +98,12 @@ class APGD(Attack):
         self.checkpoints = apgd_checkpoints(self.steps)
 
     def _perturb(self, ctx: AttackContext) -> torch.Tensor:
+        best = self._run(ctx)
+        ctx.success = best.success
+        return best.x
+
+    def _run(self, ctx: AttackContext) -> BestIterate:
+        """All restarts on ``ctx``; the per-sample best iterate (point, loss, success)."""
         x0 = ctx.obs
         b = ctx.batch
         best = BestIterate(ctx)
@@ -144,5 +150,4 @@ class APGD(Attack):
                 x_next = self.project(x0, x + self.momentum * (z - x) + (1 - self.momentum) * (x - x_prev))
                 x_prev, x = x, x_next
             best.update_last(self, x, ctx)
-        ctx.success = best.success
-        return best.x
+        return best

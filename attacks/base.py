@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from attacks.objectives import (ACTION_OBJECTIVES, OBJECTIVES, SUCCESS_OBJECTIVES, TargetSpec,
-                                better, check_action_count, check_actions, is_success,
-                                loss_dtype, objective_loss, resolve_target)
+                                TARGET_OBJECTIVES, better, check_action_count, check_actions,
+                                is_success, loss_dtype, objective_loss, resolve_target)
 from marl_fgmf.protocol import (check_input_gradient, check_obs, eval_mode, expected_obs_shape,
                                 parse_budget, policy_device)
 
@@ -224,8 +224,8 @@ class Attack:
             raise ValueError(f"objective 'value' needs a critic policy.value(obs) -> (B,); "
                              f"{type(policy).__name__} has none (use 'ce', 'kl' or 'margin')")
         self.objective = objective
-        if target is not None and objective != "targeted":
-            raise ValueError(f"target is only used with objective='targeted', "
+        if target is not None and objective not in TARGET_OBJECTIVES:
+            raise ValueError(f"target is only used with objective='targeted' or 'dlr_targeted', "
                              f"got objective={objective!r}")
         self.target = target
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -494,7 +494,7 @@ class Attack:
         ref = check_actions(actions, b, n_actions, x.device, "actions")
         if ref is None:
             ref = clean_logits.argmax(dim=1)
-        target = (resolve_target(self.target, self.policy, x, clean_logits)
-                  if self.objective == "targeted" else None)
+        target = (resolve_target(self.target, self.policy, x, clean_logits, self.objective, ref)
+                  if self.objective in TARGET_OBJECTIVES else None)
         return AttackContext(obs=x, actions=ref, clean_logits=clean_logits, target=target,
                              generator=gen)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, AttackContext
-from attacks.objectives import TargetSpec
+from attacks.objectives import TARGET_OBJECTIVES, TargetSpec
 
 
 class Ensemble(Attack):
@@ -113,5 +113,5 @@ class Ensemble(Attack):
 
 def _has_per_sample_target(attack: Attack) -> bool:
     spec = attack.target
-    return attack.objective == "targeted" and spec is not None and not (
+    return attack.objective in TARGET_OBJECTIVES and spec is not None and not (
         isinstance(spec, int) or callable(spec) and not torch.is_tensor(spec))

@@ -4,21 +4,26 @@ Objectives (``objective=``), each a per-sample loss that the attack MAXIMIZES, w
 ``z = policy(x + delta)``, ``pi = softmax(z)``, ``a`` the reference actions (the ``actions``
 argument, by default the clean greedy actions ``argmax pi(x)``):
 
-==========  ==================================================  =====================================
-name        loss (maximized)                                    needs
-==========  ==================================================  =====================================
-ce          ``-log pi(a | x + delta)``                          >= 2 actions
-kl          ``KL(pi(x) || pi(x + delta))`` (MAD, Zhang 2020)    >= 2 actions; ignores ``actions``
-value       ``-V(x + delta)`` (minimize the critic)             ``policy.value``; ignores ``actions``
-targeted    ``log pi(t | x + delta)``, ``t`` the target below   >= 2 actions
-margin      ``max_{i != a} z_i - z_a`` (Carlini-Wagner margin)  >= 2 actions
-dlr         ``-(z_a - max_{i != a} z_i) / (z_1 - z_3)``         >= 3 actions (refused otherwise)
-==========  ==================================================  =====================================
+============  ==================================================  =====================================
+name          loss (maximized)                                    needs
+============  ==================================================  =====================================
+ce            ``-log pi(a | x + delta)``                          >= 2 actions
+kl            ``KL(pi(x) || pi(x + delta))`` (MAD, Zhang 2020)    >= 2 actions; ignores ``actions``
+value         ``-V(x + delta)`` (minimize the critic)             ``policy.value``; ignores ``actions``
+targeted      ``log pi(t | x + delta)``, ``t`` the target below   >= 2 actions
+margin        ``max_{i != a} z_i - z_a`` (Carlini-Wagner margin)  >= 2 actions
+dlr           ``-(z_a - max_{i != a} z_i) / (z_1 - z_3)``         >= 3 actions (refused otherwise)
+dlr_targeted  ``-(z_a - z_t) / (z_1 - (z_3 + z_4) / 2)``          >= 4 actions (refused otherwise)
+============  ==================================================  =====================================
 
 (``z_1 >= z_2 >= z_3`` are the sorted logits; DLR is Croce & Hein 2020's "difference of logits
 ratio". With fewer than 3 actions its denominator does not exist, and with ``z_2`` instead it is
 the constant -1 whenever ``a`` is the top action, so it has no gradient; we REFUSE with a
 ValueError telling the user to pick ``ce`` or ``margin`` instead of silently falling back.)
+``dlr_targeted`` is the targeted DLR loss of APGD-T (same paper, section 4): it pushes ``z_t``
+above ``z_a`` for a target ``t`` and needs ``z_4``, so it is refused below 4 actions; its
+default target is the most likely action other than ``a`` (:func:`ranked_targets`), and its
+success is the untargeted one (the greedy action leaves ``a``), as AutoAttack counts it.
 
 **Targeted objective.** The target ``t`` is, per sample (:func:`resolve_target`):
 
@@ -46,16 +51,17 @@ from typing import Any, Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
-SUCCESS_OBJECTIVES = ("ce", "targeted", "margin", "dlr")  # the goal is to flip the action
+OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr", "dlr_targeted")
+SUCCESS_OBJECTIVES = ("ce", "targeted", "margin", "dlr", "dlr_targeted")  # flip the action
+TARGET_OBJECTIVES = ("targeted", "dlr_targeted")  # the objectives that read a target
 # the objectives whose loss reads the reference actions (a caller's actions spare the clean pass)
 ACTION_OBJECTIVES = ("ce", "margin", "dlr", "value")
 
 TargetSpec = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
-__all__ = ["ACTION_OBJECTIVES", "OBJECTIVES", "SUCCESS_OBJECTIVES", "TargetSpec", "better",
-           "check_action_count", "check_actions", "is_success", "loss_dtype", "objective_loss",
-           "resolve_target"]
+__all__ = ["ACTION_OBJECTIVES", "OBJECTIVES", "SUCCESS_OBJECTIVES", "TARGET_OBJECTIVES",
+           "TargetSpec", "better", "check_action_count", "check_actions", "is_success",
+           "loss_dtype", "objective_loss", "ranked_targets", "resolve_target"]
 
 
 def loss_dtype(device: torch.device) -> torch.dtype:
@@ -74,7 +80,7 @@ def objective_loss(objective: str, logits: torch.Tensor, values: torch.Tensor | 
         values: (B,) critic values of the perturbed batch (``value`` only).
         actions: (B,) long reference actions.
         clean_logits: (B, n_actions) logits of the clean batch (``kl`` only).
-        target: (B,) long target actions (``targeted`` only).
+        target: (B,) long target actions (``targeted`` and ``dlr_targeted`` only).
     Returns:
         (B,) float64 losses (float32 on MPS).
     """
@@ -105,6 +111,11 @@ def objective_loss(objective: str, logits: torch.Tensor, values: torch.Tensor | 
     if objective == "dlr":
         top = logits.sort(dim=1, descending=True).values
         return -(z_a - z_other) / (top[:, 0] - top[:, 2] + 1e-12)
+    if objective == "dlr_targeted":
+        assert target is not None
+        top = logits.sort(dim=1, descending=True).values
+        z_t = logits.gather(1, target[:, None])[:, 0]
+        return -(z_a - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
     raise AssertionError(objective)
 
 
@@ -133,6 +144,11 @@ def check_action_count(objective: str, n_actions: int) -> None:
         raise ValueError(f"objective 'dlr' needs >= 3 actions (it divides by z_1 - z_3, "
                          f"Croce & Hein 2020); this policy has {n_actions}: "
                          f"use objective='ce' or 'margin'")
+    if objective == "dlr_targeted" and n_actions < 4:
+        raise ValueError(f"objective 'dlr_targeted' (APGD-T) needs >= 4 actions (it divides by "
+                         f"z_1 - (z_3 + z_4) / 2, Croce & Hein 2020); this policy has "
+                         f"{n_actions}: use APGD with objective='ce' or 'margin'"
+                         + (" or 'dlr'" if n_actions == 3 else ""))
 
 
 def check_actions(actions: Any, batch: int, n_actions: int | None, device: torch.device,
@@ -167,19 +183,33 @@ def check_actions(actions: Any, batch: int, n_actions: int | None, device: torch
     return actions.to(device=device, dtype=torch.long)
 
 
-def resolve_target(spec: TargetSpec, policy: Any, x: torch.Tensor, clean_logits: torch.Tensor
+def ranked_targets(clean_logits: torch.Tensor, actions: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) long: per sample the ``k`` most likely actions other than ``actions``, most
+    likely first (the targets of APGD-T and FAB-T); ``k`` is at most ``n_actions - 1``."""
+    others = clean_logits.scatter(1, actions[:, None], float("-inf"))
+    return others.topk(k, dim=1).indices
+
+
+def resolve_target(spec: TargetSpec, policy: Any, x: torch.Tensor, clean_logits: torch.Tensor,
+                   objective: str = "targeted", actions: torch.Tensor | None = None
                    ) -> torch.Tensor:
-    """The (B,) long targets of the ``targeted`` objective for the clean batch ``x``.
+    """The (B,) long targets of the ``targeted`` (or ``dlr_targeted``) objective for ``x``.
 
     Args:
         spec: the attack's ``target`` (see the module docstring).
         policy: the attacked policy (its ``action_values`` rank the actions when it has them).
         x: (B, H, W, C) clean observations.
         clean_logits: (B, n_actions) their logits.
+        objective: ``dlr_targeted`` makes the default (``spec=None``) target the most likely
+            action other than ``actions`` (:func:`ranked_targets`) instead of the worst one.
+        actions: (B,) reference actions (``dlr_targeted`` with ``spec=None`` only).
     Raises:
         ValueError: a target of the wrong shape or range, or bad ``action_values``.
     """
     b, n_actions = clean_logits.shape
+    if spec is None and objective == "dlr_targeted":
+        assert actions is not None
+        return ranked_targets(clean_logits, actions, 1)[:, 0]
     if spec is None:
         q_fn = getattr(policy, "action_values", None)
         with torch.no_grad():

@@ -11,7 +11,7 @@ from attacks.objectives import TargetSpec
 
 # Iterations (rescaled to a 10,000-query budget) after which the square size fraction halves.
 P_HALVING_AT = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
-EARLY_STOP_OBJECTIVES = ("ce", "margin", "dlr", "targeted")
+EARLY_STOP_OBJECTIVES = ("ce", "margin", "dlr", "targeted", "dlr_targeted")
 
 
 def square_fraction(p_init: float, iteration: int, n_queries: int) -> float:

@@ -50,6 +50,9 @@ def random_obs(batch: int, shape=(9, 9, 3), seed: int = 0, saturate: float = 0.1
     return torch.where(u > 1 - saturate / 2, torch.ones_like(x), x)
 
 
+FIXED_OBJECTIVE = ("apgdt", "fab", "autoattack")
+
+
 def quick_settings(name: str, norm: str = "linf") -> dict:
     """Small budgets for every registered attack (so the whole file stays fast)."""
     return {
@@ -57,6 +60,9 @@ def quick_settings(name: str, norm: str = "linf") -> dict:
         "fgsm": dict(norm=norm),
         "pgd": dict(norm=norm, steps=3, restarts=2),
         "apgd": dict(norm=norm, steps=5),
+        "apgdt": dict(norm=norm, steps=3, n_target_classes=2),
+        "fab": dict(norm=norm, steps=3, n_target_classes=2),
+        "autoattack": dict(steps=2, n_queries=6, n_target_classes=2),
         "square": dict(n_queries=12),
         "bpda": dict(attack="pgd", norm=norm, steps=2),
         "eot": dict(attack="pgd", norm=norm, steps=2, samples=2),
@@ -92,13 +98,18 @@ def ce_loss(policy: nn.Module, x: torch.Tensor, actions: torch.Tensor) -> torch.
        seed=st.integers(0, 2 ** 16))
 def test_every_attack_stays_in_its_ball_and_unit_range(name, arch, norm, eps, batch, side, channels,
                                                        n_actions, objective, seed):
-    if name == "square":
+    if name in ("square", "autoattack"):
         norm = "linf"
     shape = (side, side, channels)
     policy = tiny_policy(arch, shape, n_actions, seed=seed % 7)
     obs = random_obs(batch, shape, seed=seed)
-    attack = make_attack(name, policy, eps=eps, seed=seed, objective=objective,
-                         **quick_settings(name, norm))
+    own_objective = name in FIXED_OBJECTIVE  # APGD-T, FAB-T and AutoAttack fix their losses
+    attack = make_attack(name, policy, eps=eps, seed=seed, **quick_settings(name, norm),
+                         **({} if own_objective else {"objective": objective}))
+    if name in ("apgdt", "autoattack") and n_actions < 4:
+        with pytest.raises(ValueError, match="needs >= 4 actions"):
+            attack(obs)
+        return
     adv = attack(obs)
     ensemble_norms = {a.norm for a in getattr(attack, "attacks", [attack])}
     assert_in_ball(adv, obs, eps, norm if len(ensemble_norms) == 1 else "linf")

@@ -45,7 +45,7 @@ NORMS = ("linf", "l2")
 SQUARE_QUERIES = 1000
 """Square's query budget per observation when ``--settings`` names none."""
 # for --help; the values are checked against attacks.OBJECTIVES
-OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr")
+OBJECTIVES = ("ce", "kl", "value", "targeted", "margin", "dlr", "dlr_targeted")
 
 
 def _eps_list(text: str) -> list[float]:
@@ -59,7 +59,8 @@ def _eps_list(text: str) -> list[float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p)
     p.add_argument("--attack", required=True, metavar="NAME[,NAME...]",
-                   help="random | fgsm | pgd | apgd | square | bpda | eot | ensemble | learned, "
+                   help="random | fgsm | pgd | apgd | apgdt | fab | square | bpda | eot | "
+                        "ensemble | autoattack | learned, "
                         "or several, comma-separated (each setting goes to the attacks that "
                         "take it)")
     p.add_argument("--adversary", default=None, metavar="DIR",
