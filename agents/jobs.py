@@ -173,14 +173,16 @@ def short_node(node: dict[str, Any] | None) -> str:
 def run_jobs(jobs: list[Job], *, num_cpus: float = 1.0, limit: int | None = None,
              on_result: Callable[[Job, dict[str, Any]], None],
              log: Callable[[str], None] | None = None, max_node_failures: int = 3,
-             on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> list[str]:
+             on_done: Callable[[Job, dict[str, Any]], None] | None = None,
+             node_id: str | None = None) -> list[str]:
     """Run ``jobs`` as Ray tasks (:func:`remote_call`), at most ``limit`` in flight, in order.
 
     Ray places the tasks. A node whose last ``max_node_failures`` tasks all failed with the
     same cause is **excluded** while another node is healthy: it gets no more work (the
     remaining tasks are pinned to the healthy nodes with Ray's node-affinity strategy), its
     failed tasks are submitted again once, elsewhere, and ``log`` names the node and the
-    cause. ``on_result(job, result)`` gets every successful result (``result["node"]`` says
+    cause. ``node_id`` pins every task to that node instead (jobs that write the driver's
+    files: the benchmark's trainings). ``on_result(job, result)`` gets every successful result (``result["node"]`` says
     where it ran); ``on_done`` every finished task, successful or not (progress bars).
 
     Returns:
@@ -206,6 +208,8 @@ def run_jobs(jobs: list[Job], *, num_cpus: float = 1.0, limit: int | None = None
     def submit(job: Job, nodes: dict[str, float] | None) -> None:
         """``nodes``: the healthy nodes while some are excluded (None: Ray places the task)."""
         strategy, pinned = None, None
+        if node_id is not None:
+            nodes = {node_id: 1.0}
         if nodes:  # pinned to the least loaded healthy node
             load = {nid: 0 for nid in nodes}
             for _, where in in_flight.values():

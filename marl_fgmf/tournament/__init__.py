@@ -66,6 +66,8 @@ The configuration (YAML or JSON; relative paths are relative to the config file'
     defenders:
       - {name: ppo, checkpoint: runs/ppo}
       - {name: fgmf, train: {defense: fgmf, iterations: 20}}   # trained into DIR/defenders/fgmf
+      - {name: ppo2, checkpoint: runs/ppo2,                    # with attackers of its own
+         attackers: [{name: paad, adversary: runs/paad-vs-ppo2}]}
     attackers:
       - fgsm                                                   # name = attack, default settings
       - {name: pgd20, attack: pgd, settings: {steps: 20}}
@@ -75,6 +77,10 @@ The configuration (YAML or JSON; relative paths are relative to the config file'
     audit: {eps: 8/255, n_obs: 64}                             # or false
     num_cpus_per_match: 1
     max_concurrency: 2          # matches in flight (default: the cluster's CPUs / num_cpus)
+
+A defender's own ``attackers`` (same format) play that defender only, after the config's:
+a learned adversary trained against it, say. The same name may serve several defenders (one
+column of the leaderboard, each defender against its own adversary).
 
 An ``external`` attacker names, by import path, a torchattacks ``Attack`` class (built as
 ``cls(model, eps=<eps>, **settings)``) or a factory called as ``factory(eps=<eps>,

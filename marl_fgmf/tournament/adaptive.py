@@ -63,8 +63,12 @@ def adaptive_attackers(attackers: list[AttackerSpec]) -> list[AttackerSpec]:
 def added_attackers(cfg: TournamentConfig, filtered: dict[str, bool]
                     ) -> dict[str, list[AttackerSpec]]:
     """Per defender with an input filter (``filtered``: by defender name), the adaptive
-    attackers the tournament adds to the config's (none where the config lists them all)."""
-    extra = adaptive_attackers(cfg.attackers)
-    if not extra:
-        return {}
-    return {d.name: list(extra) for d in cfg.defenders if filtered.get(d.name)}
+    attackers the tournament adds to the config's (none where the config, or the defender's
+    own attackers, list them all)."""
+    out = {}
+    for d in cfg.defenders:
+        if filtered.get(d.name):
+            extra = adaptive_attackers(list(cfg.attackers) + list(d.attackers))
+            if extra:
+                out[d.name] = extra
+    return out

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -45,6 +45,9 @@ class DefenderSpec:
     """``agents.train.TrainConfig`` fields; trained into ``DIR/defenders/<name>`` first"""
     policy_id: str | None = None
     """restrict to one module of the checkpoint (default: every module, mapped per agent)"""
+    attackers: list["AttackerSpec"] = field(default_factory=list)
+    """attackers of this defender only (e.g. a learned adversary trained against it), played
+    after the config's; a name may repeat across defenders (one column of the leaderboard)"""
 
     def run_dir(self, out: Path) -> Path:
         """Where the defender's checkpoint lives (for a training spec, inside ``out``)."""
@@ -178,11 +181,17 @@ class TournamentConfig:
                 errors.append(f"defender #{i + 1} must be a mapping with name and checkpoint "
                               f"or train, got {d!r}")
                 continue
-            extra = sorted(set(d) - {"name", "checkpoint", "train", "policy_id"})
+            extra = sorted(set(d) - {"name", "checkpoint", "train", "policy_id", "attackers"})
             name = str(d.get("name", f"#{i + 1}"))
             if extra:
                 errors.append(f"defender {name}: unknown key(s) {', '.join(extra)}; allowed: "
-                              f"name, checkpoint, train, policy_id")
+                              f"name, checkpoint, train, policy_id, attackers")
+            own_raw = d.get("attackers") or []
+            if not isinstance(own_raw, list):
+                errors.append(f"defender {name}: attackers must be a list")
+                own_raw = []
+            own = [x for x in (parse_attacker(a, j, errors, path_of)
+                               for j, a in enumerate(own_raw)) if x is not None]
             if "name" not in d:
                 errors.append(f"defender #{i + 1}: missing name")
             has_ckpt, has_train = d.get("checkpoint") is not None, d.get("train") is not None
@@ -195,7 +204,8 @@ class TournamentConfig:
             defenders.append(DefenderSpec(
                 name=name, checkpoint=path_of(d["checkpoint"]) if has_ckpt else None,
                 train=dict(train) if isinstance(train, dict) else None,
-                policy_id=None if d.get("policy_id") is None else str(d["policy_id"])))
+                policy_id=None if d.get("policy_id") is None else str(d["policy_id"]),
+                attackers=own))
 
         attackers: list[AttackerSpec] = []
         raw_att = data.get("attackers")
@@ -203,43 +213,9 @@ class TournamentConfig:
             errors.append("attackers must be a non-empty list")
             raw_att = []
         for i, a in enumerate(raw_att):
-            if isinstance(a, str):  # a bare registry name: the attack with default settings
-                attackers.append(AttackerSpec(name=a, attack=a))
-                continue
-            if not isinstance(a, dict):
-                errors.append(f"attacker #{i + 1} must be an attack name or a mapping, got {a!r}")
-                continue
-            extra = sorted(set(a) - ATTACKER_KEYS)
-            name = str(a.get("name", a.get("attack", f"#{i + 1}")))
-            if extra:
-                errors.append(f"attacker {name}: unknown key(s) {', '.join(extra)}; allowed: "
-                              f"{', '.join(sorted(ATTACKER_KEYS))}")
-            has_attack, has_adv = a.get("attack") is not None, a.get("adversary") is not None
-            has_ext = a.get("external") is not None
-            if has_attack + has_adv + has_ext > 1:
-                errors.append(f"attacker {name}: give one of attack, adversary or external")
-            if not has_attack and not has_adv and not has_ext and "name" not in a:
-                errors.append(f"attacker #{i + 1}: give a name and an attack or an adversary")
-            if has_ext and "name" not in a:
-                errors.append(f"attacker #{i + 1}: an external attacker needs a name")
-            norm = a.get("norm")
-            if norm is not None and not has_ext:
-                errors.append(f"attacker {name}: norm applies to external attackers only "
-                              f"(analytic attacks take it in settings)")
-            elif norm is not None and norm not in ("linf", "l2"):
-                errors.append(f"attacker {name}: norm must be 'linf' or 'l2', got {norm!r}")
-                norm = None  # reported once, here
-            settings = a.get("settings") or {}
-            if not isinstance(settings, dict):
-                errors.append(f"attacker {name}: settings must be a mapping")
-                settings = {}
-            if has_adv and settings:
-                errors.append(f"attacker {name}: settings apply to analytic attacks only")
-            attack = str(a["attack"]) if has_attack else (None if has_adv or has_ext else name)
-            attackers.append(AttackerSpec(name=name, attack=attack, settings=dict(settings),
-                                          adversary=path_of(a["adversary"]) if has_adv else None,
-                                          external=str(a["external"]) if has_ext else None,
-                                          norm=None if norm is None else str(norm)))
+            spec = parse_attacker(a, i, errors, path_of)
+            if spec is not None:
+                attackers.append(spec)
 
         eps: list[float] = []
         raw_eps = data.get("eps")
@@ -362,6 +338,16 @@ class TournamentConfig:
         errors += check_env(self.env, self.env_kwargs)
         errors += check_defenders(self.defenders, self.env, out)
         errors += check_attackers(self.attackers, self.eps)
+        listed = {a.name for a in self.attackers}
+        for d in self.defenders:
+            errors += [f"defender {d.name}: {e}" for e in
+                       duplicates("attacker name", [a.name for a in d.attackers])]
+            errors += [f"defender {d.name}: its attacker {a.name!r} has the name of a config "
+                       f"attacker; give it another" for a in d.attackers if a.name in listed]
+            errors += [f"defender {d.name}: attacker name {a.name!r} must start with a letter "
+                       f"or digit and use only letters, digits and _ . + -"
+                       for a in d.attackers if not NAME_RE.match(a.name) or a.name == CLEAN]
+            errors += [f"defender {d.name}: {e}" for e in check_attackers(d.attackers, self.eps)]
         return errors
 
     def check(self, out: str | os.PathLike | None = None) -> None:
@@ -373,9 +359,15 @@ class TournamentConfig:
     # ------------------------------------------------------------------ matches
     def attackers_of(self, defender: str,
                      added: dict[str, list[AttackerSpec]] | None = None) -> list[AttackerSpec]:
-        """The attackers that play ``defender``: the config's, then those the tournament
-        ``added`` for it (by defender name; see :mod:`marl_fgmf.tournament.adaptive`)."""
-        return list(self.attackers) + list((added or {}).get(defender, []))
+        """The attackers that play ``defender``: the config's, its own
+        (:attr:`DefenderSpec.attackers`), then those the tournament ``added`` for it (by
+        defender name; see :mod:`marl_fgmf.tournament.adaptive`)."""
+        own = next((d.attackers for d in self.defenders if d.name == defender), [])
+        return list(self.attackers) + list(own) + list((added or {}).get(defender, []))
+
+    def own_attacker_names(self) -> list[str]:
+        """The names of the defenders' own attackers, each once, in order of appearance."""
+        return list(dict.fromkeys(a.name for d in self.defenders for a in d.attackers))
 
     def matches(self, added: dict[str, list[AttackerSpec]] | None = None) -> list["Match"]:
         """Every match, clean ones first: per defender and seed one clean match, then
@@ -400,6 +392,48 @@ class TournamentConfig:
         data = dataclasses.asdict(self)
         data.pop("parse_errors", None)
         return to_jsonable(data)
+
+
+def parse_attacker(a: Any, i: int, errors: list[str], path_of: Callable[[Any], Path]
+                   ) -> "AttackerSpec | None":
+    """One attacker entry of a config (a registry name or a mapping); problems go to
+    ``errors`` (None when the entry cannot be read at all)."""
+    if isinstance(a, str):  # a bare registry name: the attack with default settings
+        return AttackerSpec(name=a, attack=a)
+    if not isinstance(a, dict):
+        errors.append(f"attacker #{i + 1} must be an attack name or a mapping, got {a!r}")
+        return None
+    extra = sorted(set(a) - ATTACKER_KEYS)
+    name = str(a.get("name", a.get("attack", f"#{i + 1}")))
+    if extra:
+        errors.append(f"attacker {name}: unknown key(s) {', '.join(extra)}; allowed: "
+                      f"{', '.join(sorted(ATTACKER_KEYS))}")
+    has_attack, has_adv = a.get("attack") is not None, a.get("adversary") is not None
+    has_ext = a.get("external") is not None
+    if has_attack + has_adv + has_ext > 1:
+        errors.append(f"attacker {name}: give one of attack, adversary or external")
+    if not has_attack and not has_adv and not has_ext and "name" not in a:
+        errors.append(f"attacker #{i + 1}: give a name and an attack or an adversary")
+    if has_ext and "name" not in a:
+        errors.append(f"attacker #{i + 1}: an external attacker needs a name")
+    norm = a.get("norm")
+    if norm is not None and not has_ext:
+        errors.append(f"attacker {name}: norm applies to external attackers only "
+                      f"(analytic attacks take it in settings)")
+    elif norm is not None and norm not in ("linf", "l2"):
+        errors.append(f"attacker {name}: norm must be 'linf' or 'l2', got {norm!r}")
+        norm = None  # reported once, here
+    settings = a.get("settings") or {}
+    if not isinstance(settings, dict):
+        errors.append(f"attacker {name}: settings must be a mapping")
+        settings = {}
+    if has_adv and settings:
+        errors.append(f"attacker {name}: settings apply to analytic attacks only")
+    attack = str(a["attack"]) if has_attack else (None if has_adv or has_ext else name)
+    return AttackerSpec(name=name, attack=attack, settings=dict(settings),
+                        adversary=path_of(a["adversary"]) if has_adv else None,
+                        external=str(a["external"]) if has_ext else None,
+                        norm=None if norm is None else str(norm))
 
 
 @dataclass(frozen=True)

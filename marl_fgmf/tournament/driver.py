@@ -211,7 +211,7 @@ def play_all(cfg: TournamentConfig, out: Path, specs: list[dict[str, Any]],
     for spec in sorted(specs, key=cost_estimate, reverse=True):
         objs = (shipped.policies[spec["defender"]],)
         if spec["kind"] == "learned":
-            objs += (shipped.adversaries[spec["attacker"]],)
+            objs += (shipped.adversaries[spec["adversary_key"]],)
         jobs.append(Job(play_match, spec, objs, title=match_title(spec), tag="match"))
     bar = None
     if progress:

@@ -101,7 +101,7 @@ def build_leaderboard(cfg: TournamentConfig, records: dict[str, dict[str, Any]],
     for i, row in enumerate(rows, start=1):
         row["rank"] = i
     return {"name": cfg.name, "eps": [eps_label(e) for e in eps_sorted],
-            "eps_values": eps_sorted, "attackers": [a.name for a in cfg.attackers],
+            "eps_values": eps_sorted, "attackers": [a.name for a in cfg.attackers] + cfg.own_attacker_names(),
             "added_attackers": extra,
             "seeds": list(cfg.seeds), "episodes": cfg.episodes,
             "ranked_by": f"robust return at eps {eps_label(eps_sorted[-1])} (min over attackers "

@@ -24,7 +24,7 @@ from marl_fgmf.tournament.config import (CLEAN, AttackerSpec, DefenderSpec, Matc
 from marl_fgmf.tournament.errors import ConfigError, first_line
 from marl_fgmf.tournament.matchlog import RECORD_VERSION
 
-__all__ = ["Shipped", "audit_is_current", "audit_settings", "audit_spec", "defender_env",
+__all__ = ["Shipped", "adversary_key", "audit_is_current", "audit_settings", "audit_spec", "defender_env",
            "fingerprint", "load_weights", "match_spec", "weights_hash"]
 
 
@@ -105,7 +105,9 @@ def match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: Shipped
     if m.attacker != CLEAN:
         a = next(x for x in cfg.attackers_of(d.name, shipped.added) if x.name == m.attacker)
         spec.update(kind=a.kind, attack=a.attack, settings=dict(a.settings),
-                    adversary=None if a.adversary is None else str(a.adversary))
+                    adversary=None if a.adversary is None else str(a.adversary),
+                    adversary_key=adversary_key(
+                        d.name if any(a is x for x in d.attackers) else None, a.name))
         if a.external is not None:
             spec.update(external=a.external, norm=a.norm)
         if a.added:
@@ -115,7 +117,7 @@ def match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: Shipped
         "env_kwargs": env_kwargs, "episodes": cfg.episodes, "seed": m.seed, "eps": m.eps,
         "kind": spec["kind"], "attack": spec.get("attack"),
         "settings": spec.get("settings") if spec["kind"] in ("analytic", "external") else None,
-        "adversary_hash": shipped.adversary_hash.get(m.attacker)
+        "adversary_hash": shipped.adversary_hash.get(spec.get("adversary_key", m.attacker))
         if spec["kind"] == "learned" else None,
         # only where true, so that the fingerprints of listed attackers stay as they were
         **({"added": True} if spec.get("added") else {}),
@@ -124,6 +126,12 @@ def match_spec(cfg: TournamentConfig, m: Match, out: Path, shipped: Shipped
             "external_code": external_code_id(spec["external"])}
            if spec["kind"] == "external" else {})})
     return spec
+
+
+def adversary_key(defender: str | None, attacker: str) -> str:
+    """Where a learned adversary is kept in :class:`Shipped`: a config attacker by its name,
+    a defender's own attacker by ``defender/name`` (the same name may serve several)."""
+    return attacker if defender is None else f"{defender}/{attacker}"
 
 
 def load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -> Shipped:
@@ -151,14 +159,16 @@ def load_weights(cfg: TournamentConfig, out: Path, log: Callable[[str], None]) -
         shipped.defender_hash[d.name] = weights_hash(policy)
         shipped.filtered[d.name] = filters_input(policy)
         shipped.policies[d.name] = ship(policy)
-    for a in cfg.attackers:
+    owned = [(adversary_key(None, a.name), a) for a in cfg.attackers]
+    owned += [(adversary_key(d.name, a.name), a) for d in cfg.defenders for a in d.attackers]
+    for key, a in owned:
         if a.adversary is not None:
             adversary = load_adversary(str(a.adversary), device="cpu")
             log_std = None if adversary.log_std is None else adversary.log_std.tolist()
-            shipped.adversary_hash[a.name] = weights_hash(
+            shipped.adversary_hash[key] = weights_hash(
                 {"adversary": adversary.adversary},
                 extra={"settings": adversary.settings(), "log_std": log_std})
-            shipped.adversaries[a.name] = ship(adversary)
+            shipped.adversaries[key] = ship(adversary)
     log(f"loaded {len(shipped.policies)} defender(s) and {len(shipped.adversaries)} learned "
         f"adversary(ies) on the driver; their weights travel through Ray's object store")
     shipped.added = added_attackers(cfg, shipped.filtered)
