@@ -1,5 +1,5 @@
-"""The ``marl-fgmf`` command line: ``train | attack | train-adversary | tournament | explain |
-audit | demo``.
+"""The ``marl-fgmf`` command line: ``train | attack | train-adversary | tournament | benchmark |
+explain | audit | demo | envs | export``.
 
 Each subcommand lives in ``marl_fgmf/commands/<name>.py`` with two functions,
 ``add_arguments(parser)`` and ``run(args) -> int``, imported only when that subcommand runs
@@ -29,6 +29,8 @@ COMMANDS = {
     "attack": "evaluate a trained policy under an observation attack",
     "train-adversary": "train learned adversary agents against a frozen victim",
     "tournament": "every defender against every attacker, with the gradient-masking audit",
+    "benchmark": "multi-seed, multi-env robustness benchmark: train, attack, audit, explain, "
+                 "aggregate with CIs",
     "explain": "PGCA explanations, per-agent figures and an episode animation",
     "audit": "gradient-masking audit of one trained policy",
     "demo": "train, attack, audit and explain on beacon, end to end",

@@ -34,7 +34,7 @@ from scipy import stats as _scipy_stats
 __all__ = ["t_quantile", "mean_ci95", "summarize", "bootstrap_ci", "mcnemar_greater", "iqm",
            "normalize_score", "stratified_bootstrap_ci", "aggregate_iqm", "aggregate_mean",
            "aggregate_median", "AGGREGATES", "aggregate_with_ci", "probability_of_improvement",
-           "performance_profile"]
+           "performance_profile", "ratio_of_aggregates"]
 
 
 def _values(values: Any) -> list[float]:
@@ -342,6 +342,39 @@ def probability_of_improvement(x_scores: Scores, y_scores: Scores, confidence: f
                          f"{no_y}, missing from x_scores {no_x}; both need the same tasks")
     return _scalar_or_array(*_stratified_bootstrap((x, y), _improvement, confidence,
                                                    n_resamples, seed))
+
+
+def ratio_of_aggregates(x_scores: Scores, y_scores: Scores, metric: str = "iqm",
+                        confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+                        ) -> tuple[float, float, float]:
+    """``aggregate(X) / aggregate(Y)`` (``metric`` of :data:`AGGREGATES`) with a stratified
+    bootstrap interval that resamples X's and Y's runs independently within each task (two
+    methods trained on separate seeds). A resample whose denominator is not positive gives
+    ``+inf`` when the numerator exceeds it, else ``-inf`` (X beats a Y at or below zero by
+    any factor, or loses to it), so an interval touching it is unbounded: a ratio to a score
+    near zero is not evidence.
+
+    Returns:
+        ``(estimate, low, high)``.
+    """
+    if metric not in _UNCHECKED:
+        raise ValueError(f"ratio_of_aggregates: metric {metric!r} unknown; allowed: "
+                         f"{sorted(AGGREGATES)}")
+    x, y = _check_scores(x_scores, "x_scores"), _check_scores(y_scores, "y_scores")
+    if x.keys() != y.keys():
+        raise ValueError("ratio_of_aggregates: x_scores and y_scores need the same tasks")
+    agg = _UNCHECKED[metric]
+    huge = 1e300  # stands for an infinite ratio inside the quantiles (inf - inf is nan)
+
+    def ratio(a: dict[Any, np.ndarray], b: dict[Any, np.ndarray]) -> float:
+        num, den = agg(a), agg(b)
+        if den <= 0:
+            return huge if num > den else -huge
+        return num / den
+
+    point, low, high = _stratified_bootstrap((x, y), ratio, confidence, n_resamples, seed)
+    return tuple(float(v) if abs(v) < huge else math.copysign(math.inf, v)
+                 for v in (point, low, high))
 
 
 def performance_profile(scores: Scores, taus: Any, confidence: float = 0.95,

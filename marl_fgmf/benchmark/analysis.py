@@ -1,0 +1,310 @@
+"""The benchmark's numbers: per-run robust returns normalized per env, aggregates with
+stratified bootstrap CIs, probability of improvement, performance profiles, the ablation,
+the cost, faithfulness, and the three claims with a verdict each (Agarwal et al., "Deep RL at
+the Edge of the Statistical Precipice", NeurIPS 2021; DESIGN.md section 3).
+
+Normalization per env: ``(x - random) / (reference - random)`` with ``random`` the uniform
+random policy's mean team return and ``reference`` beacon's scripted optimum (``optimum``
+envs) or the mean clean return of the env's undefended runs. A run's robust return at eps is
+the tournament's: the minimum over its attackers of the mean team return.
+
+Verdicts (never typed by hand): a claim with threshold ``t`` on a statistic with 95% CI
+``[low, high]`` **holds** if ``low >= t``, **does not hold** if ``high < t``, and is
+**undecided at this power** otherwise (for claim 3, an upper bound: holds if ``high <= t``,
+does not hold if ``low > t``). With fewer than :data:`MIN_RUNS` runs per env and method the
+bootstrap has no spread, so the verdict is "undecided at this power" whatever the estimate.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marl_fgmf.benchmark.suites import Suite
+from marl_fgmf.protocol import eps_label
+from marl_fgmf.stats import (aggregate_with_ci, mean_ci95, normalize_score, performance_profile,
+                             probability_of_improvement, ratio_of_aggregates,
+                             stratified_bootstrap_ci)
+
+__all__ = ["CLAIMS", "SINGLE_METHODS", "analyse", "verdict"]
+
+SINGLE_METHODS = ("ig", "occlusion", "gradcampp", "rise", "smoothgrad")
+"""The single attribution methods PGCA is compared with (those the suite ran)."""
+CLAIMS = {
+    "robust_return": ("FGMF beats baseline adversarial training (SA-PPO) by 30% in robust "
+                      "return", 1.3, "lower"),
+    "faithfulness": ("PGCA keeps saliency 25% more faithful to ground truth (GHR) than the "
+                     "best single method", 1.25, "lower"),
+    "cost": ("FGMF costs only a constant factor (at most 1.5x) of PPO's training time",
+             1.5, "upper"),
+}
+MIN_RUNS = 3
+"""Runs per env and method below which no claim is decided."""
+SANITY_LIMIT = 0.5
+"""A method whose map keeps a rank correlation above this after randomizing the policy's
+weights (over foreground pixels) fails the sanity check (Adebayo et al., NeurIPS 2018)."""
+
+
+def verdict(low: float, high: float, threshold: float, kind: str = "lower",
+            runs: int = MIN_RUNS) -> str:
+    """``holds`` / ``does not hold`` / ``undecided at this power`` (see the module doc);
+    ``runs``: the fewest runs of any env and method behind the interval."""
+    if runs < MIN_RUNS or math.isnan(low) or math.isnan(high):
+        return "undecided at this power"
+    if kind == "lower":
+        return ("holds" if low >= threshold else "does not hold" if high < threshold
+                else "undecided at this power")
+    return ("holds" if high <= threshold else "does not hold" if low > threshold
+            else "undecided at this power")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _interval(est: float, low: float, high: float) -> dict[str, float]:
+    return {"estimate": float(est), "low": float(low), "high": float(high)}
+
+
+def analyse(suite: Suite, out: Path, refs: dict[str, Any], boards: dict[str, dict[str, Any]]
+            ) -> dict[str, Any]:
+    """Everything the report shows, as JSON-able data (``DIR/benchmark.json``)."""
+    labels = [eps_label(e) for e in sorted(suite.eps)]
+    envs: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    for plan in suite.envs:
+        board = boards[plan.env]
+        rows = {r["defender"]: r for r in board["defenders"]}
+        random = refs[plan.env]["random"]["mean"]
+        plan_runs = [r for r in suite.runs() if r["env"] == plan.env]
+        clean_none = [rows[r["name"]]["clean"]["mean"] for r in plan_runs
+                      if r["defence"] == "none" and rows[r["name"]]["clean"]]
+        optimum = refs[plan.env].get("optimum")
+        reference = optimum if plan.optimum and optimum is not None else float(np.mean(clean_none))
+        envs[plan.env] = {"random": random, "optimum": optimum, "reference": reference,
+                          "reference_kind": "scripted optimum" if plan.optimum
+                          else "clean undefended return", "iterations": plan.iterations,
+                          "seeds": list(plan.seeds), "episodes": plan.episodes,
+                          "note": plan.note}
+        for r in plan_runs:
+            row = rows[r["name"]]
+            done = _read(out / "runs" / f"{r['name']}.json") or {}
+            rec = {**r, "wall_time_s": done.get("wall_time_s"), "env_steps": done.get("env_steps"),
+                   "iterations": done.get("iterations"),
+                   "clean": row["clean"]["mean"] if row["clean"] else None,
+                   "flagged": row["flagged"], "audit_failed": row["audit_failed"],
+                   "robust": {}, "worst": {}, "norm_robust": {}, "cells": {}}
+            rec["norm_clean"] = (None if rec["clean"] is None else
+                                 float(normalize_score(rec["clean"], random, reference)))
+            for lab in labels:
+                rob = row["robust"].get(lab)
+                rec["robust"][lab] = None if rob is None else rob["mean"]
+                rec["worst"][lab] = None if rob is None else rob["worst_attacker"]
+                rec["norm_robust"][lab] = (None if rob is None else
+                                           float(normalize_score(rob["mean"], random, reference)))
+                rec["cells"][lab] = {a: None if c is None else
+                                     {"mean": c["mean"], "success_rate": c["success_rate"]}
+                                     for a, c in row["cells"].get(lab, {}).items()}
+            runs.append(rec)
+    defences = list(suite.defences) + [f"{w}-wall" for w in suite.wallclock]
+    summary: dict[str, Any] = {"suite": suite.name, "digest": suite.digest(), "eps": labels,
+                               "envs": envs, "defences": defences, "runs": runs}
+    summary.update(robustness(runs, defences, labels))
+    summary["cost"] = cost(runs, suite)
+    summary["faithfulness"] = faithfulness(suite, out)
+    summary["external_check"] = external_check(runs, labels)
+    summary["claims"] = claims(summary, labels)
+    return summary
+
+
+def scores_of(runs: list[dict[str, Any]], defence: str, key: str, lab: str | None = None
+              ) -> dict[str, np.ndarray]:
+    """``{env: per-seed scores}`` of a defence (runs without the score left out)."""
+    out: dict[str, list[float]] = {}
+    for r in runs:
+        if r["defence"] != defence:
+            continue
+        v = r[key][lab] if lab is not None else r[key]
+        if v is not None and math.isfinite(v):
+            out.setdefault(r["env"], []).append(float(v))
+    return {env: np.asarray(v) for env, v in out.items()}
+
+
+def robustness(runs: list[dict[str, Any]], defences: list[str], labels: list[str]
+               ) -> dict[str, Any]:
+    """Aggregates (IQM, mean, median with CIs), probability of improvement over adv and none,
+    and performance profiles of the normalized robust return, per eps."""
+    aggregates, poi, profiles = {}, {}, {}
+    for lab in labels:
+        by = {d: scores_of(runs, d, "norm_robust", lab) for d in defences}
+        by = {d: s for d, s in by.items() if s}
+        aggregates[lab] = aggregate_with_ci(by)["methods"] if by else {}
+        poi[lab] = {}
+        for d, s in by.items():
+            poi[lab][d] = {}
+            for base in ("adv", "none"):
+                if base in by and base != d and s.keys() == by[base].keys():
+                    poi[lab][d][f"over {base}"] = _interval(*probability_of_improvement(s, by[base]))
+        values = np.concatenate([v for s in by.values() for v in s.values()]) if by else np.zeros(1)
+        taus = np.linspace(min(0.0, float(values.min())), max(1.0, float(values.max())), 41)
+        profiles[lab] = {d: performance_profile(s, taus) for d, s in by.items()}
+    clean = {d: scores_of(runs, d, "norm_clean") for d in defences}
+    clean_agg = aggregate_with_ci({d: s for d, s in clean.items() if s})["methods"]
+    return {"aggregates": aggregates, "clean_aggregates": clean_agg,
+            "probability_of_improvement": poi, "profiles": profiles}
+
+
+def cost(runs: list[dict[str, Any]], suite: Suite) -> dict[str, Any]:
+    """Per env and equal-steps defence: mean training-loop time and its ratio to the
+    undefended runs' (bootstrap over seeds, each defence resampled independently)."""
+    out: dict[str, Any] = {}
+    for plan in suite.envs:
+        walls = {d: scores_of([r for r in runs if r["env"] == plan.env], d, "wall_time_s")
+                 for d in suite.defences}
+        env_out = {}
+        for d, s in walls.items():
+            if not s:
+                continue
+            entry: dict[str, Any] = {"wall_time_s": float(np.mean(s[plan.env])),
+                                     "seconds": s[plan.env].tolist()}
+            if walls.get("none"):
+                entry["ratio_to_none"] = _interval(*ratio_of_aggregates(s, walls["none"], "mean"))
+            env_out[d] = entry
+        out[plan.env] = env_out
+    return out
+
+
+def faithfulness(suite: Suite, out: Path) -> dict[str, Any]:
+    """Per defence and method: the mean over runs of each run's mean score, a t CI over runs;
+    the per-run means; the sanity check; and, per env with ground truth, the ratio of PGCA's
+    GHR to the best single method's (paired bootstrap over runs)."""
+    per_run: dict[str, dict[str, Any]] = {}
+    for r in suite.runs():
+        data = _read(out / "faithfulness" / f"{r['name']}.json")
+        if data is None or r["wallclock"]:
+            continue
+        methods = data["scores"]["methods"]
+        per_run[r["name"]] = {"env": r["env"], "defence": r["defence"], "seed": r["seed"],
+                              "methods": {m: _means(v) for m, v in methods.items()}}
+    metrics = ("ghr", "deletion_auc", "insertion_auc", "asr_m", "sanity_spearman_all",
+               "sanity_spearman_fg")
+    table: dict[str, Any] = {}
+    for d in suite.defences:
+        mine = [p for p in per_run.values() if p["defence"] == d]
+        if not mine:
+            continue
+        table[d] = {}
+        for m in mine[0]["methods"]:
+            table[d][m] = {}
+            for k in metrics:
+                vals = [p["methods"][m].get(k) for p in mine]
+                vals = [v for v in vals if v is not None and math.isfinite(v)]
+                mean, half = mean_ci95(vals) if vals else (float("nan"), float("nan"))
+                table[d][m][k] = {"mean": mean, "ci95": half, "n_runs": len(vals)}
+            fg = table[d][m]["sanity_spearman_fg"]["mean"]
+            table[d][m]["fails_sanity"] = bool(math.isfinite(fg) and fg > SANITY_LIMIT)
+    return {"per_run": per_run, "table": table, "pgca_ratio": pgca_ratio(per_run),
+            "settings": dict(suite.faithfulness)}
+
+
+def _means(values: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k, v in values.items():
+        if k == "seconds":  # a timing, not a score
+            continue
+        if isinstance(v, list):
+            vals = [float(x) for x in v if x is not None and math.isfinite(float(x))]
+            out[k] = float(np.mean(vals)) if vals else None
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def pgca_ratio(per_run: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """GHR(PGCA) / GHR(best single method) over the runs with ground truth, overall and on
+    the FGMF runs; the best method is fixed on the point estimate, and the interval resamples
+    runs (paired: every method explains the same policies) within each env."""
+    out: dict[str, Any] = {}
+    for label, keep in (("all defences", lambda p: True), ("fgmf", lambda p: p["defence"] == "fgmf")):
+        rows = [p for p in per_run.values() if keep(p)
+                and p["methods"].get("pgca", {}).get("ghr") is not None]
+        if not rows:
+            continue
+        singles = [m for m in SINGLE_METHODS if all(m in p["methods"] and
+                                                   p["methods"][m].get("ghr") is not None
+                                                   for p in rows)]
+        if not singles:
+            continue
+        envs = sorted({p["env"] for p in rows})
+        ghr = {env: np.asarray([[p["methods"][m]["ghr"] for m in ["pgca", *singles]]
+                                for p in rows if p["env"] == env]) for env in envs}
+        best = singles[int(np.argmax(np.concatenate(list(ghr.values())).mean(0)[1:]))]
+        col = 1 + singles.index(best)
+
+        def statistic(idx: dict[str, np.ndarray]) -> float:
+            pooled = np.concatenate([ghr[env][idx[env].astype(int)] for env in envs])
+            return float(pooled[:, 0].mean() / pooled[:, col].mean())
+
+        est, low, high = stratified_bootstrap_ci(
+            {env: np.arange(len(ghr[env]), dtype=float) for env in envs}, statistic)
+        out[label] = {**_interval(est, low, high), "best_single": best, "runs": len(rows),
+                      "min_env_runs": min(len(ghr[env]) for env in envs),
+                      "pgca_ghr": float(np.concatenate(list(ghr.values()))[:, 0].mean()),
+                      "best_ghr": float(np.concatenate(list(ghr.values()))[:, col].mean())}
+    return out
+
+
+def external_check(runs: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+    """The toolkit's ``autoattack`` preset against torchattacks' AutoAttack on the runs that
+    played both: attack success rate and team return per eps."""
+    rows = []
+    for r in runs:
+        for lab in labels:
+            cells = r["cells"].get(lab, {})
+            ours, theirs = cells.get("autoattack"), cells.get("ta-autoattack")
+            if ours and theirs:
+                rows.append({"run": r["name"], "eps": lab,
+                             "success_ours": ours["success_rate"],
+                             "success_torchattacks": theirs["success_rate"],
+                             "return_ours": ours["mean"], "return_torchattacks": theirs["mean"]})
+    return rows
+
+
+def claims(summary: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
+    """The three claims, each with its statistic, CI and verdict (see the module doc)."""
+    out = []
+    lab = labels[-1]
+    text, thr, kind = CLAIMS["robust_return"]
+    for fg, adv, how in (("fgmf", "adv", "equal env steps"),
+                         ("fgmf-wall", "adv-wall", "equal wall-clock")):
+        x = scores_of(summary["runs"], fg, "norm_robust", lab)
+        y = scores_of(summary["runs"], adv, "norm_robust", lab)
+        if x and y and x.keys() == y.keys():
+            iv = _interval(*ratio_of_aggregates(x, y))
+            runs = min(v.size for v in (*x.values(), *y.values()))
+            out.append({"claim": "robust_return", "text": text, "setting": f"{how}, eps {lab}",
+                        "statistic": f"IQM normalized robust return, {fg} / {adv}",
+                        "threshold": thr, **iv, "runs": runs,
+                        "verdict": verdict(iv["low"], iv["high"], thr, runs=runs)})
+    text, thr, kind = CLAIMS["faithfulness"]
+    for label, iv in summary["faithfulness"]["pgca_ratio"].items():
+        out.append({"claim": "faithfulness", "text": text, "setting": f"policies: {label}",
+                    "statistic": f"GHR(PGCA) / GHR({iv['best_single']})", "threshold": thr,
+                    **{k: iv[k] for k in ("estimate", "low", "high")}, "runs": iv["runs"],
+                    "verdict": verdict(iv["low"], iv["high"], thr, runs=iv["min_env_runs"])})
+    text, thr, kind = CLAIMS["cost"]
+    for env, entry in summary["cost"].items():
+        iv = (entry.get("fgmf") or {}).get("ratio_to_none")
+        if iv:
+            runs = min(len(entry["fgmf"]["seconds"]), len(entry["none"]["seconds"]))
+            out.append({"claim": "cost", "text": text, "setting": env,
+                        "statistic": "training time fgmf / none (equal env steps)",
+                        "threshold": thr, **iv, "runs": runs,
+                        "verdict": verdict(iv["low"], iv["high"], thr, "upper", runs=runs)})
+    return out

@@ -1,0 +1,421 @@
+"""``run_benchmark``: train the suite's grid, attack it, audit and explain it, aggregate.
+
+Phases, each resumable (a killed benchmark loses at most the jobs in flight):
+
+1. **references** per env: a uniform random policy's team return (``random_episodes``
+   episodes) and, for beacon, the scripted optimum; ``DIR/references.json``.
+2. **training**: every (env, defence, seed) at equal env steps, then ``fgmf`` and ``adv`` for
+   the median wall-clock time the undefended runs of the same env took (``<name>-wall``);
+   Ray jobs of ``cpus_per_training`` CPUs, pinned to the driver's node (they write
+   ``DIR/runs``). A finished run leaves ``DIR/runs/<name>.json`` (its settings' fingerprint,
+   wall time, env steps); an interrupted one is resumed from its last checkpoint.
+3. **PA-AD** adversaries, one per defender (:func:`agents.adversary.train_adversary`, mode
+   ``pa-ad``, at the largest eps), ``DIR/adversaries/<name>``.
+4. **tournament** per env (:func:`marl_fgmf.tournament.run_tournament`, its resumable match
+   log and fingerprints): every run against FGSM, PGD, APGD-CE, APGD-DLR, Square, the
+   ``autoattack`` preset, BPDA/EOT for input filters (added by the tournament), its own PA-AD
+   adversary and, on each env's seed-0 runs, torchattacks' AutoAttack (if installed); the
+   gradient-masking audit per policy. ``DIR/tournaments/<env>``.
+5. **faithfulness** per equal-steps run (:mod:`marl_fgmf.benchmark.faithfulness`),
+   ``DIR/faithfulness/<name>.json`` keyed by the policy's weights and the settings.
+6. **analysis and report** (:mod:`marl_fgmf.benchmark.analysis`,
+   :mod:`marl_fgmf.benchmark.report`): ``DIR/benchmark.json``, ``DIR/report.md``, figures.
+
+``DIR/suite.json`` holds the suite; a ``DIR`` made by another suite (or other settings of
+it) is refused, never mixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from agents.checkpoint import latest_checkpoint, load_agent_policies
+from agents.jobs import Job, run_jobs, ship
+from agents.ray_session import check_address, ensure_ray
+from envs import make_env
+from marl_fgmf.benchmark.suites import EnvPlan, Suite
+from marl_fgmf.benchmark.tasks import faithfulness_job, train_adversary_job, train_run_job
+from marl_fgmf.io import DirLock, atomic_write_text, to_jsonable
+from marl_fgmf.stats import summarize
+from marl_fgmf.tournament import TournamentConfig, run_tournament
+from marl_fgmf.tournament.specs import fingerprint, weights_hash
+
+__all__ = ["BenchmarkError", "BenchmarkResult", "check_out", "run_benchmark"]
+
+
+class BenchmarkError(RuntimeError):
+    """Some jobs failed (one line each in ``errors``); what finished is kept for a rerun."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class BenchmarkResult:
+    out: Path
+    summary: dict[str, Any]
+    files: dict[str, Path]
+    seconds: float
+    counts: dict[str, dict[str, int]]
+
+
+def check_out(suite: Suite, out: str | os.PathLike) -> Path:
+    """``DIR`` as an absolute path; ``ValueError`` when it holds another suite's results or
+    is a file."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    saved = out / "suite.json"
+    if saved.is_file():
+        try:
+            data = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise ValueError(f"{saved} is unreadable; use another --out") from None
+        if data.get("digest") != suite.digest():
+            raise ValueError(f"{out} holds the results of suite {data.get('name')!r} with other "
+                             f"settings; use another --out (nothing there is reused or "
+                             f"overwritten)")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty and holds no benchmark; use a new folder")
+    return out
+
+
+def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None = None,
+                  workers: int | None = None, progress: bool = True,
+                  log: Callable[[str], None] | None = None,
+                  runtime_env: dict[str, Any] | None = None) -> BenchmarkResult:
+    """Run (or resume) ``suite`` into ``out`` (see the module docstring).
+
+    Raises:
+        ValueError: ``out`` holds another suite, or an unreachable Ray address.
+        BenchmarkError: some jobs failed (rerun to retry them).
+    """
+    from marl_fgmf.benchmark.analysis import analyse  # the report needs every phase's output
+    from marl_fgmf.benchmark.report import write_report
+
+    t0 = time.perf_counter()
+    log = log or print
+    out = check_out(suite, out)
+    check_suite(suite, out)
+    address = check_address(address)
+    started = ensure_ray(address, runtime_env=runtime_env, log=log)
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with DirLock(out, ".benchmark.lock", "another benchmark is running"):
+            atomic_write_text(out / "suite.json", json.dumps(
+                {**suite.to_dict(), "digest": suite.digest()}, indent=2))
+            refs = references(suite, out, log)
+            counts["training"] = train_phase(suite, out, workers, progress, log, wall=False)
+            counts["wall-clock training"] = train_phase(suite, out, workers, progress, log,
+                                                        wall=True)
+            counts["adversaries"] = adversary_phase(suite, out, workers, progress, log)
+            boards = {}
+            for plan in suite.envs:
+                cfg = tournament_config(suite, plan, out)
+                res = run_tournament(cfg, out / "tournaments" / plan.env, workers=workers,
+                                     progress=progress, log=log)
+                boards[plan.env] = res.leaderboard
+                counts[f"matches {plan.env}"] = {"reused": res.reused, "new": res.new,
+                                                 "replayed": res.replayed}
+            counts["faithfulness"] = faithfulness_phase(suite, out, workers, progress, log)
+            summary = analyse(suite, out, refs, boards)
+            files = write_report(suite, out, summary)
+    finally:
+        if started:
+            import ray  # lazy: Ray is imported by ensure_ray already
+            ray.shutdown()
+    return BenchmarkResult(out=out, summary=summary, files=files,
+                           seconds=time.perf_counter() - t0, counts=counts)
+
+
+# --------------------------------------------------------------------------- references
+def random_team_return(env_name: str, env_kwargs: dict[str, Any], episodes: int, seed: int
+                       ) -> list[float]:
+    """Team returns (sum over agents) of uniform random actions, episode ``e`` reset with
+    ``seed + e`` and the action spaces seeded alike."""
+    env = make_env(env_name, **env_kwargs)
+    returns = []
+    try:
+        for e in range(episodes):
+            env.reset(seed=seed + e)
+            for i, a in enumerate(env.possible_agents):
+                env.action_space(a).seed(seed + 1000 * e + i)
+            total = 0.0
+            while env.agents:
+                _, rew, _, _, _ = env.step({a: env.action_space(a).sample() for a in env.agents})
+                total += float(sum(rew.values()))
+            returns.append(total)
+    finally:
+        env.close()
+    return returns
+
+
+def references(suite: Suite, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Per env: the random policy's team returns and the optimum (beacon's scripted policy,
+    team return), cached in ``DIR/references.json`` by the env's settings."""
+    path = out / "references.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    refs = {}
+    for plan in suite.envs:
+        key = fingerprint({"env": plan.env, "env_kwargs": plan.env_kwargs,
+                           "episodes": suite.random_episodes, "optimum": plan.optimum})
+        if cached.get(plan.env, {}).get("key") == key:
+            refs[plan.env] = cached[plan.env]
+            continue
+        rand = random_team_return(plan.env, plan.env_kwargs, suite.random_episodes, 10_000)
+        entry: dict[str, Any] = {"key": key, "random": summarize(rand), "random_returns": rand,
+                                 "optimum": None}
+        if plan.optimum:
+            from envs.beacon import scripted_return  # the reference policy of beacon
+            n = len(make_env(plan.env, **plan.env_kwargs).possible_agents)
+            entry["optimum"] = n * scripted_return(episodes=suite.random_episodes, seed=10_000,
+                                                   **plan.env_kwargs)
+        refs[plan.env] = entry
+        log(f"{plan.env}: random policy team return {entry['random']['mean']:.2f}"
+            + (f", scripted optimum {entry['optimum']:.2f}" if entry["optimum"] else ""))
+    atomic_write_text(path, json.dumps(to_jsonable(refs), indent=2))
+    return refs
+
+
+# --------------------------------------------------------------------------- training
+def plan_of(suite: Suite, env: str) -> EnvPlan:
+    return next(p for p in suite.envs if p.env == env)
+
+
+def run_dir(out: Path, name: str) -> Path:
+    return out / "runs" / name
+
+
+def train_config(suite: Suite, run: dict[str, Any]) -> dict[str, Any]:
+    plan = plan_of(suite, run["env"])
+    iterations = plan.iterations * (4 if run["wallclock"] else 1)
+    return {"env": plan.env, "env_kwargs": dict(plan.env_kwargs), "defense": run["kind"],
+            "seed": run["seed"], "iterations": iterations, "keep_checkpoints": 1,
+            **plan.train}
+
+
+def read_done(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def wall_budget(suite: Suite, out: Path, env: str) -> float:
+    """The median training-loop time of the env's undefended runs (the equal-wall-clock
+    budget)."""
+    times = [read_done(out / "runs" / f"{r['name']}.json") for r in suite.runs()
+             if r["env"] == env and r["defence"] == "none"]
+    walls = [t["wall_time_s"] for t in times if t]
+    if not walls:
+        raise BenchmarkError([f"{env}: no finished undefended run to take the wall-clock "
+                              f"budget from"])
+    return float(statistics.median(walls))
+
+
+def train_phase(suite: Suite, out: Path, workers: int | None, progress: bool,
+                log: Callable[[str], None], wall: bool) -> dict[str, int]:
+    """Train every run of the phase that has no finished record with its fingerprint."""
+    jobs, reused = [], 0
+    for run in suite.runs():
+        if run["wallclock"] != wall:
+            continue
+        config = train_config(suite, run)
+        budget = wall_budget(suite, out, run["env"]) if wall else None
+        fp = fingerprint({"train": config, "time_budget_s": budget})
+        done_path = out / "runs" / f"{run['name']}.json"
+        done = read_done(done_path)
+        if done is not None and done.get("fingerprint") == fp:
+            reused += 1
+            continue
+        if done is not None:
+            raise BenchmarkError([f"{done_path} records other training settings than the suite "
+                                  f"has; use another --out"])
+        rdir = run_dir(out, run["name"])
+        resume = (rdir / "run.json").is_file() and latest_checkpoint(rdir) is not None
+        left = budget
+        if resume and budget is not None:
+            rows = (rdir / "metrics.jsonl").read_text().splitlines()
+            spent = json.loads(rows[-1]).get("wall_time_s", 0.0) if rows else 0.0
+            left = max(budget - float(spent), 1e-3)
+        jobs.append(Job(train_run_job, {"config": config, "out": str(rdir), "resume": resume,
+                                          "time_budget_s": left},
+                        title=f"train {run['name']}", tag=(run, fp, budget)))
+    if not jobs:
+        return {"reused": reused, "new": 0}
+    log(f"{'wall-clock ' if wall else ''}training: {len(jobs)} run(s) to train, {reused} done")
+    run_all(jobs, suite.cpus_per_training, workers, progress,
+            "training" + (" (wall-clock)" if wall else ""), log, on_train_result(out))
+    return {"reused": reused, "new": len(jobs)}
+
+
+def on_train_result(out: Path) -> Callable[[Job, dict[str, Any]], None]:
+    def record(job: Job, result: dict[str, Any]) -> None:
+        run, fp, budget = job.tag
+        last = result["value"]["last"]
+        atomic_write_text(out / "runs" / f"{run['name']}.json", json.dumps(to_jsonable({
+            **run, "fingerprint": fp, "time_budget_s": budget,
+            "iterations": last.get("iteration"), "env_steps": last.get("env_steps"),
+            "wall_time_s": last.get("wall_time_s"), "job_wall_s": result["value"]["wall_s"],
+            "threads": result["value"]["threads"],
+            "final_return": last.get("agent_return_mean"),
+            "node": (result.get("node") or {}).get("node_id")}), indent=2))
+    return record
+
+
+def run_all(jobs: list[Job], cpus: float, workers: int | None, progress: bool, desc: str,
+            log: Callable[[str], None], on_result: Callable[[Job, dict[str, Any]], None],
+            pin: bool = True) -> None:
+    """Run ``jobs`` (pinned to the driver's node when ``pin``: they write ``DIR``); raise
+    :class:`BenchmarkError` with the failures after all have run."""
+    import ray  # lazy: started by run_benchmark
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="job", disable=not progress)
+    node = ray.get_runtime_context().get_node_id() if pin else None
+    try:
+        failures = run_jobs(jobs, num_cpus=cpus, limit=workers, on_result=on_result, log=log,
+                            on_done=lambda job, res: bar.update(1), node_id=node)
+    finally:
+        bar.close()
+    if failures:
+        raise BenchmarkError(failures)
+
+
+# --------------------------------------------------------------------------- adversaries
+def adversary_phase(suite: Suite, out: Path, workers: int | None, progress: bool,
+                    log: Callable[[str], None]) -> dict[str, int]:
+    """One PA-AD adversary per defender at the largest eps (none when ``paad_iterations``
+    is 0)."""
+    if suite.paad_iterations <= 0:
+        return {"reused": 0, "new": 0}
+    jobs, reused = [], 0
+    for run in suite.runs():
+        adir = out / "adversaries" / run["name"]
+        ckpt = latest_checkpoint(adir)
+        if ckpt is not None and int(ckpt.name.split("_")[-1]) >= suite.paad_iterations:
+            reused += 1
+            continue
+        resume = (adir / "run.json").is_file() and ckpt is not None
+        spec = {"victim": str(run_dir(out, run["name"])), "out": str(adir),
+                "eps": max(suite.eps), "iterations": suite.paad_iterations, "resume": resume,
+                "settings": {"seed": run["seed"], "train_batch_size": suite.paad_batch,
+                             "minibatch_size": min(250, suite.paad_batch)}}
+        jobs.append(Job(train_adversary_job, spec, title=f"PA-AD vs {run['name']}"))
+    if jobs:
+        log(f"PA-AD adversaries: {len(jobs)} to train, {reused} done")
+        run_all(jobs, suite.cpus_per_training, workers, progress, "PA-AD", log,
+                lambda job, res: None)
+    return {"reused": reused, "new": len(jobs)}
+
+
+# --------------------------------------------------------------------------- tournament
+def has_torchattacks() -> bool:
+    try:
+        import torchattacks  # noqa: F401  # lazy: optional, the independent check only
+    except Exception:
+        return False
+    return True
+
+
+def tournament_config(suite: Suite, plan: EnvPlan, out: Path, check: bool = True
+                      ) -> TournamentConfig:
+    """The env's tournament: every run of the env as a defender (with its own PA-AD
+    adversary, and torchattacks' AutoAttack on seed 0), the suite's attack ensemble."""
+    attackers: list[Any] = [dict(x) for x in suite.attackers]
+    env = make_env(plan.env, **plan.env_kwargs)
+    n_actions = int(env.action_space(env.possible_agents[0]).n)
+    env.close()
+    external = suite.external is not None and has_torchattacks()
+    filtered = ("sgam", "fgmf", "fgmf+adv")  # the defences with SGAM, an input filter
+    defenders = []
+    for run in suite.runs():
+        if run["env"] != plan.env:
+            continue
+        own: list[dict[str, Any]] = []
+        if suite.paad_iterations > 0:
+            own.append({"name": "paad", "adversary": str(out / "adversaries" / run["name"])})
+        if run["kind"] in filtered:
+            own += [dict(x) for x in suite.adaptive]
+        if external and run["seed"] == plan.seeds[0]:
+            own.append({"name": "ta-autoattack",
+                        "external": "marl_fgmf.benchmark.tasks:torchattacks_autoattack",
+                        "settings": {"n_classes": n_actions, **suite.external},
+                        "norm": "linf"})
+        defenders.append({"name": run["name"], "checkpoint": str(run_dir(out, run["name"])),
+                          "attackers": own})
+    data = tournament_data(suite, plan, out, attackers, defenders)
+    cfg = TournamentConfig.from_dict(data, base_dir=out)
+    if check:
+        cfg.check(out / "tournaments" / plan.env)
+    return cfg
+
+
+def tournament_data(suite: Suite, plan: EnvPlan, out: Path, attackers: list[Any],
+                    defenders: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": f"benchmark-{suite.name}-{plan.env}", "env": plan.env,
+            "env_kwargs": dict(plan.env_kwargs), "episodes": plan.episodes,
+            "seeds": list(suite.eval_seeds), "eps": list(suite.eps), "defenders": defenders,
+            "attackers": attackers, "audit": {**suite.audit, "eps": max(suite.eps)}}
+
+
+def check_suite(suite: Suite, out: Path) -> None:
+    """Check the suite's attackers, audit and env settings (what can be checked before
+    anything is trained): ``ValueError`` with every problem."""
+    from marl_fgmf.tournament.checks import check_attackers, check_env
+    errors = []
+    for plan in suite.envs:
+        errors += check_env(plan.env, plan.env_kwargs)
+        if errors:
+            continue
+        cfg = tournament_config(suite, plan, out, check=False)
+        errors += cfg.parse_errors + check_attackers(cfg.attackers, cfg.eps)
+        errors += check_attackers([a for d in cfg.defenders for a in d.attackers
+                                   if a.adversary is None][:1], cfg.eps)
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+# --------------------------------------------------------------------------- faithfulness
+def faithfulness_phase(suite: Suite, out: Path, workers: int | None, progress: bool,
+                       log: Callable[[str], None]) -> dict[str, int]:
+    """Faithfulness scores of every equal-steps run, keyed by its weights and the settings."""
+    jobs, reused = [], 0
+    folder = out / "faithfulness"
+    for run in suite.runs():
+        if run["wallclock"]:
+            continue
+        plan = plan_of(suite, run["env"])
+        env = make_env(plan.env, **plan.env_kwargs)
+        agents = list(env.possible_agents)
+        env.close()
+        policy = load_agent_policies(str(run_dir(out, run["name"])), agents, device="cpu",
+                                     single_if_shared=True)
+        spec = {"run": run["name"], "env": plan.env, "env_kwargs": dict(plan.env_kwargs),
+                "seed": 0, "eps": 4 / 255, "faithfulness": dict(suite.faithfulness)}
+        spec["fingerprint"] = fingerprint({**spec, "weights": weights_hash(policy)})
+        done = read_done(folder / f"{run['name']}.json")
+        if done is not None and done.get("fingerprint") == spec["fingerprint"]:
+            reused += 1
+            continue
+        jobs.append(Job(faithfulness_job, spec, (ship(policy),),
+                        title=f"faithfulness {run['name']}", tag=spec["fingerprint"]))
+    if jobs:
+        folder.mkdir(parents=True, exist_ok=True)
+        log(f"faithfulness: {len(jobs)} polic(ies) to explain, {reused} done")
+
+        def record(job: Job, result: dict[str, Any]) -> None:
+            value = {**result["value"], "fingerprint": job.tag,
+                     "node": (result.get("node") or {}).get("node_id")}
+            atomic_write_text(folder / f"{value['run']}.json",
+                              json.dumps(to_jsonable(value), allow_nan=True))
+        run_all(jobs, 1.0, workers, progress, "faithfulness", log, record, pin=False)
+    return {"reused": reused, "new": len(jobs)}

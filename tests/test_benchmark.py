@@ -1,0 +1,186 @@
+"""The benchmark: the smoke suite end to end on Ray (crash, resume, replay gives the same
+numbers), the analysis against oracles, the claims' verdict rule, the README block, bad input."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from marl_fgmf.benchmark import get_suite
+from marl_fgmf.benchmark.analysis import pgca_ratio, verdict
+from marl_fgmf.benchmark.report import BEGIN, END, claims_markdown, update_readme
+from marl_fgmf.io import to_jsonable
+from marl_fgmf.stats import iqm, ratio_of_aggregates
+from tests.conftest import tree_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- end to end
+def test_smoke_suite_crash_resume_and_replay_give_the_same_numbers(ray_session, tmp_path,
+                                                                    monkeypatch):
+    """The smoke suite trains every defence, attacks, audits, explains and reports. A crash
+    after the first match records resumes without retraining; replaying one run's matches
+    from scratch (same seeds) gives the same numbers."""
+    import marl_fgmf.tournament.driver as driver
+    from marl_fgmf.benchmark.runner import run_benchmark
+
+    suite, out = get_suite("smoke"), tmp_path / "bench"
+
+    def crash(written: int) -> None:
+        if written >= 4:
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(driver, "after_match_written", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_benchmark(suite, out, progress=False, log=lambda m: None)
+    monkeypatch.undo()
+    assert len((out / "tournaments" / "beacon" / "matches.jsonl").read_text().splitlines()) >= 4
+
+    result = run_benchmark(suite, out, progress=False, log=lambda m: None)
+    counts = result.counts
+    assert counts["training"] == {"reused": 6, "new": 0}, counts
+    assert counts["wall-clock training"] == {"reused": 2, "new": 0}, counts
+    assert counts["adversaries"] == {"reused": 8, "new": 0}, counts
+    assert counts["matches beacon"]["reused"] >= 4 and counts["matches beacon"]["replayed"] == 0
+    summary = result.summary
+
+    # every file of the report, every run with finite numbers, per-seed points
+    for name in ("benchmark.json", "report.md", "profiles.png", "robust_vs_eps_beacon.png",
+                 "ablation.png", "cost_vs_robustness.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert len(summary["runs"]) == 8
+    for r in summary["runs"]:
+        assert math.isfinite(r["clean"]) and math.isfinite(r["robust"]["8/255"]), r["name"]
+        assert r["wall_time_s"] > 0 and r["worst"]["8/255"] is not None
+        assert r["cells"]["8/255"]["paad"] is not None, "each defender meets its own PA-AD"
+        if r["defence"] in ("sgam", "fgmf", "fgmf+adv", "fgmf-wall"):
+            assert r["cells"]["8/255"].get("bpda") is not None, "input filter without BPDA"
+    # the robust return is the minimum over the ensemble
+    for r in summary["runs"]:
+        cells = [c["mean"] for c in r["cells"]["8/255"].values() if c is not None]
+        assert r["robust"]["8/255"] == pytest.approx(min(cells))
+    ref = summary["envs"]["beacon"]
+    assert ref["reference_kind"] == "scripted optimum" and ref["reference"] > ref["random"]
+    kinds = {c["claim"] for c in summary["claims"]}
+    assert kinds == {"robust_return", "faithfulness", "cost"}, summary["claims"]
+    assert all(c["verdict"] == "undecided at this power" for c in summary["claims"]), \
+        "one seed decides nothing"
+    faith = summary["faithfulness"]["per_run"]
+    assert set(faith) == {r["name"] for r in summary["runs"] if not r["wallclock"]}
+    assert {"pgca", "random", "brightness", "ig"} <= set(faith["beacon.fgmf.s0"]["methods"])
+    report = (out / "report.md").read_text()
+    assert "beacon.fgmf.s0" in report and "## The claims" in report
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert saved["claims"] == json.loads(json.dumps(to_jsonable(summary["claims"])))
+
+    # replay one run's matches from nothing: the same numbers (same seeds)
+    log = out / "tournaments" / "beacon" / "matches.jsonl"
+    kept = [ln for ln in log.read_text().splitlines()
+            if json.loads(ln)["defender"] != "beacon.fgmf.s0"]
+    log.write_text("\n".join(kept) + "\n")
+    (out / "faithfulness" / "beacon.fgmf.s0.json").unlink()
+    again = run_benchmark(suite, out, progress=False, log=lambda m: None)
+    assert again.counts["matches beacon"]["new"] > 0
+    assert again.counts["faithfulness"] == {"reused": 5, "new": 1}
+    before = {r["name"]: r for r in summary["runs"]}
+    for r in again.summary["runs"]:
+        assert r["cells"] == before[r["name"]]["cells"], r["name"]
+    assert (again.summary["faithfulness"]["per_run"]["beacon.fgmf.s0"]
+            == summary["faithfulness"]["per_run"]["beacon.fgmf.s0"])
+
+    # another suite's folder is refused, nothing changed
+    digest = tree_hash(out)
+    from marl_fgmf.benchmark.runner import check_out
+    with pytest.raises(ValueError, match="other settings"):
+        check_out(get_suite("small"), out)
+    assert tree_hash(out) == digest
+
+
+# --------------------------------------------------------------------------- analysis
+def test_ratio_of_aggregates_matches_a_brute_force_bootstrap():
+    rng = np.random.default_rng(3)
+    x = {"a": rng.normal(1.0, 0.2, 5), "b": rng.normal(0.8, 0.1, 3)}
+    y = {"a": rng.normal(0.5, 0.2, 5), "b": rng.normal(0.6, 0.1, 3)}
+    est, low, high = ratio_of_aggregates(x, y, n_resamples=500, seed=7)
+    pooled = lambda d: iqm(np.concatenate([d["a"], d["b"]]))  # noqa: E731
+    assert est == pytest.approx(pooled(x) / pooled(y))
+    # the oracle: the same draws, in the order stats' stratified bootstrap makes them
+    g = np.random.default_rng(7)
+    dx = {k: v[g.integers(0, v.size, size=(500, v.size))] for k, v in sorted(x.items())}
+    dy = {k: v[g.integers(0, v.size, size=(500, v.size))] for k, v in sorted(y.items())}
+    vals = [pooled({k: dx[k][b] for k in dx}) / pooled({k: dy[k][b] for k in dy})
+            for b in range(500)]
+    assert (low, high) == pytest.approx(tuple(np.quantile(vals, [0.025, 0.975])))
+    assert low < est < high
+
+
+def test_ratio_to_a_non_positive_aggregate_is_unbounded_not_a_number():
+    est, low, high = ratio_of_aggregates({"t": np.array([0.5, 0.6])},
+                                         {"t": np.array([-0.1, 0.0])}, n_resamples=50)
+    assert est == math.inf and high == math.inf
+
+
+@pytest.mark.parametrize("low,high,kind,expected", [
+    (1.4, 2.0, "lower", "holds"), (0.5, 1.2, "lower", "does not hold"),
+    (1.1, 1.6, "lower", "undecided at this power"), (1.2, 1.4, "upper", "holds"),
+    (1.6, 1.9, "upper", "does not hold"), (1.3, 1.7, "upper", "undecided at this power")])
+def test_verdict_rule(low, high, kind, expected):
+    assert verdict(low, high, 1.3 if kind == "lower" else 1.5, kind) == expected
+    # one or two runs: no spread to decide on
+    assert verdict(low, high, 1.3 if kind == "lower" else 1.5, kind, runs=2) == \
+        "undecided at this power"
+
+
+def test_pgca_ratio_is_paired_and_picks_the_best_single_method():
+    per_run = {}
+    for i in range(6):
+        per_run[f"r{i}"] = {"env": "beacon", "defence": "fgmf" if i < 3 else "adv", "seed": i,
+                            "methods": {"pgca": {"ghr": 0.8 + 0.01 * i},
+                                        "ig": {"ghr": 0.5 + 0.01 * i},
+                                        "occlusion": {"ghr": 0.6 + 0.01 * i}}}
+    out = pgca_ratio(per_run)
+    fg = out["fgmf"]
+    assert fg["best_single"] == "occlusion" and fg["runs"] == 3
+    assert fg["estimate"] == pytest.approx(np.mean([0.8, 0.81, 0.82]) / np.mean([0.6, 0.61, 0.62]))
+    # paired: every resample takes the same runs for both methods, so the ratio barely moves
+    assert fg["high"] - fg["low"] < 0.02
+    assert out["all defences"]["runs"] == 6
+
+
+# --------------------------------------------------------------------------- README and CLI
+def test_readme_claims_block_is_generated_from_the_committed_json(tmp_path):
+    summary_path = ROOT / "docs" / "benchmark" / "small" / "benchmark.json"
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN in readme and END in readme
+    block = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert block == claims_markdown(json.loads(summary_path.read_text())).strip()
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(block, "typed by hand"))
+    assert update_readme(summary_path, copy) and copy.read_text() == readme
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "marl_fgmf.cli", "benchmark", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path):
+    bad = _cli("--suite", "huge", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice: 'huge'" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
+    missing = _cli("--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert missing.returncode == 2 and "give --suite" in missing.stderr
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    before = tree_hash(other)
+    refused = _cli("--suite", "smoke", "--out", str(other), cwd=tmp_path)
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and tree_hash(other) == before
+    listed = _cli("--list", cwd=tmp_path)
+    assert listed.returncode == 0 and "smoke" in listed.stdout and "small" in listed.stdout
