@@ -530,3 +530,45 @@ def test_training_spec_defender_and_learned_adversary(defenders, tmp_path):
         {"name": "spec", "train": {"defense": "none", **{**TINY, "iterations": 2}}},
         conf["defenders"][1]]})
     assert longer.validate(out) == [], "more iterations of the same spec resume the run"
+
+
+def test_own_attackers_play_their_defender_only_and_are_checked(tmp_path):
+    """A defender's own attackers: listed for it alone (after the config's), one leaderboard
+    column across defenders, adaptive attacks not added twice, and every problem named."""
+    from marl_fgmf.tournament.adaptive import added_attackers
+    from tests.conftest import save_untrained_run
+    a, b = save_untrained_run(tmp_path / "a", ["shared"]), save_untrained_run(tmp_path / "b", ["shared"])
+    conf = {"env": "beacon", "env_kwargs": {"n_agents": 2, "max_steps": 4}, "eps": ["8/255"],
+            "attackers": ["fgsm"],
+            "defenders": [{"name": "a", "checkpoint": str(a),
+                           "attackers": [{"name": "bpda", "attack": "bpda"},
+                                         {"name": "mine", "attack": "pgd",
+                                          "settings": {"steps": 2}}]},
+                          {"name": "b", "checkpoint": str(b),
+                           "attackers": [{"name": "mine", "attack": "apgd"}]}]}
+    cfg = TournamentConfig.from_dict(conf)
+    assert cfg.validate() == []
+    assert [x.name for x in cfg.attackers_of("a")] == ["fgsm", "bpda", "mine"]
+    assert [x.name for x in cfg.attackers_of("b")] == ["fgsm", "mine"]
+    keys = {m.key for m in cfg.matches()}
+    assert "a|bpda|0.03137254902|0" in keys and "b|bpda|0.03137254902|0" not in keys
+    assert cfg.own_attacker_names() == ["bpda", "mine"]
+    # a filtered defender that lists BPDA gets only EOT added; the other gets both
+    added = added_attackers(cfg, {"a": True, "b": True})
+    assert [x.name for x in added["a"]] == ["eot"]
+    assert [x.name for x in added["b"]] == ["bpda", "eot"]
+    board = build_leaderboard(cfg, {})
+    assert board["attackers"] == ["fgsm", "bpda", "mine"]
+
+    conf["defenders"][0]["attackers"] += [{"name": "fgsm", "attack": "fgsm"},
+                                          {"name": "mine", "attack": "fgsm"},
+                                          {"name": "bad name", "attack": "pgd"},
+                                          {"name": "z", "attack": "laser"}]
+    conf["defenders"][1]["attackers"] = "pgd"
+    errors = TournamentConfig.from_dict(conf).validate()
+    for text in ("defender a: its attacker 'fgsm' has the name of a config attacker",
+                 "defender a: duplicate attacker name 'mine'",
+                 "defender a: attacker name 'bad name' must start",
+                 "defender a: attacker z: unknown attack 'laser'",
+                 "defender b: attackers must be a list"):
+        assert any(text in e for e in errors), (text, errors)
