@@ -137,7 +137,7 @@ def adaptive(steps: int, eot_steps: int, samples: int) -> tuple[dict[str, Any], 
 
 _SMALL_ENSEMBLE = ensemble((50, 2), 25, (10, 100))
 _SMALL_ADAPTIVE = adaptive(50, 20, 2)
-_SMALL_AUDIT = {"n_obs": 32, "steps": [1, 10, 50], "restarts": [1, 3], "n_queries": 200,
+_SMALL_AUDIT = {"n_obs": 24, "steps": [1, 10, 50], "restarts": [1, 2], "n_queries": 200,
                 "episodes": 2}
 _SMALL_FAITH = {"n_obs": 16, "methods": ["ig", "occlusion", "gradcampp", "rise", "pgca",
                                          "random", "brightness"], "sanity": True,
@@ -165,7 +165,7 @@ SUITES: dict[str, Suite] = {
         name="small",
         description="beacon only: every defence, 5 training seeds, the attack ensemble, "
                     "a PA-AD adversary per run",
-        envs=(EnvPlan("beacon", {}, iterations=30, seeds=(0, 1, 2, 3, 4), episodes=1,
+        envs=(EnvPlan("beacon", {}, iterations=20, seeds=(0, 1, 2, 3, 4), episodes=1,
                       optimum=True),),
         attackers=_SMALL_ENSEMBLE, adaptive=_SMALL_ADAPTIVE, paad_iterations=5,
         external={"steps": 10, "n_queries": 100}, audit=_SMALL_AUDIT,
