@@ -203,3 +203,33 @@ def test_the_same_seed_trains_the_same_weights(ray_session, tmp_path):
     first = trained("a", 3)
     assert trained("b", 3) == first
     assert trained("c", 4) != first
+
+
+def test_an_interrupted_training_resumes_and_a_checkpointless_one_is_kept_aside(ray_session,
+                                                                               tmp_path):
+    """A run killed after a checkpoint continues from it (no iteration trained twice, the
+    wall-clock budget counts the time already spent); one killed before its first checkpoint
+    is moved aside, not deleted, and trained again."""
+    import dataclasses
+
+    from agents.train import TrainConfig, train
+    from marl_fgmf.benchmark.runner import train_config, train_phase
+
+    smoke = get_suite("smoke")
+    plan = dataclasses.replace(smoke.envs[0], iterations=2)
+    suite = dataclasses.replace(smoke, envs=(plan,), defences=("none", "adv"), wallclock=())
+    out = tmp_path / "bench"
+    runs = {r["name"]: r for r in suite.runs()}
+    partial = dict(train_config(suite, runs["beacon.none.s0"]), iterations=1)
+    train(TrainConfig.from_json(partial), out / "runs" / "beacon.none.s0", progress=False)
+    (out / "runs" / "beacon.adv.s0").mkdir(parents=True)
+    (out / "runs" / "beacon.adv.s0" / "run.json").write_text("{}")  # no checkpoint yet
+    assert train_phase(suite, out, 2, False, lambda m: None, wall=False) == {"reused": 0, "new": 2}
+    done = json.loads((out / "runs" / "beacon.none.s0.json").read_text())
+    assert done["iterations"] == 2
+    rows = (out / "runs" / "beacon.none.s0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in rows] == [1, 2]
+    aside = [p.name for p in (out / "runs").iterdir() if ".incomplete-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("beacon.adv.s0")
+    assert json.loads((out / "runs" / "beacon.adv.s0.json").read_text())["iterations"] == 2
+    assert train_phase(suite, out, 2, False, lambda m: None, wall=False) == {"reused": 2, "new": 0}

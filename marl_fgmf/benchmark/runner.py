@@ -242,6 +242,8 @@ def train_phase(suite: Suite, out: Path, workers: int | None, progress: bool,
                                   f"has; use another --out"])
         rdir = run_dir(out, run["name"])
         resume = (rdir / "run.json").is_file() and latest_checkpoint(rdir) is not None
+        if rdir.exists() and not resume:  # killed before its first checkpoint: kept aside
+            rdir.rename(rdir.with_name(f"{rdir.name}.incomplete-{int(time.time())}"))
         left = budget
         if resume and budget is not None:
             rows = (rdir / "metrics.jsonl").read_text().splitlines()
@@ -301,6 +303,8 @@ def adversary_phase(suite: Suite, out: Path, workers: int | None, progress: bool
     for run in suite.runs():
         adir = out / "adversaries" / run["name"]
         ckpt = latest_checkpoint(adir)
+        if adir.exists() and ckpt is None:  # killed before its first checkpoint: kept aside
+            adir.rename(adir.with_name(f"{adir.name}.incomplete-{int(time.time())}"))
         if ckpt is not None and int(ckpt.name.split("_")[-1]) >= suite.paad_iterations:
             reused += 1
             continue

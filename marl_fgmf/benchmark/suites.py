@@ -174,7 +174,7 @@ SUITES: dict[str, Suite] = {
     "full": Suite(
         name="full",
         description="beacon (5 seeds) and pistonball (3 seeds), every defence",
-        envs=(EnvPlan("beacon", {}, iterations=30, seeds=(0, 1, 2, 3, 4), episodes=1,
+        envs=(EnvPlan("beacon", {}, iterations=20, seeds=(0, 1, 2, 3, 4), episodes=1,
                       optimum=True),
               EnvPlan("pistonball", {}, iterations=20, seeds=(0, 1, 2), episodes=1,
                       note="trains to clearly above random in ~5,000 env steps (README); "
