@@ -141,15 +141,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
 # (a) faithfulness
 # ---------------------------------------------------------------------------------------------
 
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "ig": dict(steps=32),
-    "smoothgrad": dict(n_samples=16, noise_level=0.15),
-    "occlusion": dict(patch=3, stride=1, substrate="blur", blur_sigma=2.0, magnitude=True),
-    "gradcampp": dict(),
-    "rise": dict(n_masks=1000, grid=7, p_keep=0.5),
-    "pgca": dict(steps=32, patch=3, stride=1, substrate="blur", blur_sigma=2.0, q=0.5),
-}
-"""Each method's settings (the library defaults, occlusion as magnitudes like PGCA's map)."""
+# each method's settings: the benchmark's (the library defaults, occlusion as magnitudes like
+# PGCA's map), so that both measure the same maps
+from marl_fgmf.benchmark.faithfulness import METHOD_SETTINGS  # noqa: E402
+
 
 REFERENCES = ("random", "intensity")
 METRICS = ("ghr", "deletion_auc", "insertion_auc", "asr_m", "pointing_game")

@@ -96,7 +96,7 @@ def test_smoke_suite_crash_resume_and_replay_give_the_same_numbers(ray_session, 
     # another suite's folder is refused, nothing changed
     digest = tree_hash(out)
     from marl_fgmf.benchmark.runner import check_out
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="holds the results of suite 'smoke'"):
         check_out(get_suite("small"), out)
     assert tree_hash(out) == digest
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from marl_fgmf.benchmark.suites import Suite
 from marl_fgmf.io import atomic_write_text, to_jsonable
+from marl_fgmf.stats import mean_ci95
 from marl_fgmf.viz.common import new_figure, save_figure
 from marl_fgmf.viz.plots import plot_performance_profiles
 
@@ -143,7 +144,6 @@ def write_report(suite: Suite, out: Path, summary: dict[str, Any]) -> dict[str, 
 def plot_robust_vs_eps(summary: dict[str, Any], env: str, path: Path) -> Path:
     """Per defence: mean normalized robust return over seeds vs eps (0 = clean) with a t CI
     band, and every seed as a point."""
-    from marl_fgmf.stats import mean_ci95
     labels = summary["eps"]
     fig = new_figure(6.4, 4.0)
     ax = fig.subplots()

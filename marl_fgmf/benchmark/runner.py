@@ -21,8 +21,10 @@ Phases, each resumable (a killed benchmark loses at most the jobs in flight):
 6. **analysis and report** (:mod:`marl_fgmf.benchmark.analysis`,
    :mod:`marl_fgmf.benchmark.report`): ``DIR/benchmark.json``, ``DIR/report.md``, figures.
 
-``DIR/suite.json`` holds the suite; a ``DIR`` made by another suite (or other settings of
-it) is refused, never mixed.
+``DIR/suite.json`` holds the suite; a ``DIR`` made by another suite is refused. When the
+same suite's settings changed (a new attack budget, say), each record whose fingerprint
+changed is replayed and the rest reused, as in a tournament; a finished training run whose
+settings changed is refused (use another ``DIR``), never retrained over.
 """
 from __future__ import annotations
 
@@ -40,11 +42,15 @@ from agents.checkpoint import latest_checkpoint, load_agent_policies
 from agents.jobs import Job, run_jobs, ship
 from agents.ray_session import check_address, ensure_ray
 from envs import make_env
+from envs.beacon import scripted_return
+from marl_fgmf.benchmark.analysis import analyse
+from marl_fgmf.benchmark.report import write_report
 from marl_fgmf.benchmark.suites import EnvPlan, Suite
 from marl_fgmf.benchmark.tasks import faithfulness_job, train_adversary_job, train_run_job
 from marl_fgmf.io import DirLock, atomic_write_text, to_jsonable
 from marl_fgmf.stats import summarize
 from marl_fgmf.tournament import TournamentConfig, run_tournament
+from marl_fgmf.tournament.checks import check_attackers, check_env
 from marl_fgmf.tournament.specs import fingerprint, weights_hash
 
 __all__ = ["BenchmarkError", "BenchmarkResult", "check_out", "run_benchmark"]
@@ -79,9 +85,9 @@ def check_out(suite: Suite, out: str | os.PathLike) -> Path:
             data = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError):
             raise ValueError(f"{saved} is unreadable; use another --out") from None
-        if data.get("digest") != suite.digest():
-            raise ValueError(f"{out} holds the results of suite {data.get('name')!r} with other "
-                             f"settings; use another --out (nothing there is reused or "
+        if data.get("name") != suite.name:
+            raise ValueError(f"{out} holds the results of suite {data.get('name')!r}, not "
+                             f"{suite.name!r}; use another --out (nothing there is reused or "
                              f"overwritten)")
     elif out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out {out} is not empty and holds no benchmark; use a new folder")
@@ -98,9 +104,6 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
         ValueError: ``out`` holds another suite, or an unreachable Ray address.
         BenchmarkError: some jobs failed (rerun to retry them).
     """
-    from marl_fgmf.benchmark.analysis import analyse  # the report needs every phase's output
-    from marl_fgmf.benchmark.report import write_report
-
     t0 = time.perf_counter()
     log = log or print
     out = check_out(suite, out)
@@ -111,6 +114,12 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
     try:
         out.mkdir(parents=True, exist_ok=True)
         with DirLock(out, ".benchmark.lock", "another benchmark is running"):
+            previous = (json.loads((out / "suite.json").read_text())
+                        if (out / "suite.json").is_file() else None)
+            if previous is not None and previous.get("digest") != suite.digest():
+                log(f"suite {suite.name}: its settings changed since {out} was made; every "
+                    f"record whose settings changed is replayed, the rest reused (a training "
+                    f"run with other settings is refused)")
             atomic_write_text(out / "suite.json", json.dumps(
                 {**suite.to_dict(), "digest": suite.digest()}, indent=2))
             refs = references(suite, out, log)
@@ -175,7 +184,6 @@ def references(suite: Suite, out: Path, log: Callable[[str], None]) -> dict[str,
         entry: dict[str, Any] = {"key": key, "random": summarize(rand), "random_returns": rand,
                                  "optimum": None}
         if plan.optimum:
-            from envs.beacon import scripted_return  # the reference policy of beacon
             n = len(make_env(plan.env, **plan.env_kwargs).possible_agents)
             entry["optimum"] = n * scripted_return(episodes=suite.random_episodes, seed=10_000,
                                                    **plan.env_kwargs)
@@ -374,7 +382,6 @@ def tournament_data(suite: Suite, plan: EnvPlan, out: Path, attackers: list[Any]
 def check_suite(suite: Suite, out: Path) -> None:
     """Check the suite's attackers, audit and env settings (what can be checked before
     anything is trained): ``ValueError`` with every problem."""
-    from marl_fgmf.tournament.checks import check_attackers, check_env
     errors = []
     for plan in suite.envs:
         errors += check_env(plan.env, plan.env_kwargs)

@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+from attacks import unbound_model
+from envs import make_env
+from marl_fgmf.benchmark.faithfulness import collect_frames, faithfulness_scores
+
 __all__ = ["faithfulness_job", "torchattacks_autoattack", "train_adversary_job", "train_run_job"]
 
 
@@ -45,9 +49,6 @@ def train_adversary_job(spec: dict[str, Any]) -> dict[str, Any]:
 def faithfulness_job(spec: dict[str, Any], policy: Any) -> dict[str, Any]:
     """Faithfulness of one defender (:mod:`marl_fgmf.benchmark.faithfulness`): frames from
     greedy rollouts in its env, every method's per-observation scores."""
-    from envs import make_env
-    from marl_fgmf.benchmark.faithfulness import collect_frames, faithfulness_scores
-
     f = dict(spec["faithfulness"])
     env = make_env(spec["env"], **spec["env_kwargs"])
     try:
@@ -69,8 +70,6 @@ def torchattacks_autoattack(eps: float, n_classes: int, steps: int = 100,
     ``n_queries`` (the benchmark's budgets; AutoAttack's are 100 and 5,000). A factory for an
     ``external`` tournament attacker (:func:`attacks.build_external`)."""
     import torchattacks  # lazy: an optional dependency, the independent check only
-
-    from attacks import unbound_model
     aa = torchattacks.AutoAttack(unbound_model(), norm="Linf", eps=eps, version="standard",
                                  n_classes=int(n_classes), seed=int(seed))
     for member in aa._autoattack.attacks:  # torchattacks keeps its members there

@@ -22,7 +22,7 @@ from marl_fgmf.commands import UsageError, add_cluster_arguments, cluster_settin
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marl_fgmf.benchmark.suites import SUITES  # light: plain data
+    from marl_fgmf.benchmark.suites import SUITES  # lazy: only this subcommand's help needs it
     p.add_argument("--suite", choices=list(SUITES), default=None,
                    help="which grid to run: " + "; ".join(f"{n}: {s.description}"
                                                           for n, s in SUITES.items()))
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marl_fgmf.benchmark.suites import SUITES, get_suite
+    from marl_fgmf.benchmark.suites import SUITES, get_suite  # lazy: imports torch (protocol)
     if args.list:
         for name, s in SUITES.items():
             print(f"{name}: {s.description}\n  {s.summary()}\n  time: {s.expected}")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"marl-fgmf benchmark: {len(exc.errors)} job(s) failed; what finished is kept "
               f"in {args.out}; rerun to retry them", file=sys.stderr)
         return 1
-    from marl_fgmf.benchmark.report import claims_markdown
+    from marl_fgmf.benchmark.report import claims_markdown  # lazy: imports matplotlib
     print()
     print(claims_markdown(result.summary))
     done = ", ".join(f"{k}: {v.get('new', 0)} new, {v.get('reused', 0)} reused"
