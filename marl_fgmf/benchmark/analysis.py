@@ -87,7 +87,12 @@ def analyse(suite: Suite, out: Path, refs: dict[str, Any], boards: dict[str, dic
                       if r["defence"] == "none" and rows[r["name"]]["clean"]]
         optimum = refs[plan.env].get("optimum")
         reference = optimum if plan.optimum and optimum is not None else float(np.mean(clean_none))
+        none_steps = [(_read(out / "runs" / f"{r['name']}.json") or {}).get("env_steps")
+                      for r in plan_runs if r["defence"] == "none"]
         envs[plan.env] = {"random": random, "optimum": optimum, "reference": reference,
+                          "trained_clean": dict(zip(("mean", "ci95"), mean_ci95(clean_none)))
+                          if clean_none else None,
+                          "env_steps": max((x for x in none_steps if x), default=None),
                           "reference_kind": "scripted optimum" if plan.optimum
                           else "clean undefended return", "iterations": plan.iterations,
                           "seeds": list(plan.seeds), "episodes": plan.episodes,

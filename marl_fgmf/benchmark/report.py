@@ -44,13 +44,14 @@ def claims_markdown(summary: dict[str, Any]) -> str:
     """The claims table (and its one-line reading) from ``benchmark.json``'s data."""
     lines = [f"Suite `{summary['suite']}` (`benchmark.json` digest {summary['digest'][:12]}); "
              f"95% stratified bootstrap CIs; verdict rule in `marl_fgmf/benchmark/analysis.py`.",
-             "", "| claim | setting | statistic | estimate (95% CI) | threshold | verdict |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "", "| claim | setting | statistic | estimate (95% CI) | threshold | runs | "
+             "verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for c in summary["claims"]:
         lines.append(f"| {c['text']} | {c['setting']} | {c['statistic']} | "
-                     f"{_iv(c)} | {c['threshold']} | **{c['verdict']}** |")
+                     f"{_iv(c)} | {c['threshold']} | {c.get('runs', '-')} | "
+                     f"**{c['verdict']}** |")
     if not summary["claims"]:
-        lines.append("| (no claim could be computed: a defence is missing) | | | | | |")
+        lines.append("| (no claim could be computed: a defence is missing) | | | | | | |")
     return "\n".join(lines)
 
 
@@ -58,10 +59,14 @@ def markdown(suite: Suite, summary: dict[str, Any]) -> str:
     labels = summary["eps"]
     out = [f"# Benchmark `{suite.name}`", "", suite.description, "", suite.summary(), ""]
     out += ["## The claims", "", claims_markdown(summary), ""]
-    out += ["## Environments", "", "| env | iterations | seeds | random team return | "
-            "reference (1.0) | kind |", "| --- | --- | --- | --- | --- | --- |"]
+    out += ["## Environments", "", "| env | budget per run | seeds | random team return | "
+            "trained undefended (clean) | reference (1.0) | kind |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for env, e in summary["envs"].items():
-        out.append(f"| {env} | {e['iterations']} | {len(e['seeds'])} | {_f(e['random'])} | "
+        trained = e.get("trained_clean") or {}
+        out.append(f"| {env} | {e['iterations']} iterations = {e.get('env_steps') or '-'} env "
+                   f"steps | {len(e['seeds'])} | {_f(e['random'])} | "
+                   f"{_f(trained.get('mean'))} ± {_f(trained.get('ci95'))} | "
                    f"{_f(e['reference'])} | {e['reference_kind']} |")
     out += ["", "Trained (clean) normalized return per defence, IQM (95% CI): "
             + ", ".join(f"{d} {_iv(v['iqm'])}" for d, v in summary["clean_aggregates"].items()),

@@ -245,13 +245,14 @@ def train_phase(suite: Suite, out: Path, workers: int | None, progress: bool,
         if done is not None and done.get("fingerprint") == fp:
             reused += 1
             continue
-        if done is not None:
-            raise BenchmarkError([f"{done_path} records other training settings than the suite "
-                                  f"has; use another --out"])
         rdir = run_dir(out, run["name"])
+        if done is not None:  # trained with other settings: kept aside, trained again
+            aside = set_aside(rdir, done_path, "stale")
+            log(f"{run['name']}: trained with other settings than the suite has now; moved to "
+                f"{aside.name} and trained again")
         resume = (rdir / "run.json").is_file() and latest_checkpoint(rdir) is not None
         if rdir.exists() and not resume:  # killed before its first checkpoint: kept aside
-            rdir.rename(rdir.with_name(f"{rdir.name}.incomplete-{int(time.time())}"))
+            set_aside(rdir, None, "incomplete")
         left = budget
         if resume and budget is not None:
             rows = (rdir / "metrics.jsonl").read_text().splitlines()
@@ -266,6 +267,17 @@ def train_phase(suite: Suite, out: Path, workers: int | None, progress: bool,
     run_all(jobs, suite.cpus_per_training, workers, progress,
             "training" + (" (wall-clock)" if wall else ""), log, on_train_result(out))
     return {"reused": reused, "new": len(jobs)}
+
+
+def set_aside(folder: Path, record: Path | None, why: str) -> Path:
+    """Move a run folder (and its record) to ``<name>.<why>-<time>``: never deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = folder.with_name(f"{folder.name}.{why}-{stamp}")
+    if folder.exists():
+        folder.rename(target)
+    if record is not None and record.exists():
+        record.rename(record.with_name(f"{folder.name}.{why}-{stamp}.json"))
+    return target
 
 
 def on_train_result(out: Path) -> Callable[[Job, dict[str, Any]], None]:
@@ -310,23 +322,61 @@ def adversary_phase(suite: Suite, out: Path, workers: int | None, progress: bool
     jobs, reused = [], 0
     for run in suite.runs():
         adir = out / "adversaries" / run["name"]
-        ckpt = latest_checkpoint(adir)
-        if adir.exists() and ckpt is None:  # killed before its first checkpoint: kept aside
-            adir.rename(adir.with_name(f"{adir.name}.incomplete-{int(time.time())}"))
-        if ckpt is not None and int(ckpt.name.split("_")[-1]) >= suite.paad_iterations:
+        done_path = out / "adversaries" / f"{run['name']}.json"
+        victim = read_done(out / "runs" / f"{run['name']}.json") or {}
+        settings = {"seed": run["seed"], "train_batch_size": suite.paad_batch,
+                    "minibatch_size": min(250, suite.paad_batch)}
+        # the victim's training fingerprint: a retrained victim gets a new adversary
+        fp = fingerprint({"victim": victim.get("fingerprint"), "eps": max(suite.eps),
+                          "iterations": suite.paad_iterations, "settings": settings})
+        done = read_done(done_path)
+        if done is None and adopt(adir, suite, run, settings, out):
+            done = {"fingerprint": fp}  # finished before records existed (see adopt)
+            atomic_write_text(done_path, json.dumps({"fingerprint": fp, "adopted": True}))
+        if done is not None and done.get("fingerprint") == fp:
             reused += 1
             continue
-        resume = (adir / "run.json").is_file() and ckpt is not None
+        if done is not None:
+            aside = set_aside(adir, done_path, "stale")
+            log(f"PA-AD vs {run['name']}: trained with other settings or against another "
+                f"victim; moved to {aside.name} and trained again")
+        ckpt = latest_checkpoint(adir)
+        if adir.exists() and ckpt is None:  # killed before its first checkpoint: kept aside
+            set_aside(adir, None, "incomplete")
+        resume = ckpt is not None and (adir / "run.json").is_file()
         spec = {"victim": str(run_dir(out, run["name"])), "out": str(adir),
                 "eps": max(suite.eps), "iterations": suite.paad_iterations, "resume": resume,
-                "settings": {"seed": run["seed"], "train_batch_size": suite.paad_batch,
-                             "minibatch_size": min(250, suite.paad_batch)}}
-        jobs.append(Job(train_adversary_job, spec, title=f"PA-AD vs {run['name']}"))
+                "settings": settings}
+        jobs.append(Job(train_adversary_job, spec, title=f"PA-AD vs {run['name']}",
+                        tag=(done_path, fp)))
     if jobs:
         log(f"PA-AD adversaries: {len(jobs)} to train, {reused} done")
-        run_all(jobs, suite.cpus_per_training, workers, progress, "PA-AD", log,
-                lambda job, res: None)
+
+        def record(job: Job, result: dict[str, Any]) -> None:
+            path, fp = job.tag
+            last = result["value"]["last"]
+            atomic_write_text(path, json.dumps(to_jsonable({
+                "fingerprint": fp, "iterations": last.get("iteration"),
+                "wall_s": result["value"]["wall_s"]}), indent=2))
+        run_all(jobs, suite.cpus_per_training, workers, progress, "PA-AD", log, record)
     return {"reused": reused, "new": len(jobs)}
+
+
+def adopt(adir: Path, suite: Suite, run: dict[str, Any], settings: dict[str, Any],
+          out: Path) -> bool:
+    """Whether a finished adversary without a record (made before the benchmark kept them)
+    matches the suite: its ``run.json`` names this victim, PA-AD, the suite's eps, iterations
+    and settings, and it was trained after the victim's record was written."""
+    ckpt = latest_checkpoint(adir)
+    victim_record = out / "runs" / f"{run['name']}.json"
+    if ckpt is None or not victim_record.is_file():
+        return False
+    cfg = read_done(adir / "run.json") or {}
+    same = (cfg.get("victim") == str(run_dir(out, run["name"])) and cfg.get("mode") == "pa-ad"
+            and cfg.get("iterations") == suite.paad_iterations
+            and abs(float(cfg.get("eps", -1)) - max(suite.eps)) < 1e-12
+            and all(cfg.get(k) == v for k, v in settings.items()))
+    return same and ckpt.stat().st_mtime >= victim_record.stat().st_mtime
 
 
 # --------------------------------------------------------------------------- tournament
