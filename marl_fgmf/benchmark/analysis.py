@@ -96,7 +96,7 @@ def analyse(suite: Suite, out: Path, refs: dict[str, Any], boards: dict[str, dic
                           "reference_kind": "scripted optimum" if plan.optimum
                           else "clean undefended return", "iterations": plan.iterations,
                           "seeds": list(plan.seeds), "episodes": plan.episodes,
-                          "note": plan.note}
+                          "eval_kwargs": dict(plan.eval_kwargs), "note": plan.note}
         for r in plan_runs:
             row = rows[r["name"]]
             done = _read(out / "runs" / f"{r['name']}.json") or {}

@@ -68,6 +68,11 @@ def markdown(suite: Suite, summary: dict[str, Any]) -> str:
                    f"steps | {len(e['seeds'])} | {_f(e['random'])} | "
                    f"{_f(trained.get('mean'))} ± {_f(trained.get('ci95'))} | "
                    f"{_f(e['reference'])} | {e['reference_kind']} |")
+    evals = {env: e.get("eval_kwargs") for env, e in summary["envs"].items() if e.get("eval_kwargs")}
+    if evals:
+        out += ["", "Evaluated (attacks, audit, explanations, references) with the env settings "
+                + "; ".join(f"{env}: {kw}" for env, kw in evals.items())
+                + " over the training ones."]
     out += ["", "Trained (clean) normalized return per defence, IQM (95% CI): "
             + ", ".join(f"{d} {_iv(v['iqm'])}" for d, v in summary["clean_aggregates"].items()),
             ""]

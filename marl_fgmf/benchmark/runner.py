@@ -175,18 +175,19 @@ def references(suite: Suite, out: Path, log: Callable[[str], None]) -> dict[str,
     cached = json.loads(path.read_text()) if path.is_file() else {}
     refs = {}
     for plan in suite.envs:
-        key = fingerprint({"env": plan.env, "env_kwargs": plan.env_kwargs,
+        kwargs = eval_kwargs(plan)
+        key = fingerprint({"env": plan.env, "env_kwargs": kwargs,
                            "episodes": suite.random_episodes, "optimum": plan.optimum})
         if cached.get(plan.env, {}).get("key") == key:
             refs[plan.env] = cached[plan.env]
             continue
-        rand = random_team_return(plan.env, plan.env_kwargs, suite.random_episodes, 10_000)
+        rand = random_team_return(plan.env, kwargs, suite.random_episodes, 10_000)
         entry: dict[str, Any] = {"key": key, "random": summarize(rand), "random_returns": rand,
                                  "optimum": None}
         if plan.optimum:
-            n = len(make_env(plan.env, **plan.env_kwargs).possible_agents)
+            n = len(make_env(plan.env, **kwargs).possible_agents)
             entry["optimum"] = n * scripted_return(episodes=suite.random_episodes, seed=10_000,
-                                                   **plan.env_kwargs)
+                                                   **kwargs)
         refs[plan.env] = entry
         log(f"{plan.env}: random policy team return {entry['random']['mean']:.2f}"
             + (f", scripted optimum {entry['optimum']:.2f}" if entry["optimum"] else ""))
@@ -197,6 +198,11 @@ def references(suite: Suite, out: Path, log: Callable[[str], None]) -> dict[str,
 # --------------------------------------------------------------------------- training
 def plan_of(suite: Suite, env: str) -> EnvPlan:
     return next(p for p in suite.envs if p.env == env)
+
+
+def eval_kwargs(plan: EnvPlan) -> dict[str, Any]:
+    """The env settings every evaluation uses: training's, with ``eval_kwargs`` over them."""
+    return {**plan.env_kwargs, **plan.eval_kwargs}
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -424,7 +430,7 @@ def tournament_config(suite: Suite, plan: EnvPlan, out: Path, check: bool = True
 def tournament_data(suite: Suite, plan: EnvPlan, out: Path, attackers: list[Any],
                     defenders: list[dict[str, Any]]) -> dict[str, Any]:
     return {"name": f"benchmark-{suite.name}-{plan.env}", "env": plan.env,
-            "env_kwargs": dict(plan.env_kwargs), "episodes": plan.episodes,
+            "env_kwargs": eval_kwargs(plan), "episodes": plan.episodes,
             "seeds": list(suite.eval_seeds), "eps": list(suite.eps), "defenders": defenders,
             "attackers": attackers, "audit": {**suite.audit, "eps": max(suite.eps)}}
 
@@ -434,7 +440,7 @@ def check_suite(suite: Suite, out: Path) -> None:
     anything is trained): ``ValueError`` with every problem."""
     errors = []
     for plan in suite.envs:
-        errors += check_env(plan.env, plan.env_kwargs)
+        errors += check_env(plan.env, eval_kwargs(plan))
         if errors:
             continue
         cfg = tournament_config(suite, plan, out, check=False)
@@ -460,7 +466,7 @@ def faithfulness_phase(suite: Suite, out: Path, workers: int | None, progress: b
         env.close()
         policy = load_agent_policies(str(run_dir(out, run["name"])), agents, device="cpu",
                                      single_if_shared=True)
-        spec = {"run": run["name"], "env": plan.env, "env_kwargs": dict(plan.env_kwargs),
+        spec = {"run": run["name"], "env": plan.env, "env_kwargs": eval_kwargs(plan),
                 "seed": 0, "eps": 4 / 255, "faithfulness": dict(suite.faithfulness)}
         spec["fingerprint"] = fingerprint({**spec, "weights": weights_hash(policy)})
         done = read_done(folder / f"{run['name']}.json")

@@ -44,6 +44,9 @@ class EnvPlan:
     """further :class:`agents.train.TrainConfig` fields (batch sizes, network)"""
     episodes: int = 3
     """evaluation episodes per match"""
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)
+    """env settings changed for evaluation (attacks, audit, explanations, the random and
+    optimal references), e.g. a shorter episode; training uses ``env_kwargs`` alone"""
     optimum: bool = False
     """normalize to the scripted optimum (beacon) instead of the clean undefended return"""
     note: str = ""
@@ -166,7 +169,7 @@ SUITES: dict[str, Suite] = {
         description="beacon only: every defence, 5 training seeds, the attack ensemble, "
                     "a PA-AD adversary per run",
         envs=(EnvPlan("beacon", {}, iterations=20, seeds=(0, 1, 2, 3, 4), episodes=1,
-                      optimum=True),),
+                      eval_kwargs={"max_steps": 25}, optimum=True),),
         attackers=_SMALL_ENSEMBLE, adaptive=_SMALL_ADAPTIVE, paad_iterations=5,
         external={"steps": 10, "n_queries": 100}, audit=_SMALL_AUDIT,
         faithfulness=_SMALL_FAITH,
@@ -175,7 +178,7 @@ SUITES: dict[str, Suite] = {
         name="full",
         description="beacon (5 seeds) and pistonball (3 seeds), every defence",
         envs=(EnvPlan("beacon", {}, iterations=20, seeds=(0, 1, 2, 3, 4), episodes=1,
-                      optimum=True),
+                      eval_kwargs={"max_steps": 25}, optimum=True),
               EnvPlan("pistonball", {}, iterations=20, seeds=(0, 1, 2), episodes=1,
                       note="trains to clearly above random in ~5,000 env steps (README); "
                            "cooperative_pong does not, so it is not in the suite")),
