@@ -233,3 +233,23 @@ def test_an_interrupted_training_resumes_and_a_checkpointless_one_is_kept_aside(
     assert len(aside) == 1 and aside[0].startswith("beacon.adv.s0")
     assert json.loads((out / "runs" / "beacon.adv.s0.json").read_text())["iterations"] == 2
     assert train_phase(suite, out, 2, False, lambda m: None, wall=False) == {"reused": 2, "new": 0}
+
+
+def test_small_suite_evaluates_with_its_eval_settings_and_trains_with_the_defaults(tmp_path):
+    """The small suite: every defence at its defaults (no training overrides), 5 seeds; the
+    tournament, the references and the explanations use the evaluation settings."""
+    from marl_fgmf.benchmark.runner import eval_kwargs, tournament_config, train_config
+    suite = get_suite("small")
+    plan = suite.envs[0]
+    assert plan.seeds == (0, 1, 2, 3, 4) and plan.train == {}
+    run = suite.runs()[0]
+    assert train_config(suite, run)["env_kwargs"] == {}
+    cfg = tournament_config(suite, plan, tmp_path, check=False)
+    assert cfg.env_kwargs == eval_kwargs(plan) == {"max_steps": 25}
+    assert sorted(cfg.eps) == pytest.approx([2 / 255, 4 / 255, 8 / 255])
+    names = [a.name for a in cfg.attackers]
+    assert names == ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "autoattack"]
+    own = {d.name: [a.name for a in d.attackers] for d in cfg.defenders}
+    assert own["beacon.none.s1"] == ["paad"]
+    assert own["beacon.fgmf.s2"] == ["paad", "bpda", "eot"]
+    assert len(cfg.defenders) == 40

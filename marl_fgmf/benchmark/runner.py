@@ -119,7 +119,7 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
             if previous is not None and previous.get("digest") != suite.digest():
                 log(f"suite {suite.name}: its settings changed since {out} was made; every "
                     f"record whose settings changed is replayed, the rest reused (a training "
-                    f"run with other settings is refused)")
+                    f"run or adversary with other settings is moved aside and trained again)")
             atomic_write_text(out / "suite.json", json.dumps(
                 {**suite.to_dict(), "digest": suite.digest()}, indent=2))
             refs = references(suite, out, log)
