@@ -95,12 +95,13 @@ class Suite:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every training run: ``{"name", "env", "defence", "kind", "seed", "wallclock"}``
-        (equal-steps runs first, then the equal-wall-clock ones)."""
+        (equal-steps runs first, then the equal-wall-clock ones; seed by seed, every defence
+        of a seed together, so that a machine's load weighs on every defence alike)."""
         out = []
         for wall in (False, True):
             for plan in self.envs:
-                for defence in (self.wallclock if wall else self.defences):
-                    for seed in plan.seeds:
+                for seed in plan.seeds:
+                    for defence in (self.wallclock if wall else self.defences):
                         label = f"{defence}-wall" if wall else defence
                         out.append({"name": f"{plan.env}.{label}.s{seed}", "env": plan.env,
                                     "defence": label, "kind": defence, "seed": seed,
