@@ -101,6 +101,8 @@ def analyse(suite: Suite, out: Path, refs: dict[str, Any], boards: dict[str, dic
             row = rows[r["name"]]
             done = _read(out / "runs" / f"{r['name']}.json") or {}
             rec = {**r, "wall_time_s": done.get("wall_time_s"), "env_steps": done.get("env_steps"),
+                   "cpu_s": done.get("cpu_s"), "load": done.get("load"), "cpus": done.get("cpus"),
+                   "resumed": done.get("resumed"),
                    "iterations": done.get("iterations"),
                    "clean": row["clean"]["mean"] if row["clean"] else None,
                    "flagged": row["flagged"], "audit_failed": row["audit_failed"],
@@ -165,14 +167,33 @@ def robustness(runs: list[dict[str, Any]], defences: list[str], labels: list[str
             "probability_of_improvement": poi, "profiles": profiles}
 
 
+def timing_of(runs: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Which time the cost compares, and why it cannot be trusted (None: it can). CPU time
+    when every run recorded it in one uninterrupted job (it does not grow when other work
+    shares the machine); else the training loop's wall time, trusted only when every run
+    recorded a load average no higher than 1.25x the machine's CPUs."""
+    if runs and all(r.get("cpu_s") and not r.get("resumed") for r in runs):
+        return "cpu_s", None
+    loads = [max(r["load"]) / r["cpus"] for r in runs if r.get("load") and r.get("cpus")]
+    if len(loads) < len(runs):
+        return "wall_time_s", ("the machine's load was not recorded for every training, so "
+                               "the wall times may include waiting for the CPU")
+    if max(loads) > 1.25:
+        return "wall_time_s", (f"the machine was overloaded during some trainings (load "
+                               f"{max(loads):.1f}x its CPUs)")
+    return "wall_time_s", None
+
+
 def cost(runs: list[dict[str, Any]], suite: Suite) -> dict[str, Any]:
-    """Per env and equal-steps defence: mean training-loop time and its ratio to the
-    undefended runs' (bootstrap over seeds, each defence resampled independently)."""
+    """Per env and equal-steps defence: mean training time (:func:`timing_of` says which)
+    and its ratio to the undefended runs' (bootstrap over seeds, each defence resampled
+    independently); ``untrusted`` says why the times cannot decide the cost claim."""
     out: dict[str, Any] = {}
     for plan in suite.envs:
-        walls = {d: scores_of([r for r in runs if r["env"] == plan.env], d, "wall_time_s")
-                 for d in suite.defences}
-        env_out = {}
+        mine = [r for r in runs if r["env"] == plan.env and not r["wallclock"]]
+        key, untrusted = timing_of(mine)
+        walls = {d: scores_of(mine, d, key) for d in suite.defences}
+        env_out: dict[str, Any] = {"timing": key, "untrusted": untrusted}
         for d, s in walls.items():
             if not s:
                 continue
@@ -308,8 +329,11 @@ def claims(summary: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
         iv = (entry.get("fgmf") or {}).get("ratio_to_none")
         if iv:
             runs = min(len(entry["fgmf"]["seconds"]), len(entry["none"]["seconds"]))
+            what = "CPU" if entry["timing"] == "cpu_s" else "wall-clock"
+            said = verdict(iv["low"], iv["high"], thr, "upper", runs=runs)
+            if entry["untrusted"]:
+                said = f"undecided: {entry['untrusted']}"
             out.append({"claim": "cost", "text": text, "setting": env,
-                        "statistic": "training time fgmf / none (equal env steps)",
-                        "threshold": thr, **iv, "runs": runs,
-                        "verdict": verdict(iv["low"], iv["high"], thr, "upper", runs=runs)})
+                        "statistic": f"training {what} time fgmf / none (equal env steps)",
+                        "threshold": thr, **iv, "runs": runs, "verdict": said})
     return out

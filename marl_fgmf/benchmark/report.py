@@ -94,10 +94,14 @@ def markdown(suite: Suite, summary: dict[str, Any]) -> str:
         out.append(f"| {r['name']} | {_f(r['clean'])} | " + " | ".join(cells)
                    + f" | {_f(r['norm_robust'][labels[-1]])} | {_f(r['wall_time_s'], 0)} | "
                    f"{audit} |")
-    out += ["", "## Cost (training-loop time, equal env steps)", "",
+    out += ["", "## Cost (training time, equal env steps; CPU time where recorded)", "",
             "| env | defence | mean time (s) | ratio to none (95% CI) |", "| --- | --- | --- | --- |"]
     for env, entries in summary["cost"].items():
+        if entries.get("untrusted"):
+            out.append(f"| {env} | (times not trusted: {entries['untrusted']}) | | |")
         for d, e in entries.items():
+            if not isinstance(e, dict):
+                continue
             out.append(f"| {env} | {d} | {_f(e['wall_time_s'], 1)} | {_iv(e.get('ratio_to_none'))} |")
     out += ["", "## Faithfulness (mean over runs of per-run means, 95% t CI over runs)", ""]
     f = summary["faithfulness"]

@@ -294,6 +294,8 @@ def on_train_result(out: Path) -> Callable[[Job, dict[str, Any]], None]:
             **run, "fingerprint": fp, "time_budget_s": budget,
             "iterations": last.get("iteration"), "env_steps": last.get("env_steps"),
             "wall_time_s": last.get("wall_time_s"), "job_wall_s": result["value"]["wall_s"],
+            "cpu_s": result["value"].get("cpu_s"), "load": result["value"].get("load"),
+            "cpus": result["value"].get("cpus"), "resumed": job.spec["resume"],
             "threads": result["value"]["threads"],
             "final_return": last.get("agent_return_mean"),
             "node": (result.get("node") or {}).get("node_id")}), indent=2))

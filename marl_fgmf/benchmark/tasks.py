@@ -9,6 +9,7 @@ data that the driver writes.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -24,14 +25,19 @@ __all__ = ["faithfulness_job", "torchattacks_autoattack", "train_adversary_job",
 def train_run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """One training run: ``spec = {"config": TrainConfig fields, "out", "resume",
     "time_budget_s"}``. Returns ``{"wall_s", "threads", "last"}`` (``last``: the last metrics
-    row, whose ``wall_time_s`` is the training loop's time over every resumed piece)."""
+    row, whose ``wall_time_s`` is the training loop's time over every resumed piece),
+    ``cpu_s`` (this process's CPU time: the whole training when it samples in-process, and it
+    does not grow when other work shares the machine) and ``load`` (the machine's 1-minute
+    load average at the start and the end; ``cpus`` its CPUs)."""
     from agents.train import TrainConfig, train  # lazy: RLlib (seconds), on the worker only
     cfg = TrainConfig.from_json(dict(spec["config"]))
-    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     result = train(cfg, spec["out"], resume=bool(spec.get("resume")), progress=False,
                    time_budget_s=spec.get("time_budget_s"))
-    return {"wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
-            "last": result["last"]}
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "threads": torch.get_num_threads(), "last": result["last"],
+            "load": [load0, os.getloadavg()[0]], "cpus": os.cpu_count()}
 
 
 def train_adversary_job(spec: dict[str, Any]) -> dict[str, Any]:
