@@ -197,7 +197,7 @@ def cost(runs: list[dict[str, Any]], suite: Suite) -> dict[str, Any]:
         for d, s in walls.items():
             if not s:
                 continue
-            entry: dict[str, Any] = {"wall_time_s": float(np.mean(s[plan.env])),
+            entry: dict[str, Any] = {"mean_s": float(np.mean(s[plan.env])),
                                      "seconds": s[plan.env].tolist()}
             if walls.get("none"):
                 entry["ratio_to_none"] = _interval(*ratio_of_aggregates(s, walls["none"], "mean"))

@@ -102,7 +102,7 @@ def markdown(suite: Suite, summary: dict[str, Any]) -> str:
         for d, e in entries.items():
             if not isinstance(e, dict):
                 continue
-            out.append(f"| {env} | {d} | {_f(e['wall_time_s'], 1)} | {_iv(e.get('ratio_to_none'))} |")
+            out.append(f"| {env} | {d} | {_f(e['mean_s'], 1)} | {_iv(e.get('ratio_to_none'))} |")
     out += ["", "## Faithfulness (mean over runs of per-run means, 95% t CI over runs)", ""]
     f = summary["faithfulness"]
     out += ["| defence | method | GHR | deletion AUC | insertion AUC | ASR-M | sanity rho "

@@ -49,7 +49,7 @@ from marl_fgmf.benchmark.suites import EnvPlan, Suite
 from marl_fgmf.benchmark.tasks import faithfulness_job, train_adversary_job, train_run_job
 from marl_fgmf.io import DirLock, atomic_write_text, to_jsonable
 from marl_fgmf.stats import summarize
-from marl_fgmf.tournament import TournamentConfig, run_tournament
+from marl_fgmf.tournament import ConfigError, TournamentConfig, TournamentError, run_tournament
 from marl_fgmf.tournament.checks import check_attackers, check_env
 from marl_fgmf.tournament.specs import fingerprint, weights_hash
 
@@ -129,9 +129,13 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
             counts["adversaries"] = adversary_phase(suite, out, workers, progress, log)
             boards = {}
             for plan in suite.envs:
-                cfg = tournament_config(suite, plan, out)
-                res = run_tournament(cfg, out / "tournaments" / plan.env, workers=workers,
-                                     progress=progress, log=log)
+                try:
+                    cfg = tournament_config(suite, plan, out)
+                    res = run_tournament(cfg, out / "tournaments" / plan.env, workers=workers,
+                                         progress=progress, log=log)
+                except (ConfigError, TournamentError) as exc:  # one line each, kept for a rerun
+                    raise BenchmarkError([f"{plan.env} tournament: {e}"
+                                          for e in exc.errors]) from None
                 boards[plan.env] = res.leaderboard
                 counts[f"matches {plan.env}"] = {"reused": res.reused, "new": res.new,
                                                  "replayed": res.replayed}
