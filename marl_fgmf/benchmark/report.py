@@ -131,6 +131,13 @@ def markdown(suite: Suite, summary: dict[str, Any]) -> str:
     else:
         out.append("Not run: torchattacks is not installed (`pip install torchattacks "
                    "--no-deps`) or the suite turns it off.")
+    run = summary.get("this_run") or {}
+    if run:
+        out += ["", "## Time of the invocation that wrote this report", "",
+                f"{run['seconds']:.0f} s in all (a resumed benchmark times only what it "
+                f"redid): " + "; ".join(f"{k} {v.get('seconds', 0):.0f} s ({v.get('new', 0)} "
+                                        f"new, {v.get('reused', 0)} reused)"
+                                        for k, v in run["counts"].items())]
     out += ["", "Figures: `profiles.png`, `robust_vs_eps_<env>.png`, `ablation.png`, "
             "`cost_vs_robustness.png`.", ""]
     return "\n".join(out)

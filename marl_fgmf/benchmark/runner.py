@@ -123,12 +123,18 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
             atomic_write_text(out / "suite.json", json.dumps(
                 {**suite.to_dict(), "digest": suite.digest()}, indent=2))
             refs = references(suite, out, log)
-            counts["training"] = train_phase(suite, out, workers, progress, log, wall=False)
-            counts["wall-clock training"] = train_phase(suite, out, workers, progress, log,
-                                                        wall=True)
-            counts["adversaries"] = adversary_phase(suite, out, workers, progress, log)
+
+            def timed(name: str, phase: Callable[[], dict[str, int]]) -> None:
+                t = time.perf_counter()
+                counts[name] = {**phase(), "seconds": round(time.perf_counter() - t, 1)}
+            timed("training", lambda: train_phase(suite, out, workers, progress, log,
+                                                  wall=False))
+            timed("wall-clock training", lambda: train_phase(suite, out, workers, progress,
+                                                             log, wall=True))
+            timed("adversaries", lambda: adversary_phase(suite, out, workers, progress, log))
             boards = {}
             for plan in suite.envs:
+                t_env = time.perf_counter()
                 try:
                     cfg = tournament_config(suite, plan, out)
                     res = run_tournament(cfg, out / "tournaments" / plan.env, workers=workers,
@@ -137,10 +143,15 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
                     raise BenchmarkError([f"{plan.env} tournament: {e}"
                                           for e in exc.errors]) from None
                 boards[plan.env] = res.leaderboard
-                counts[f"matches {plan.env}"] = {"reused": res.reused, "new": res.new,
-                                                 "replayed": res.replayed}
-            counts["faithfulness"] = faithfulness_phase(suite, out, workers, progress, log)
+                counts[f"matches {plan.env}"] = {
+                    "reused": res.reused, "new": res.new, "replayed": res.replayed,
+                    "seconds": round(time.perf_counter() - t_env, 1)}
+            timed("faithfulness", lambda: faithfulness_phase(suite, out, workers, progress,
+                                                             log))
             summary = analyse(suite, out, refs, boards)
+            # this invocation's phases (a resumed benchmark times only what it redid)
+            summary["this_run"] = {"counts": counts,
+                                   "seconds": round(time.perf_counter() - t0, 1)}
             files = write_report(suite, out, summary)
     finally:
         if started:

@@ -67,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
     print(claims_markdown(result.summary))
     done = ", ".join(f"{k}: {v.get('new', 0)} new, {v.get('reused', 0)} reused"
                      + (f", {v['replayed']} replayed" if v.get("replayed") else "")
-                     for k, v in result.counts.items())
+                     + f" ({v.get('seconds', 0):.0f}s)" for k, v in result.counts.items())
     print(f"\n{done}; {result.seconds:.0f}s; report: {result.files['report.md']}")
     return 0
