@@ -182,8 +182,9 @@ def run_jobs(jobs: list[Job], *, num_cpus: float = 1.0, limit: int | None = None
     remaining tasks are pinned to the healthy nodes with Ray's node-affinity strategy), its
     failed tasks are submitted again once, elsewhere, and ``log`` names the node and the
     cause. ``node_id`` pins every task to that node instead (jobs that write the driver's
-    files: the benchmark's trainings). ``on_result(job, result)`` gets every successful result (``result["node"]`` says
-    where it ran); ``on_done`` every finished task, successful or not (progress bars).
+    files: the benchmark's trainings). ``on_result(job, result)`` gets every successful
+    result (``result["node"]`` says where it ran); ``on_done`` every finished task,
+    successful or not (progress bars).
 
     Returns:
         The failures left, one line each: ``<title> failed on node <id> (<ip>): Type: message``.
