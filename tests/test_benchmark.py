@@ -269,7 +269,8 @@ def test_an_interrupted_training_resumes_and_a_checkpointless_one_is_kept_aside(
 def test_small_suite_evaluates_with_its_eval_settings_and_trains_with_the_defaults(tmp_path):
     """The small suite: every defence at its defaults (no training overrides), 5 seeds; the
     tournament, the references and the explanations use the evaluation settings."""
-    from marl_fgmf.benchmark.runner import eval_kwargs, tournament_config, train_config
+    from marl_fgmf.benchmark.references import eval_kwargs
+    from marl_fgmf.benchmark.runner import tournament_config, train_config
     suite = get_suite("small")
     plan = suite.envs[0]
     assert plan.seeds == (0, 1, 2, 3, 4) and plan.train == {}

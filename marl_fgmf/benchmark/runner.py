@@ -42,13 +42,12 @@ from agents.checkpoint import latest_checkpoint, load_agent_policies
 from agents.jobs import Job, run_jobs, ship
 from agents.ray_session import check_address, ensure_ray
 from envs import make_env
-from envs.beacon import scripted_return
 from marl_fgmf.benchmark.analysis import analyse
+from marl_fgmf.benchmark.references import eval_kwargs, references
 from marl_fgmf.benchmark.report import write_report
 from marl_fgmf.benchmark.suites import EnvPlan, Suite
 from marl_fgmf.benchmark.tasks import faithfulness_job, train_adversary_job, train_run_job
 from marl_fgmf.io import DirLock, atomic_write_text, to_jsonable
-from marl_fgmf.stats import summarize
 from marl_fgmf.tournament import ConfigError, TournamentConfig, TournamentError, run_tournament
 from marl_fgmf.tournament.checks import check_attackers, check_env
 from marl_fgmf.tournament.specs import fingerprint, weights_hash
@@ -161,63 +160,9 @@ def run_benchmark(suite: Suite, out: str | os.PathLike, *, address: str | None =
                            seconds=time.perf_counter() - t0, counts=counts)
 
 
-# --------------------------------------------------------------------------- references
-def random_team_return(env_name: str, env_kwargs: dict[str, Any], episodes: int, seed: int
-                       ) -> list[float]:
-    """Team returns (sum over agents) of uniform random actions, episode ``e`` reset with
-    ``seed + e`` and the action spaces seeded alike."""
-    env = make_env(env_name, **env_kwargs)
-    returns = []
-    try:
-        for e in range(episodes):
-            env.reset(seed=seed + e)
-            for i, a in enumerate(env.possible_agents):
-                env.action_space(a).seed(seed + 1000 * e + i)
-            total = 0.0
-            while env.agents:
-                _, rew, _, _, _ = env.step({a: env.action_space(a).sample() for a in env.agents})
-                total += float(sum(rew.values()))
-            returns.append(total)
-    finally:
-        env.close()
-    return returns
-
-
-def references(suite: Suite, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Per env: the random policy's team returns and the optimum (beacon's scripted policy,
-    team return), cached in ``DIR/references.json`` by the env's settings."""
-    path = out / "references.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    refs = {}
-    for plan in suite.envs:
-        kwargs = eval_kwargs(plan)
-        key = fingerprint({"env": plan.env, "env_kwargs": kwargs,
-                           "episodes": suite.random_episodes, "optimum": plan.optimum})
-        if cached.get(plan.env, {}).get("key") == key:
-            refs[plan.env] = cached[plan.env]
-            continue
-        rand = random_team_return(plan.env, kwargs, suite.random_episodes, 10_000)
-        entry: dict[str, Any] = {"key": key, "random": summarize(rand), "random_returns": rand,
-                                 "optimum": None}
-        if plan.optimum:
-            n = len(make_env(plan.env, **kwargs).possible_agents)
-            entry["optimum"] = n * scripted_return(episodes=suite.random_episodes, seed=10_000,
-                                                   **kwargs)
-        refs[plan.env] = entry
-        log(f"{plan.env}: random policy team return {entry['random']['mean']:.2f}"
-            + (f", scripted optimum {entry['optimum']:.2f}" if entry["optimum"] else ""))
-    atomic_write_text(path, json.dumps(to_jsonable(refs), indent=2))
-    return refs
-
-
 # --------------------------------------------------------------------------- training
 def plan_of(suite: Suite, env: str) -> EnvPlan:
     return next(p for p in suite.envs if p.env == env)
-
-
-def eval_kwargs(plan: EnvPlan) -> dict[str, Any]:
-    """The env settings every evaluation uses: training's, with ``eval_kwargs`` over them."""
-    return {**plan.env_kwargs, **plan.eval_kwargs}
 
 
 def run_dir(out: Path, name: str) -> Path:
