@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -165,3 +166,13 @@ def check_device(text: str | None) -> str | None:
             raise UsageError(f"--device {text}: no such GPU visible to torch ({n} found); "
                              f"use --device cpu")
     return value
+
+
+def print_failures(command: str, errors: list[str], kept: str) -> int:
+    """Every failed job on its own line, then what was kept and that a rerun retries them;
+    returns exit code 1 (work that ran on Ray and partly failed)."""
+    for line in errors:
+        print(f"marl-fgmf {command}: failed: {line}", file=sys.stderr)
+    print(f"marl-fgmf {command}: {len(errors)} job(s) failed; {kept}; rerun to retry them",
+          file=sys.stderr)
+    return 1

@@ -16,9 +16,9 @@ per defender), audited for gradient masking and explained; then the report
 from __future__ import annotations
 
 import argparse
-import sys
 
-from marl_fgmf.commands import UsageError, add_cluster_arguments, cluster_settings, positive_int
+from marl_fgmf.commands import (UsageError, add_cluster_arguments, cluster_settings,
+                                positive_int, print_failures)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_benchmark(suite, args.out, address=address, workers=args.workers,
                                progress=not args.quiet, runtime_env=runtime_env)
     except BenchmarkError as exc:
-        for line in exc.errors:
-            print(f"marl-fgmf benchmark: failed: {line}", file=sys.stderr)
-        print(f"marl-fgmf benchmark: {len(exc.errors)} job(s) failed; what finished is kept "
-              f"in {args.out}; rerun to retry them", file=sys.stderr)
-        return 1
+        return print_failures("benchmark", exc.errors, f"what finished is kept in {args.out}")
     from marl_fgmf.benchmark.report import claims_markdown  # lazy: imports matplotlib
     print()
     print(claims_markdown(result.summary))

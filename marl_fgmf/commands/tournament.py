@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from marl_fgmf.commands import (UsageError, add_cluster_arguments, check_output,
-                                cluster_settings, positive_int)
+                                cluster_settings, positive_int, print_failures)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,11 +69,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _errors(exc.errors)
     except TournamentError as exc:
-        for line in exc.errors:
-            print(f"marl-fgmf tournament: failed: {line}", file=sys.stderr)
-        print(f"marl-fgmf tournament: {len(exc.errors)} job(s) failed; the finished matches "
-              f"and the leaderboard are in {args.out}; rerun to retry them", file=sys.stderr)
-        return 1
+        return print_failures("tournament", exc.errors,
+                              f"the finished matches and the leaderboard are in {args.out}")
     print()
     print(format_leaderboard(result.leaderboard))
     flagged = [r["defender"] for r in result.leaderboard["defenders"] if r["flagged"]]
