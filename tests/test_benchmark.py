@@ -168,6 +168,20 @@ def test_pgca_ratio_is_paired_and_picks_the_best_single_method():
     # paired: every resample takes the same runs for both methods, so the ratio barely moves
     assert fg["high"] - fg["low"] < 0.02
     assert out["all defences"]["runs"] == 6
+    assert fg["min_env_runs"] == 3 and out["all defences"]["min_env_runs"] == 6
+
+
+def test_pgca_ratio_counts_seeds_not_policies():
+    """Eight defences trained from one seed are one draw of the training noise: the claim's
+    power (min_env_runs) is the number of seeds, so one seed can never decide it."""
+    per_run = {f"d{i}": {"env": "beacon", "defence": f"d{i}", "seed": 0,
+                         "methods": {"pgca": {"ghr": 0.9 + 0.001 * i}, "ig": {"ghr": 0.3}}}
+               for i in range(8)}
+    out = pgca_ratio(per_run)["all defences"]
+    assert out["runs"] == 8 and out["min_env_runs"] == 1
+    assert out["low"] > 1.25  # a tight interval far above the threshold ...
+    assert verdict(out["low"], out["high"], 1.25, runs=out["min_env_runs"]) == \
+        "undecided at this power"  # ... still decides nothing
 
 
 # --------------------------------------------------------------------------- README and CLI

@@ -279,8 +279,11 @@ def pgca_ratio(per_run: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
         est, low, high = stratified_bootstrap_ci(
             {env: np.arange(len(ghr[env]), dtype=float) for env in envs}, statistic)
+        # the power is the number of independent training seeds, not of policies: eight
+        # defences trained from one seed are one draw of the training noise
+        seeds = {env: {p["seed"] for p in rows if p["env"] == env} for env in envs}
         out[label] = {**_interval(est, low, high), "best_single": best, "runs": len(rows),
-                      "min_env_runs": min(len(ghr[env]) for env in envs),
+                      "min_env_runs": min(len(seeds[env]) for env in envs),
                       "pgca_ghr": float(np.concatenate(list(ghr.values()))[:, 0].mean()),
                       "best_ghr": float(np.concatenate(list(ghr.values()))[:, col].mean())}
     return out
