@@ -34,7 +34,7 @@ from scipy import stats as _scipy_stats
 __all__ = ["t_quantile", "mean_ci95", "summarize", "bootstrap_ci", "mcnemar_greater", "iqm",
            "normalize_score", "stratified_bootstrap_ci", "aggregate_iqm", "aggregate_mean",
            "aggregate_median", "AGGREGATES", "aggregate_with_ci", "probability_of_improvement",
-           "performance_profile", "ratio_of_aggregates"]
+           "performance_profile", "ratio_of_aggregates", "margin_of_aggregates"]
 
 
 def _values(values: Any) -> list[float]:
@@ -375,6 +375,34 @@ def ratio_of_aggregates(x_scores: Scores, y_scores: Scores, metric: str = "iqm",
     point, low, high = _stratified_bootstrap((x, y), ratio, confidence, n_resamples, seed)
     return tuple(float(v) if abs(v) < huge else math.copysign(math.inf, v)
                  for v in (point, low, high))
+
+
+def margin_of_aggregates(x_scores: Scores, y_scores: Scores, factor: float,
+                         metric: str = "iqm", confidence: float = 0.95, n_resamples: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """``aggregate(X) - factor * aggregate(Y)`` with the stratified bootstrap interval of
+    :func:`ratio_of_aggregates` (X's and Y's runs resampled independently within each task).
+
+    "X beats Y by ``factor``" is ``aggregate(X) >= factor * aggregate(Y)``: for a positive
+    ``aggregate(Y)`` the same question as ``ratio >= factor``, but the margin stays finite
+    (and its interval informative) when Y's aggregate nears zero, where the ratio's interval
+    is unbounded.
+
+    Returns:
+        ``(estimate, low, high)``.
+    """
+    if metric not in _UNCHECKED:
+        raise ValueError(f"margin_of_aggregates: metric {metric!r} unknown; allowed: "
+                         f"{sorted(AGGREGATES)}")
+    if not math.isfinite(factor):
+        raise ValueError(f"margin_of_aggregates: factor must be finite, got {factor!r}")
+    x, y = _check_scores(x_scores, "x_scores"), _check_scores(y_scores, "y_scores")
+    if x.keys() != y.keys():
+        raise ValueError("margin_of_aggregates: x_scores and y_scores need the same tasks")
+    agg = _UNCHECKED[metric]
+    point, low, high = _stratified_bootstrap(
+        (x, y), lambda a, b: agg(a) - factor * agg(b), confidence, n_resamples, seed)
+    return float(point), float(low), float(high)
 
 
 def performance_profile(scores: Scores, taus: Any, confidence: float = 0.95,

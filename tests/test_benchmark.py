@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from marl_fgmf.benchmark import get_suite
-from marl_fgmf.benchmark.analysis import pgca_ratio, verdict
+from marl_fgmf.benchmark.analysis import margin_verdict, pgca_ratio, verdict
 from marl_fgmf.benchmark.report import BEGIN, END, claims_markdown, update_readme
 from marl_fgmf.io import to_jsonable
-from marl_fgmf.stats import iqm, ratio_of_aggregates
+from marl_fgmf.stats import iqm, margin_of_aggregates, ratio_of_aggregates
 from tests.conftest import tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,27 @@ def test_smoke_suite_crash_resume_and_replay_give_the_same_numbers(ray_session, 
     assert tree_hash(out) == digest
 
 
+@pytest.mark.parametrize("name", ["small", "full"])
+def test_built_in_suites_pass_their_checks_and_env_runners_are_refused(name, tmp_path):
+    """A benchmark training is a Ray job of one CPU sampling in its own process: an env
+    runner (an actor of one CPU the job does not hold) never starts once every CPU is held
+    by a training job, so pistonball's declared two runners hung the full suite's trainings.
+    Every built-in suite passes the check; the env's declaration alone is refused."""
+    import dataclasses
+
+    from marl_fgmf.benchmark.runner import check_suite
+    suite = get_suite(name)
+    check_suite(suite, tmp_path)
+    real = [p for p in suite.envs if p.env != "beacon"]
+    if not real:
+        return
+    bad = dataclasses.replace(suite, envs=tuple(
+        dataclasses.replace(p, train={}) if p.env != "beacon" else p for p in suite.envs))
+    with pytest.raises(ValueError, match="set num_env_runners to 0.*declares 2"):
+        check_suite(bad, tmp_path)
+    assert not any(tmp_path.iterdir()), "the check writes nothing"
+
+
 # --------------------------------------------------------------------------- analysis
 def test_ratio_of_aggregates_matches_a_brute_force_bootstrap():
     rng = np.random.default_rng(3)
@@ -129,6 +150,37 @@ def test_ratio_to_a_non_positive_aggregate_is_unbounded_not_a_number():
     est, low, high = ratio_of_aggregates({"t": np.array([0.5, 0.6])},
                                          {"t": np.array([-0.1, 0.0])}, n_resamples=50)
     assert est == math.inf and high == math.inf
+
+
+def test_margin_of_aggregates_matches_a_brute_force_bootstrap_and_stays_finite():
+    rng = np.random.default_rng(5)
+    x = {"a": rng.normal(0.3, 0.2, 5), "b": rng.normal(0.1, 0.1, 3)}
+    y = {"a": rng.normal(0.0, 0.1, 5), "b": rng.normal(0.05, 0.1, 3)}
+    est, low, high = margin_of_aggregates(x, y, 1.3, n_resamples=400, seed=11)
+    pooled = lambda d: iqm(np.concatenate([d["a"], d["b"]]))  # noqa: E731
+    assert est == pytest.approx(pooled(x) - 1.3 * pooled(y))
+    g = np.random.default_rng(11)
+    dx = {k: v[g.integers(0, v.size, size=(400, v.size))] for k, v in sorted(x.items())}
+    dy = {k: v[g.integers(0, v.size, size=(400, v.size))] for k, v in sorted(y.items())}
+    vals = [pooled({k: dx[k][b] for k in dx}) - 1.3 * pooled({k: dy[k][b] for k in dy})
+            for b in range(400)]
+    assert (low, high) == pytest.approx(tuple(np.quantile(vals, [0.025, 0.975])))
+    # the ratio to this baseline near zero is unbounded; the margin is not
+    assert math.isinf(ratio_of_aggregates(x, y, n_resamples=400, seed=11)[2])
+    assert math.isfinite(low) and math.isfinite(high) and low < est < high
+    with pytest.raises(ValueError, match="same tasks"):
+        margin_of_aggregates(x, {"a": y["a"]}, 1.3)
+
+
+@pytest.mark.parametrize("low,high,base_low,expected", [
+    (0.05, 0.4, 0.1, "holds"),
+    (0.05, 0.4, -0.02, "undecided at this power"),  # 30% over a random-level baseline
+    (-0.3, -0.01, -0.02, "does not hold"),
+    (-0.1, 0.2, 0.1, "undecided at this power"),
+])
+def test_margin_verdict(low, high, base_low, expected):
+    assert margin_verdict(low, high, base_low) == expected
+    assert margin_verdict(low, high, base_low, runs=2) == "undecided at this power"
 
 
 def test_cost_times_are_trusted_only_when_controlled():

@@ -13,6 +13,13 @@ Verdicts (never typed by hand): a claim with threshold ``t`` on a statistic with
 **undecided at this power** otherwise (for claim 3, an upper bound: holds if ``high <= t``,
 does not hold if ``low > t``). With fewer than :data:`MIN_RUNS` runs per env and method the
 bootstrap has no spread, so the verdict is "undecided at this power" whatever the estimate.
+
+Claim 1 ("FGMF beats adv by 30%") is decided on the margin ``IQM(fgmf) - 1.3 IQM(adv)`` of
+normalized robust returns (:func:`marl_fgmf.stats.margin_of_aggregates`), not on the ratio:
+where adv's robust return nears the random policy's (0), the ratio's interval is unbounded
+and says nothing, while the margin's stays finite. It holds if the margin's ``low >= 0`` and
+adv's own IQM interval lies above 0 (beating a policy no better than random by 30% is not the
+claim), does not hold if the margin's ``high < 0``; the ratio is shown beside it.
 """
 from __future__ import annotations
 
@@ -25,11 +32,11 @@ import numpy as np
 
 from marl_fgmf.benchmark.suites import Suite
 from marl_fgmf.protocol import eps_label
-from marl_fgmf.stats import (aggregate_with_ci, mean_ci95, normalize_score, performance_profile,
-                             probability_of_improvement, ratio_of_aggregates,
-                             stratified_bootstrap_ci)
+from marl_fgmf.stats import (aggregate_with_ci, margin_of_aggregates, mean_ci95,
+                             normalize_score, performance_profile, probability_of_improvement,
+                             ratio_of_aggregates, stratified_bootstrap_ci)
 
-__all__ = ["CLAIMS", "SINGLE_METHODS", "analyse", "verdict"]
+__all__ = ["CLAIMS", "SINGLE_METHODS", "analyse", "margin_verdict", "verdict"]
 
 SINGLE_METHODS = ("ig", "occlusion", "gradcampp", "rise", "smoothgrad")
 """The single attribution methods PGCA is compared with (those the suite ran)."""
@@ -59,6 +66,17 @@ def verdict(low: float, high: float, threshold: float, kind: str = "lower",
                 else "undecided at this power")
     return ("holds" if high <= threshold else "does not hold" if low > threshold
             else "undecided at this power")
+
+
+def margin_verdict(low: float, high: float, baseline_low: float, runs: int = MIN_RUNS) -> str:
+    """Claim 1's verdict on the margin ``X - t Y`` (see the module doc): holds if ``low >= 0``
+    and the baseline's interval is above zero (``baseline_low > 0``), does not hold if
+    ``high < 0``, else (or below :data:`MIN_RUNS` runs) undecided at this power."""
+    if runs < MIN_RUNS or any(math.isnan(v) for v in (low, high, baseline_low)):
+        return "undecided at this power"
+    if high < 0:
+        return "does not hold"
+    return "holds" if low >= 0 and baseline_low > 0 else "undecided at this power"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -315,12 +333,18 @@ def claims(summary: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
         x = scores_of(summary["runs"], fg, "norm_robust", lab)
         y = scores_of(summary["runs"], adv, "norm_robust", lab)
         if x and y and x.keys() == y.keys():
-            iv = _interval(*ratio_of_aggregates(x, y))
+            iv = _interval(*margin_of_aggregates(x, y, thr))
+            ratio = _interval(*ratio_of_aggregates(x, y))
+            base = aggregate_with_ci({adv: y}, ("iqm",))["methods"][adv]["iqm"]
             runs = min(v.size for v in (*x.values(), *y.values()))
             out.append({"claim": "robust_return", "text": text, "setting": f"{how}, eps {lab}",
-                        "statistic": f"IQM normalized robust return, {fg} / {adv}",
-                        "threshold": thr, **iv, "runs": runs,
-                        "verdict": verdict(iv["low"], iv["high"], thr, runs=runs)})
+                        "statistic": f"IQM normalized robust return, {fg} - {thr} x {adv} "
+                                     f"(ratio {ratio['estimate']:.2f}; IQM {adv} "
+                                     f"{base['estimate']:.2f}, {base['low']:.2f} to "
+                                     f"{base['high']:.2f})",
+                        "threshold": ">= 0", **iv, "runs": runs, "ratio": ratio,
+                        "baseline_iqm": base, "verdict": margin_verdict(
+                            iv["low"], iv["high"], base["low"], runs=runs)})
     text, thr, kind = CLAIMS["faithfulness"]
     for label, iv in summary["faithfulness"]["pgca_ratio"].items():
         out.append({"claim": "faithfulness", "text": text, "setting": f"policies: {label}",

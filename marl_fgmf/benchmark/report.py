@@ -201,7 +201,7 @@ def plot_ablation(summary: dict[str, Any], path: Path) -> Path:
     low = np.asarray([agg[d]["iqm"]["low"] for d in names])
     high = np.asarray([agg[d]["iqm"]["high"] for d in names])
     ax.bar(np.arange(len(names)), est, yerr=[est - low, high - est], capsize=4,
-           color=["#999999" if d in ("none", "adv") else "#3a7dc9" for d in names])
+           color=["#999999" if d in ("none", "adv", "adv-wall") else "#3a7dc9" for d in names])
     ax.set_xticks(np.arange(len(names)), names, rotation=20, fontsize=8)
     ax.set_ylabel(f"IQM normalized robust return at {lab}")
     ax.set_title("Ablation: which FGMF component does the work (95% CIs)")

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from agents.checkpoint import latest_checkpoint, load_agent_policies
 from agents.jobs import Job, run_jobs, ship
 from agents.ray_session import check_address, ensure_ray
-from envs import make_env
+from envs import make_env, training_defaults
 from marl_fgmf.benchmark.analysis import analyse
 from marl_fgmf.benchmark.references import eval_kwargs, references
 from marl_fgmf.benchmark.report import write_report
@@ -405,6 +405,14 @@ def check_suite(suite: Suite, out: Path) -> None:
         errors += check_env(plan.env, eval_kwargs(plan))
         if errors:
             continue
+        runners = plan.train.get("num_env_runners",
+                                 training_defaults(plan.env).get("num_env_runners", 0))
+        if runners:  # an env runner is an actor of one CPU the job does not hold: with every
+            # CPU held by a training job, none starts and the trainings wait for ever
+            errors.append(f"{plan.env}: a benchmark training is a Ray job of "
+                          f"{suite.cpus_per_training:g} CPU that samples in its own process; "
+                          f"set num_env_runners to 0 in the suite's train settings (the env "
+                          f"declares {runners})")
         cfg = tournament_config(suite, plan, out, check=False)
         errors += cfg.parse_errors + check_attackers(cfg.attackers, cfg.eps)
         errors += check_attackers([a for d in cfg.defenders for a in d.attackers

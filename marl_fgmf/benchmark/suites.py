@@ -181,6 +181,8 @@ SUITES: dict[str, Suite] = {
         envs=(EnvPlan("beacon", {}, iterations=20, seeds=(0, 1, 2, 3, 4), episodes=1,
                       eval_kwargs={"max_steps": 25}, optimum=True),
               EnvPlan("pistonball", {}, iterations=20, seeds=(0, 1, 2), episodes=1,
+                      # sampling in the training job's own process (one CPU per job)
+                      train={"num_env_runners": 0, "num_envs_per_env_runner": 1},
                       note="trains to clearly above random in ~5,000 env steps (README); "
                            "cooperative_pong does not, so it is not in the suite")),
         attackers=_SMALL_ENSEMBLE, adaptive=_SMALL_ADAPTIVE, paad_iterations=5,
