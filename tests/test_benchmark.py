@@ -351,3 +351,26 @@ def test_small_suite_evaluates_with_its_eval_settings_and_trains_with_the_defaul
     assert own["beacon.none.s1"] == ["paad"]
     assert own["beacon.fgmf.s2"] == ["paad", "bpda", "eot"]
     assert len(cfg.defenders) == 40
+
+
+def test_benchmark_cost_script_decides_claim_3_from_training_records(tmp_path):
+    """scripts/benchmark_cost.py applies the benchmark's cost rule to finished training
+    records (CPU time of uninterrupted jobs) before any match is played."""
+    runs = tmp_path / "bench" / "runs"
+    runs.mkdir(parents=True)
+    for seed in range(5):
+        for defence, cpu in (("none", 100.0), ("fgmf", 120.0)):
+            (runs / f"beacon.{defence}.s{seed}.json").write_text(json.dumps(
+                {"cpu_s": cpu + seed, "load": [1.0, 1.0], "cpus": 2, "resumed": False,
+                 "wall_time_s": cpu + seed + 5}))
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark_cost.py"), str(tmp_path / "bench"),
+           "--suite", "small", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    entry = json.loads(out.read_text())["cost"]["beacon"]
+    assert entry["timing"] == "cpu_s" and entry["untrusted"] is None
+    assert entry["fgmf"]["ratio_to_none"]["estimate"] == pytest.approx(122 / 102)
+    assert entry["claim"] == "holds" and "claim 3 (fgmf / none <= 1.5): holds" in res.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
