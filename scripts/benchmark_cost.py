@@ -10,7 +10,7 @@ match; the trainings, which decide it, finish hours earlier. This script reads t
 equal-steps training records ``DIR/runs/<run>.json`` of the suite's runs and applies the
 benchmark's own :func:`marl_fgmf.benchmark.analysis.cost` (CPU time of uninterrupted jobs,
 else wall time under a recorded sane load, else "untrusted" with the reason) and
-:func:`marl_fgmf.benchmark.analysis.verdict` (at most 1.5x, decided on at least 3 seeds):
+:func:`marl_fgmf.benchmark.analysis.cost_verdict` (at most 1.5x, decided on at least 3 seeds):
 per env and defence, the mean training time and its ratio to the undefended runs' with a
 bootstrap 95% CI over seeds. It prints a table and writes JSON; it trains and changes nothing.
 """
@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from marl_fgmf.benchmark.analysis import CLAIMS, cost, verdict
+from marl_fgmf.benchmark.analysis import CLAIMS, cost, cost_verdict
 from marl_fgmf.benchmark.suites import SUITES, get_suite
 
 RECORD_KEYS = ("cpu_s", "load", "cpus", "resumed", "wall_time_s")
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             done = json.loads(path.read_text())
             runs.append({**r, **{k: done.get(k) for k in RECORD_KEYS}})
     table = cost(runs, suite)
-    _, threshold, kind = CLAIMS["cost"]
+    threshold = CLAIMS["cost"][1]
     print(f"{'env':<11} {'defence':<9} {'runs':>4} {'mean (s)':>9}  ratio to none (95% CI)")
     for env, entry in table.items():
         for d in suite.defences:
@@ -61,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                   else "-")
             n = len(entry[d]["seconds"])
             print(f"{env:<11} {d:<9} {n:>4} {entry[d]['mean_s']:>9.0f}  {ci}")
-        iv = (entry.get("fgmf") or {}).get("ratio_to_none")
-        if iv:
-            n = min(len(entry["fgmf"]["seconds"]), len(entry["none"]["seconds"]))
-            entry["claim"] = (f"undecided: {entry['untrusted']}" if entry["untrusted"] else
-                              verdict(iv["low"], iv["high"], threshold, kind, runs=n))
+        decided = cost_verdict(entry)
+        if decided:
+            entry["claim"] = decided[0]
             print(f"{env:<11} timing {entry['timing']}; claim 3 (fgmf / none <= {threshold}): "
                   f"{entry['claim']}")
     if args.out is not None:

@@ -36,7 +36,7 @@ from marl_fgmf.stats import (aggregate_with_ci, margin_of_aggregates, mean_ci95,
                              normalize_score, performance_profile, probability_of_improvement,
                              ratio_of_aggregates, stratified_bootstrap_ci)
 
-__all__ = ["CLAIMS", "SINGLE_METHODS", "analyse", "margin_verdict", "verdict"]
+__all__ = ["CLAIMS", "SINGLE_METHODS", "analyse", "cost_verdict", "margin_verdict", "verdict"]
 
 SINGLE_METHODS = ("ig", "occlusion", "gradcampp", "rise", "smoothgrad")
 """The single attribution methods PGCA is compared with (those the suite ran)."""
@@ -353,14 +353,24 @@ def claims(summary: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
                     "verdict": verdict(iv["low"], iv["high"], thr, runs=iv["min_env_runs"])})
     text, thr, kind = CLAIMS["cost"]
     for env, entry in summary["cost"].items():
-        iv = (entry.get("fgmf") or {}).get("ratio_to_none")
-        if iv:
-            runs = min(len(entry["fgmf"]["seconds"]), len(entry["none"]["seconds"]))
+        decided = cost_verdict(entry)
+        if decided:
+            said, runs = decided
             what = "CPU" if entry["timing"] == "cpu_s" else "wall-clock"
-            said = verdict(iv["low"], iv["high"], thr, "upper", runs=runs)
-            if entry["untrusted"]:
-                said = f"undecided: {entry['untrusted']}"
             out.append({"claim": "cost", "text": text, "setting": env,
                         "statistic": f"training {what} time fgmf / none (equal env steps)",
-                        "threshold": thr, **iv, "runs": runs, "verdict": said})
+                        "threshold": thr, **entry["fgmf"]["ratio_to_none"], "runs": runs,
+                        "verdict": said})
     return out
+
+
+def cost_verdict(entry: dict[str, Any]) -> tuple[str, int] | None:
+    """Claim 3's verdict on one env's :func:`cost` entry and the runs behind it (None without
+    both fgmf and none): "undecided: <why>" when the times are not trusted."""
+    iv = (entry.get("fgmf") or {}).get("ratio_to_none")
+    if not iv:
+        return None
+    runs = min(len(entry["fgmf"]["seconds"]), len(entry["none"]["seconds"]))
+    if entry["untrusted"]:
+        return f"undecided: {entry['untrusted']}", runs
+    return verdict(iv["low"], iv["high"], CLAIMS["cost"][1], "upper", runs=runs), runs
