@@ -21,11 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from marl_fgmf.benchmark.analysis import CLAIMS, cost, cost_verdict
+from marl_fgmf.benchmark.analysis import CLAIMS, cost, cost_verdict, timing_record
 from marl_fgmf.benchmark.suites import SUITES, get_suite
-
-RECORD_KEYS = ("cpu_s", "load", "cpus", "resumed", "wall_time_s")
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in suite.runs():
         path = args.dir / "runs" / f"{r['name']}.json"
         if path.is_file():
-            done = json.loads(path.read_text())
-            runs.append({**r, **{k: done.get(k) for k in RECORD_KEYS}})
+            runs.append({**r, **timing_record(json.loads(path.read_text()))})
     table = cost(runs, suite)
     threshold = CLAIMS["cost"][1]
     print(f"{'env':<11} {'defence':<9} {'runs':>4} {'mean (s)':>9}  ratio to none (95% CI)")

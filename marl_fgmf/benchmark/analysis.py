@@ -36,7 +36,8 @@ from marl_fgmf.stats import (aggregate_with_ci, margin_of_aggregates, mean_ci95,
                              normalize_score, performance_profile, probability_of_improvement,
                              ratio_of_aggregates, stratified_bootstrap_ci)
 
-__all__ = ["CLAIMS", "SINGLE_METHODS", "analyse", "cost_verdict", "margin_verdict", "verdict"]
+__all__ = ["CLAIMS", "SINGLE_METHODS", "TIMING_KEYS", "analyse", "cost", "cost_verdict",
+           "margin_verdict", "timing_record", "verdict"]
 
 SINGLE_METHODS = ("ig", "occlusion", "gradcampp", "rise", "smoothgrad")
 """The single attribution methods PGCA is compared with (those the suite ran)."""
@@ -118,9 +119,7 @@ def analyse(suite: Suite, out: Path, refs: dict[str, Any], boards: dict[str, dic
         for r in plan_runs:
             row = rows[r["name"]]
             done = _read(out / "runs" / f"{r['name']}.json") or {}
-            rec = {**r, "wall_time_s": done.get("wall_time_s"), "env_steps": done.get("env_steps"),
-                   "cpu_s": done.get("cpu_s"), "load": done.get("load"), "cpus": done.get("cpus"),
-                   "resumed": done.get("resumed"),
+            rec = {**r, **timing_record(done), "env_steps": done.get("env_steps"),
                    "iterations": done.get("iterations"),
                    "clean": row["clean"]["mean"] if row["clean"] else None,
                    "flagged": row["flagged"], "audit_failed": row["audit_failed"],
@@ -183,6 +182,15 @@ def robustness(runs: list[dict[str, Any]], defences: list[str], labels: list[str
     clean_agg = aggregate_with_ci({d: s for d, s in clean.items() if s})["methods"]
     return {"aggregates": aggregates, "clean_aggregates": clean_agg,
             "probability_of_improvement": poi, "profiles": profiles}
+
+
+TIMING_KEYS = ("wall_time_s", "cpu_s", "load", "cpus", "resumed")
+"""What :func:`timing_of` and :func:`cost` read of a training record (``DIR/runs/<run>.json``)."""
+
+
+def timing_record(done: dict[str, Any]) -> dict[str, Any]:
+    """A training record's :data:`TIMING_KEYS` (None where it has none)."""
+    return {k: done.get(k) for k in TIMING_KEYS}
 
 
 def timing_of(runs: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -335,7 +343,7 @@ def claims(summary: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
         if x and y and x.keys() == y.keys():
             iv = _interval(*margin_of_aggregates(x, y, thr))
             ratio = _interval(*ratio_of_aggregates(x, y))
-            base = aggregate_with_ci({adv: y}, ("iqm",))["methods"][adv]["iqm"]
+            base = summary["aggregates"][lab][adv]["iqm"]  # adv's IQM, from robustness()
             runs = min(v.size for v in (*x.values(), *y.values()))
             out.append({"claim": "robust_return", "text": text, "setting": f"{how}, eps {lab}",
                         "statistic": f"IQM normalized robust return, {fg} - {thr} x {adv} "
