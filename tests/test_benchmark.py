@@ -343,7 +343,7 @@ def test_small_suite_evaluates_with_its_eval_settings_and_trains_with_the_defaul
     run = suite.runs()[0]
     assert train_config(suite, run)["env_kwargs"] == {}
     cfg = tournament_config(suite, plan, tmp_path, check=False)
-    assert cfg.env_kwargs == eval_kwargs(plan) == {"max_steps": 25}
+    assert cfg.env_kwargs == eval_kwargs(plan) == {"max_steps": 20}
     assert sorted(cfg.eps) == pytest.approx([2 / 255, 4 / 255, 8 / 255])
     names = [a.name for a in cfg.attackers]
     assert names == ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "autoattack"]
