@@ -374,3 +374,23 @@ def test_benchmark_cost_script_decides_claim_3_from_training_records(tmp_path):
     assert entry["claim"] == "holds" and "claim 3 (fgmf / none <= 1.5): holds" in res.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_small_and_full_share_the_grid_and_differ_only_in_evaluation_budgets():
+    """README: small and full share the defences, the training budget and the attack
+    ensemble; small (to fit 2 hours on 2 cores) evaluates shorter episodes, trains PA-AD for
+    fewer iterations and audits and explains fewer observations."""
+    small, full = get_suite("small"), get_suite("full")
+    sb, fb = small.envs[0], full.envs[0]
+    assert sb.env == fb.env == "beacon"
+    assert (sb.iterations, sb.seeds, sb.train, sb.env_kwargs, sb.episodes) == \
+        (fb.iterations, fb.seeds, fb.train, fb.env_kwargs, fb.episodes)
+    for key in ("defences", "wallclock", "eps", "attackers", "adaptive", "external",
+                "paad_batch", "eval_seeds"):
+        assert getattr(small, key) == getattr(full, key), key
+    assert (sb.eval_kwargs, fb.eval_kwargs) == ({"max_steps": 20}, {"max_steps": 25})
+    assert (small.paad_iterations, full.paad_iterations) == (3, 5)
+    assert (small.audit["n_obs"], full.audit["n_obs"]) == (16, 24)
+    assert (small.faithfulness["n_obs"], full.faithfulness["n_obs"]) == (8, 16)
+    assert {**small.audit, "n_obs": 0} == {**full.audit, "n_obs": 0}
+    assert {**small.faithfulness, "n_obs": 0} == {**full.faithfulness, "n_obs": 0}
